@@ -1,0 +1,9 @@
+"""sd-lora: train, share and apply LoRA adapters for Stable Diffusion, offline.
+
+Public API (import from here): load_base, architecture_of, and the names added by each part
+(train/TrainConfig, load_lora/save_lora, apply_loras/remove_loras/loras).
+"""
+
+__version__ = "0.1.0"
+
+from .models import ArchInfo, architecture_of, detect_architecture, load_base  # noqa: F401

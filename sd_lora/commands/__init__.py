@@ -1,0 +1,1 @@
+"""One module per `sd-lora` subcommand; each defines `register(subparsers)`."""

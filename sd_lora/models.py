@@ -1,0 +1,283 @@
+"""Load Stable Diffusion base models offline and tell which architecture they are.
+
+`load_base` accepts a diffusers folder or a single-file checkpoint (.safetensors, or .ckpt read with
+`torch.load(weights_only=True)`). Single files are assembled with diffusers' `from_single_file`
+against the configs shipped in `sd_lora/configs/` (or a `config_from` diffusers folder), with
+`local_files_only=True`, so nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import CheckpointError, load_pickle_checkpoint, read_safetensors_header
+
+logger = logging.getLogger(__name__)
+
+ARCH_SD1 = "sd1"
+ARCH_SD2 = "sd2"  # SD 2.x, epsilon prediction (512-base)
+ARCH_SD2_V = "sd2-v"  # SD 2.x, v-prediction (768-v)
+ARCH_SDXL = "sdxl"
+ARCHITECTURES = (ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL)
+
+ARCH_DESCRIPTIONS = {
+    ARCH_SD1: "Stable Diffusion 1.x (CLIP ViT-L text encoder, epsilon prediction)",
+    ARCH_SD2: "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder, epsilon prediction)",
+    ARCH_SD2_V: "Stable Diffusion 2.x v-prediction (OpenCLIP ViT-H text encoder)",
+    ARCH_SDXL: "Stable Diffusion XL (CLIP ViT-L + OpenCLIP ViT-bigG text encoders)",
+}
+
+_CONFIG_ROOT = Path(__file__).parent / "configs"
+
+
+class ModelLoadError(ValueError):
+    """A base model that cannot be loaded. The message says what is missing and how to supply it."""
+
+
+def shipped_config_dir(arch: str) -> str:
+    """The diffusers-format config folder (no weights) we ship for `arch`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return str(_CONFIG_ROOT / arch)
+
+
+def shipped_tokenizer(pad_token: str | None = None):
+    """The real CLIP BPE tokenizer (49,408 tokens), from files shipped in the package."""
+    from transformers import CLIPTokenizer
+
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(str(_CONFIG_ROOT / "clip_tokenizer"), model_max_length=77, **kwargs)
+
+
+@dataclass
+class ArchInfo:
+    arch: str
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.arch == ARCH_SDXL
+
+    @property
+    def description(self) -> str:
+        return ARCH_DESCRIPTIONS[self.arch]
+
+
+def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Tell SD1 / SD2 / SD2-v / SDXL from a checkpoint's tensor names and shapes (no tensor data needed).
+
+    Works on original (CompVis/SAI, `model.diffusion_model.*`) single files and on diffusers UNet
+    state dicts. SD2 is reported as "sd2-v" only when the file carries the `v_pred` marker key that
+    A1111 and kohya write; otherwise "sd2" (pass prediction_type to `load_base` to override).
+    """
+    keys = shapes.keys()
+
+    def starts(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    # Original single-file layout.
+    if starts("conditioner.embedders.1.") or "model.diffusion_model.label_emb.0.0.weight" in shapes:
+        return ARCH_SDXL
+    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if to_k in shapes or starts("cond_stage_model.") or starts("model.diffusion_model."):
+        ctx = shapes[to_k][-1] if to_k in shapes else None
+        if ctx == 1024 or starts("cond_stage_model.model."):
+            return ARCH_SD2_V if "v_pred" in shapes else ARCH_SD2
+        if ctx in (768, None):
+            return ARCH_SD1
+        raise ModelLoadError(f"unrecognised UNet cross-attention width {ctx}; expected 768 (SD1) or 1024 (SD2)")
+    # diffusers UNet layout.
+    if "add_embedding.linear_1.weight" in shapes:
+        return ARCH_SDXL
+    for k, shape in shapes.items():
+        if k.endswith("attn2.to_k.weight"):
+            if shape[-1] == 1024:
+                return ARCH_SD2
+            if shape[-1] == 768:
+                return ARCH_SD1
+            break
+    raise ModelLoadError(
+        "could not recognise the model: no Stable Diffusion 1/2/XL UNet keys found "
+        f"(first keys: {', '.join(list(keys)[:5])})"
+    )
+
+
+def architecture_of(pipe_or_unet) -> ArchInfo:
+    """The architecture of a loaded diffusers pipeline (or UNet), from its config."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    cfg = unet.config
+    scheduler = getattr(pipe_or_unet, "scheduler", None)
+    prediction = scheduler.config.get("prediction_type", "epsilon") if scheduler is not None else "epsilon"
+    if cfg.get("addition_embed_type") == "text_time":
+        arch = ARCH_SDXL
+    elif cfg.get("use_linear_projection") or (
+        isinstance(cfg.get("attention_head_dim"), (list, tuple)) and len(set(cfg["attention_head_dim"])) > 1
+    ):
+        arch = ARCH_SD2_V if prediction == "v_prediction" else ARCH_SD2
+    else:
+        arch = ARCH_SD1
+    return ArchInfo(arch=arch, prediction_type=prediction)
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix.lower() == ".safetensors":
+        header, _ = read_safetensors_header(path)
+        return {k: tuple(v["shape"]) for k, v in header.items()}
+    sd = load_pickle_checkpoint(path)
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_diffusers_folder(path: Path, check_tokenizers: bool = True) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
+    spec = json.loads(index.read_text())
+    missing = []
+    for name, value in spec.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = path / name
+        if name.startswith("tokenizer"):
+            if check_tokenizers and not ((sub / "tokenizer.json").is_file() or ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file())):
+                missing.append(f"{name}/tokenizer.json (or vocab.json and merges.txt)")
+        elif name == "scheduler":
+            if not (sub / "scheduler_config.json").is_file():
+                missing.append(f"{name}/scheduler_config.json")
+        elif not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+    if missing:
+        raise ModelLoadError(
+            f"{path}: incomplete diffusers folder, missing {'; '.join(missing)}. Copy them from the model's "
+            "original download (a tokenizer can also be taken from any SD model of the same family)."
+        )
+
+
+def load_base(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    prediction_type: str | None = None,
+    config_from: str | os.PathLike | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+):
+    """Load a Stable Diffusion base model offline and return a diffusers pipeline.
+
+    Args:
+        path: a diffusers folder (with model_index.json) or a single .safetensors / .ckpt file.
+        dtype, device: where the weights go.
+        prediction_type: "epsilon" or "v_prediction" to override what was detected (SD2 single
+            files do not always say which they are).
+        config_from: a diffusers folder whose configs and tokenizers to use for a single file
+            (instead of the configs shipped with sd-lora); needed for non-standard architectures.
+        random_weights: build from the folder's configs with seeded random weights (for benchmarks
+            on full-size shapes without the real weights).
+
+    The detected architecture is logged and available as `architecture_of(pipe)`.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder. Pass a diffusers folder or a .safetensors file.")
+
+    if path.is_dir():
+        _check_diffusers_folder(path, check_tokenizers=not random_weights)
+        if random_weights:
+            pipe = _random_pipeline_from_configs(path, seed)
+        else:
+            from diffusers import DiffusionPipeline
+
+            try:
+                pipe = DiffusionPipeline.from_pretrained(
+                    str(path), dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+                ) if _is_sd1_or_sd2(path) else DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            except OSError as e:
+                raise ModelLoadError(f"{path}: could not load the diffusers folder: {e}") from e
+    else:
+        shapes = _checkpoint_shapes(path)  # validates the file (truncation, pickle safety) first
+        arch = detect_architecture(shapes)
+        if prediction_type == "v_prediction" and arch == ARCH_SD2:
+            arch = ARCH_SD2_V
+        config_dir = Path(config_from) if config_from else Path(shipped_config_dir(arch))
+        if config_from:
+            _check_diffusers_folder(config_dir, check_tokenizers=False)
+        cls = StableDiffusionXLPipeline if arch == ARCH_SDXL else StableDiffusionPipeline
+        kwargs = {}
+        if not (config_dir / "tokenizer").is_dir():
+            kwargs["tokenizer"] = shipped_tokenizer()
+            if arch == ARCH_SDXL:
+                kwargs["tokenizer_2"] = shipped_tokenizer(pad_token="!")
+        if arch != ARCH_SDXL:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = cls.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **kwargs
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelLoadError(
+                f"{path}: could not assemble a {ARCH_DESCRIPTIONS[arch]} pipeline from this file: {e}. "
+                "If the file is a fine-tune with a different layout, pass config_from= (CLI: --config-from) "
+                "a diffusers folder of the same architecture."
+            ) from e
+
+    if prediction_type is not None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    if random_weights:
+        pipe.to(device=device, dtype=dtype)
+    else:
+        pipe.to(device)
+    info = architecture_of(pipe)
+    logger.info("Loaded %s from %s (%s)", info.description, path, info.prediction_type)
+    return pipe
+
+
+def _is_sd1_or_sd2(path: Path) -> bool:
+    spec = json.loads((path / "model_index.json").read_text())
+    return spec.get("_class_name", "").startswith("StableDiffusionPipeline") or "safety_checker" in spec
+
+
+def _random_pipeline_from_configs(path: Path, seed: int):
+    """Instantiate every component of a diffusers folder from its config with seeded random weights."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import schedulers as diffusers_schedulers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    spec = json.loads((path / "model_index.json").read_text())
+    torch.manual_seed(seed)
+    parts = {}
+    for name, value in spec.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if value[0] is None:
+            parts[name] = None
+            continue
+        cls_name = value[1]
+        sub = path / name
+        if cls_name == "UNet2DConditionModel":
+            parts[name] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sub))
+        elif cls_name == "AutoencoderKL":
+            parts[name] = AutoencoderKL.from_config(AutoencoderKL.load_config(sub))
+        elif cls_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            cls = CLIPTextModel if cls_name == "CLIPTextModel" else CLIPTextModelWithProjection
+            parts[name] = cls(CLIPTextConfig.from_pretrained(sub))
+        elif cls_name == "CLIPTokenizer":
+            parts[name] = (
+                CLIPTokenizer.from_pretrained(sub, model_max_length=77)
+                if (sub / "vocab.json").is_file()
+                else shipped_tokenizer(pad_token="!" if name == "tokenizer_2" else None)
+            )
+        else:
+            sched_cls = getattr(diffusers_schedulers, cls_name)
+            parts[name] = sched_cls.from_config(sched_cls.load_config(sub))
+    pipe_cls = getattr(__import__("diffusers"), spec["_class_name"])
+    extra = {"requires_safety_checker": False} if "safety_checker" in parts else {}
+    return pipe_cls(**parts, **extra)
