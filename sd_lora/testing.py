@@ -228,7 +228,8 @@ def full_size_unet(arch: str = ARCH_SD1, device: str = "meta", dtype: torch.dtyp
     torch.manual_seed(seed)
     if device == "meta":
         with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config).to(dtype)
+            unet = UNet2DConditionModel.from_config(config)
+            return unet if dtype == torch.float32 else unet.to(dtype)
     return UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype)
 
 
@@ -245,7 +246,8 @@ def full_size_text_encoders(arch: str = ARCH_SD1, device: str = "meta", dtype: t
         config = CLIPTextConfig.from_pretrained(root / sub)
         if device == "meta":
             with torch.device("meta"):
-                encoders.append(cls(config).to(dtype))
+                model = cls(config)
+                encoders.append(model if dtype == torch.float32 else model.to(dtype))
         else:
             encoders.append(cls(config).to(device=device, dtype=dtype))
     return encoders

@@ -1,0 +1,1 @@
+"""How adapters are injected into a pipeline and how their modules are named."""
