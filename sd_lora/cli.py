@@ -15,6 +15,7 @@ import sys
 COMMANDS = [
     "model_info",
 ]
+# Command modules add themselves to this list (one line each).
 
 
 def build_parser() -> argparse.ArgumentParser:
