@@ -152,13 +152,13 @@ def tiny_unet_config(arch: str) -> dict:
     if arch == ARCH_SDXL:
         return dict(
             common,
-            cross_attention_dim=64,  # te1 hidden 32 + te2 hidden 32, concatenated as in SDXL
+            cross_attention_dim=32 + 48,  # te1 hidden 32 + te2 hidden 48, concatenated as in SDXL
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled te2 (32) + 6 time ids x 8
+            projection_class_embeddings_input_dim=48 + 6 * 8,  # pooled te2 (48) + 6 time ids x 8
         )
     raise ValueError(f"unknown architecture {arch!r}")
 
@@ -197,7 +197,9 @@ def tiny_pipeline(arch: str = ARCH_SD1, seed: int = 0):
     scheduler = _scheduler(arch)
     if arch == ARCH_SDXL:
         te1 = _tiny_text_encoder(vocab)
-        te2 = _tiny_text_encoder(vocab, with_projection=True, act="gelu")
+        # te2 is wider than te1, as in the real SDXL (768 vs 1280): diffusers' from_single_file tells
+        # the two encoders apart by width, so equal widths would load te1's weights into te2.
+        te2 = _tiny_text_encoder(vocab, hidden=48, with_projection=True, act="gelu")
         return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=te1,
