@@ -1,0 +1,373 @@
+"""Put a weighted stack of LoRA files into a diffusers pipeline's weights, and take it out exactly.
+
+How (the A1111 approach, made declarative):
+  * Each base weight a stack touches is copied once ("backup") before it is first changed.
+  * A module's new weight is computed from its backup: W = backup + sum_i w_i * delta_i, accumulated
+    in fp32 and rounded once to the weight's dtype. Plain LoRA/LoCon factors of all files that touch
+    a module are concatenated so the whole stack is one `addmm` per module (no dense delta is kept).
+  * `apply_loras(pipe, stack)` describes the target state. Modules whose contribution (which files,
+    which weights) is unchanged are not touched; the others are recomputed from their backup, so the
+    previous stack never leaks into the next one, and `remove_loras` copies backups back: the base
+    weights come back bit for bit (never by subtracting, which would leave rounding residue).
+  * Everything that can fail on the user's input (reading, matching names, shapes, architecture) is
+    checked before the first weight is written: an error leaves the pipeline exactly as it was.
+
+Generating with a fused stack costs nothing extra: the UNet runs its ordinary Linear/Conv layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..formats.lora_file import KIND_LORA, LoraFile, LoraModule
+from ..models import ARCH_SD2, ARCH_SD2_V, architecture_of
+from ..network.naming import module_index, unet_diffusers_to_sgm, unet_layout
+from .cache import LoraCache, default_cache
+from .spec import LoraSpec, normalize_stack, unet_block_id
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_STATE_ATTR = "_sd_lora_stack_state"
+
+# A target is one base parameter: (component, module path, "weight" | "bias").
+TargetKey = tuple[str, str, str]
+# One contribution to a target: (file key, kohya module name, multiplier).
+Contribution = tuple[tuple, str, float]
+
+
+@dataclass
+class _Target:
+    module: torch.nn.Module
+    param: str  # "weight" or "bias"
+    backup: torch.Tensor | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.param)
+
+
+@dataclass
+class _State:
+    """What is fused into one set of pipeline components (kept on the UNet, so txt2img, img2img and
+    inpaint pipelines built from the same components share it)."""
+
+    models: dict[str, int] = field(default_factory=dict)  # component -> id(model) the state refers to
+    targets: dict[TargetKey, _Target] = field(default_factory=dict)
+    applied: dict[TargetKey, tuple[Contribution, ...]] = field(default_factory=dict)
+    files: dict[tuple, LoraFile] = field(default_factory=dict)  # files of the applied stack (kept alive)
+    specs: list[LoraSpec] = field(default_factory=list)
+    index: dict | None = None  # kohya name -> (component, path, module), both UNet layouts
+    modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)  # (component, path) -> module
+    arch: str | None = None
+    resolved: dict[tuple, dict[str, TargetKey]] = field(default_factory=dict)  # file key -> name -> target
+    block_of: dict[str, str | None] = field(default_factory=dict)  # unet module path -> block id
+
+
+@dataclass
+class AppliedStack:
+    """What `apply_loras` did: the stack now in the pipeline and how much it had to change."""
+
+    specs: list[LoraSpec]
+    files: list[LoraFile]
+    modules: int  # base weights that now differ from the base
+    changed: int  # base weights written by this call
+
+    @property
+    def trigger_words(self) -> list[str]:
+        """Trigger words of the applied LoRAs (from `ss_tag_frequency`), in stack order, without repeats."""
+        seen: list[str] = []
+        for lora, spec in zip(self.files, self.specs):
+            if spec.unet_weight == 0 and spec.text_encoder_weight == 0:
+                continue
+            for w in lora.trigger_words[:3]:
+                if w not in seen:
+                    seen.append(w)
+        return seen
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    comps = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    comps = {k: v for k, v in comps.items() if v is not None}
+    if "unet" not in comps:
+        raise TypeError(f"{type(pipe).__name__} has no `unet`; apply_loras needs a Stable Diffusion (SD1/SD2/SDXL) pipeline.")
+    return comps
+
+
+def _state(pipe, create: bool = False) -> _State | None:
+    unet = pipe.unet
+    st = unet.__dict__.get(_STATE_ATTR)
+    if st is None and create:
+        st = _State()
+        unet.__dict__[_STATE_ATTR] = st  # plain attribute: not a parameter, buffer or submodule
+    return st
+
+
+def _sync_state(pipe, st: _State) -> None:
+    """Forget targets of components that were replaced on the pipeline since the last call."""
+    comps = _components(pipe)
+    ids = {k: id(v) for k, v in comps.items()}
+    if st.models and st.models != ids:
+        stale = {k for k in set(st.models) | set(ids) if st.models.get(k) != ids.get(k)}
+        dropped = [t for t in st.targets if t[0] in stale]
+        if dropped:
+            logger.warning("Pipeline components %s were replaced; forgetting %d LoRA backups of the old ones.", sorted(stale), len(dropped))
+        for t in dropped:
+            st.targets.pop(t, None)
+            st.applied.pop(t, None)
+        st.index, st.resolved, st.block_of = None, {}, {}
+    st.models = ids
+    if st.index is None:
+        st.arch = architecture_of(pipe).arch
+        st.index = module_index(comps, st.arch)
+        st.modules = {(c, p): m for c, p, m in st.index.values()}
+
+
+def _family(arch: str | None) -> str | None:
+    return ARCH_SD2 if arch == ARCH_SD2_V else arch
+
+
+def _load(spec: LoraSpec, cache: LoraCache) -> tuple[tuple, LoraFile]:
+    if isinstance(spec.path, LoraFile):
+        return ("memory", id(spec.path)), spec.path
+    return cache.get(spec.path)
+
+
+def _resolve(pipe, st: _State, key: tuple, lora: LoraFile, label: str, strict: bool) -> dict[str, TargetKey]:
+    """kohya module name -> target key, for every module of `lora` (checked against the pipeline)."""
+    if key in st.resolved:
+        return st.resolved[key]
+    if lora.arch is not None and st.arch is not None and _family(lora.arch) != _family(st.arch):
+        raise ValueError(
+            f"{label}: this LoRA was made for {lora.arch} but the pipeline is {st.arch}. "
+            "Use a LoRA trained for this base model's family."
+        )
+    unmatched = [n for n in lora.modules if n not in st.index]
+    if unmatched and strict:
+        raise ValueError(
+            f"{label}: {len(unmatched)} of {len(lora.modules)} LoRA modules have no matching layer in this "
+            f"{st.arch} pipeline (first: {', '.join(unmatched[:3])}). The file is probably for another "
+            "architecture; pass strict=False to apply the modules that do match."
+        )
+    if unmatched:
+        logger.warning("%s: skipping %d modules with no matching layer (first: %s)", label, len(unmatched), unmatched[0])
+    out: dict[str, TargetKey] = {}
+    for name, mod in lora.modules.items():
+        if name not in st.index:
+            continue
+        component, path, module = st.index[name]
+        _check_shapes(label, name, mod, module)
+        out[name] = (component, path, "weight")
+    if key[0] != "memory":  # in-memory LoraFiles may be edited between calls: match them each time
+        if len(st.resolved) > 256:
+            st.resolved.pop(next(iter(st.resolved)))
+        st.resolved[key] = out
+    return out
+
+
+def _check_shapes(label: str, name: str, mod: LoraModule, module: torch.nn.Module) -> None:
+    """Raise a ValueError naming file and module unless `mod`'s delta fits `module`'s weight."""
+    shape = tuple(module.weight.shape)
+    t = mod.tensors
+    try:
+        if mod.kind == KIND_LORA and "lora_mid.weight" not in t:
+            up, down = t["lora_up.weight"], t["lora_down.weight"]
+            ok = (
+                up.shape[0] == shape[0]
+                and down.shape[0] == up.flatten(1).shape[1]
+                and down[0].numel() == (torch.Size(shape[1:]).numel())
+                and (len(shape) == 2 or down.dim() == 4 and tuple(down.shape[2:]) == shape[2:] or down.dim() == 2 and shape[2:] == (1, 1))
+            )
+            if not ok:
+                raise RuntimeError(f"up {tuple(up.shape)} x down {tuple(down.shape)}")
+        else:
+            # Any other method: run its delta formula on meta tensors (shapes only, no arithmetic).
+            meta = {k: (v if k == "alpha" else torch.empty(v.shape, device="meta")) for k, v in t.items()}
+            d = LoraModule(mod.name, mod.kind, meta).delta(shape, base_weight=torch.empty(shape, device="meta"))
+            if tuple(d.shape) != shape:
+                raise RuntimeError(f"delta shape {tuple(d.shape)}")
+        b = mod.bias_delta()
+        if b is not None and (module.bias is None or tuple(b.shape) != tuple(module.bias.shape)):
+            raise RuntimeError(f"bias delta {tuple(b.shape)}")
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"{label}: module {name} does not fit the pipeline's layer (weight {shape}): {e}. "
+            "The LoRA was made for a different model (architecture or size)."
+        ) from None
+
+
+def _block_multiplier(st: _State, pipe, spec_blocks: dict[str, float], component: str, path: str) -> float:
+    if not spec_blocks or component != "unet":
+        return 1.0
+    if path not in st.block_of:
+        try:
+            sgm = unet_diffusers_to_sgm(path, **unet_layout(pipe.unet))
+        except KeyError:
+            sgm = ""
+        st.block_of[path] = unet_block_id(sgm)
+    block = st.block_of[path]
+    return 1.0 if block is None else spec_blocks.get(block, 1.0)
+
+
+def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = None) -> AppliedStack:
+    """Make `pipe`'s weights equal the base plus exactly `stack` (declarative: replaces any previous stack).
+
+    Args:
+        pipe: a diffusers SD1/SD2/SDXL pipeline (txt2img, img2img, inpaint, ...).
+        stack: a list of LoraSpec, paths, or tuples `(path, unet_weight[, te_weight])`; empty = base.
+        strict: refuse files with modules that match no layer (default). False applies the rest.
+        cache: where parsed files are kept between calls (default: the shared cache, see
+            `sd_lora.stack.set_cache_limit`).
+
+    Returns an `AppliedStack` (applied files, their trigger words, how many weights changed).
+    Raises ValueError / FileNotFoundError naming the file (and module) at fault; the pipeline is then
+    unchanged.
+    """
+    specs = normalize_stack(stack)
+    cache = default_cache() if cache is None else cache
+    st = _state(pipe, create=True)
+    _sync_state(pipe, st)
+
+    # 1. Read, match and check everything; nothing is written yet.
+    files: dict[tuple, LoraFile] = {}
+    wanted: dict[TargetKey, list[Contribution]] = {}
+    loaded: list[LoraFile] = []
+    for spec in specs:
+        key, lora = _load(spec, cache)
+        loaded.append(lora)
+        resolved = _resolve(pipe, st, key, lora, spec.label, strict)
+        blocks = spec.block_multipliers()
+        files[key] = lora
+        for name, target in resolved.items():
+            component, path, _ = target
+            w = spec.unet_weight * _block_multiplier(st, pipe, blocks, component, path) if component == "unet" else spec.text_encoder_weight
+            if w == 0:
+                continue  # weight 0 is the base, exactly
+            wanted.setdefault(target, []).append((key, name, float(w)))
+            if lora.modules[name].bias_delta() is not None:
+                wanted.setdefault((component, path, "bias"), []).append((key, name, float(w)))
+    new = {t: tuple(c) for t, c in wanted.items()}
+    changed = [t for t in set(new) | set(st.applied) if new.get(t, ()) != st.applied.get(t, ())]
+    for t in changed:
+        if t not in st.targets:
+            module = st.modules[t[:2]]
+            if getattr(module, t[2]).device.type == "meta":
+                raise ValueError(
+                    f"{t[0]}.{t[1]} has no weights in memory (meta device), as with enable_sequential_cpu_offload. "
+                    "Apply LoRAs before enabling sequential offload, or use enable_model_cpu_offload."
+                )
+
+    # 2. Write. Any failure here (e.g. out of memory) puts back what this call changed.
+    all_files = {**st.files, **files}
+    done: list[TargetKey] = []
+    try:
+        with torch.no_grad():
+            for t in changed:
+                _write(st, t, new.get(t, ()), all_files)
+                done.append(t)
+    except BaseException:
+        with torch.no_grad():
+            for t in done:
+                try:
+                    _write(st, t, st.applied.get(t, ()), all_files)
+                except BaseException:  # pragma: no cover - last resort: back to the base weight
+                    _write(st, t, (), all_files)
+                    st.applied.pop(t, None)
+        raise
+    for t in changed:
+        if new.get(t):
+            st.applied[t] = new[t]
+        else:
+            st.applied.pop(t, None)
+    st.files, st.specs = files, specs
+    logger.debug("apply_loras: %d LoRA(s), %d weights changed, %d fused", len(specs), len(changed), len(st.applied))
+    return AppliedStack(specs=specs, files=loaded, modules=len(st.applied), changed=len(changed))
+
+
+def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], files: dict[tuple, LoraFile]) -> None:
+    """Set target `t` to backup + its contributions (or back to the backup when there are none)."""
+    target = st.targets.get(t)
+    if target is None:
+        if not contributions:
+            return
+        module = st.modules[t[:2]]
+        target = _Target(module=module, param=t[2])
+        target.backup = target.tensor.detach().to("cpu", copy=True)  # the exact original bits
+        st.targets[t] = target
+    param = target.tensor
+    if not contributions:
+        param.copy_(target.backup)
+        del st.targets[t]  # back to the base: the backup is not needed any more
+        return
+
+    device = param.device
+    backup = target.backup
+    ups, downs, dense = [], [], []
+    for key, name, w in contributions:
+        mod = files[key].modules[name]
+        if t[2] == "bias":
+            dense.append(mod.bias_delta().to(device) * w)
+        elif mod.kind == KIND_LORA and "lora_mid.weight" not in mod.tensors and not mod.has_dora:
+            up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1)
+            ups.append(up * (mod.scale * w))
+            downs.append(mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1))
+        else:
+            dense.append(mod.delta(param.shape, base_weight=backup, device=device).mul_(w))
+
+    rows = param.shape[0]
+    if param.dtype == torch.float32 and device.type == "cpu" and len(ups) + len(dense) > 0:
+        # fp32 on the CPU: write backup + U @ D straight into the weight, one pass over memory.
+        out2d = param.view(rows, -1)
+        if ups:
+            torch.addmm(backup.view(rows, -1), torch.cat(ups, 1), torch.cat(downs, 0), out=out2d)
+        else:
+            out2d.copy_(backup.view(rows, -1))
+        for d in dense:
+            param.add_(d.reshape(param.shape))
+        return
+    # Low precision or an accelerator: accumulate in fp32, round once.
+    acc = backup.to(device=device, dtype=torch.float32, copy=True)
+    if ups:
+        acc.view(rows, -1).addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
+    for d in dense:
+        acc.add_(d.reshape(acc.shape))
+    param.copy_(acc)
+
+
+def remove_loras(pipe) -> None:
+    """Restore every weight a stack changed to its original bits, and forget the stack."""
+    st = _state(pipe)
+    if st is None:
+        return
+    with torch.no_grad():
+        for target in st.targets.values():
+            target.tensor.copy_(target.backup)
+    st.targets.clear()
+    st.applied.clear()
+    st.files, st.specs = {}, []
+
+
+def applied_stack(pipe) -> list[LoraSpec]:
+    """The stack currently fused into `pipe` (empty for the base)."""
+    st = _state(pipe)
+    return list(st.specs) if st is not None else []
+
+
+@contextlib.contextmanager
+def loras(pipe, stack, **kwargs):
+    """`with loras(pipe, stack):` applies `stack` for the block and puts back the previous state after,
+    bit for bit (the previous stack, or the base)."""
+    previous = applied_stack(pipe)
+    info = apply_loras(pipe, stack, **kwargs)
+    try:
+        yield info
+    finally:
+        if previous:
+            apply_loras(pipe, previous, **kwargs)
+        else:
+            remove_loras(pipe)
