@@ -1,0 +1,124 @@
+"""Workspace confinement: every path the web UI accepts from a browser must stay inside the workspace.
+
+Why: the UI takes folder and file names typed into text boxes (or sent straight to its API by any
+script). Without a check, `../../etc` or a symlink planted in a dataset folder would let a browser
+read or write anywhere the server user can. So each user-given path is resolved (symlinks followed,
+`..` collapsed) and must land inside the resolved workspace root, or it is refused with a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+
+
+class PathError(ValueError):
+    """A path from the browser that is outside the workspace (or otherwise not acceptable)."""
+
+
+class Workspace:
+    """The one folder the UI may read and write. Subfolders by convention:
+
+    datasets/  image folders (one per dataset)     loras/    LoRA files (the library)
+    models/    base models                          jobs/     one folder per training job
+    outputs/   generated images
+    """
+
+    SUBDIRS = ("datasets", "loras", "models", "jobs", "outputs")
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in self.SUBDIRS:
+            (self.root / sub).mkdir(exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    def path(self, user_path: str | os.PathLike, must_exist: bool = False, kind: str = "path") -> Path:
+        """Resolve a browser-given path (relative to the workspace, or absolute inside it).
+
+        Raises PathError for anything that resolves outside the workspace, including through
+        symlinks, and for NUL bytes. `kind` names the field in the message ("dataset folder").
+        """
+        text = os.fspath(user_path).strip()
+        if "\x00" in text:
+            raise PathError(f"{kind}: contains a NUL byte; type a plain folder or file name")
+        p = Path(text).expanduser()
+        if not p.is_absolute():
+            p = self.root / p
+        # resolve(strict=False) follows every symlink that exists and collapses `..`, so a link
+        # inside the workspace pointing out of it is caught here too.
+        resolved = p.resolve()
+        if not _inside(resolved, self.root):
+            raise PathError(
+                f"{kind}: {text!r} is outside the workspace {self.root}; use a path inside it "
+                "(relative paths are taken from the workspace)"
+            )
+        if must_exist and not resolved.exists():
+            raise PathError(f"{kind}: {text!r} does not exist in the workspace {self.root}")
+        return resolved
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """A workspace-relative display form of a path inside the workspace."""
+        p = Path(path).resolve()
+        try:
+            return str(p.relative_to(self.root)) or "."
+        except ValueError:
+            return str(p)
+
+    def child(self, parent: Path, name: str, kind: str = "name") -> Path:
+        """`parent / name` for a single user-given file or folder name (no separators, no dots-only)."""
+        name = safe_name(name, kind)
+        return self.path(parent / name, kind=kind)
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")
+
+
+def safe_name(name: str, kind: str = "name") -> str:
+    """A single file/folder name typed by a user: letters, digits, space, `._+-`, no path parts."""
+    name = (name or "").strip()
+    if not _SAFE.match(name) or name in (".", ".."):
+        raise PathError(
+            f"{kind}: {name!r} is not a plain name; use letters, digits, spaces and . _ + - "
+            "(no slashes, not starting with a dot), at most 128 characters"
+        )
+    return name
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """`user:pass` -> (user, pass). The password may contain colons; both parts must be non-empty."""
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD with both parts non-empty, e.g. --auth me:s3cret")
+    return user, password
+
+
+def exposure_warning(host: str, auth: tuple[str, str] | None) -> str | None:
+    """The warning to print when the UI listens beyond this machine without a password."""
+    if is_loopback(host) or auth:
+        return None
+    return (
+        f"WARNING: the web UI listens on {host} without --auth: anyone who can reach this machine can "
+        "read and write files in the workspace and run training jobs. Add --auth USER:PASSWORD, or "
+        "bind to 127.0.0.1 (the default) and use an SSH tunnel."
+    )
