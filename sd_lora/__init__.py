@@ -7,3 +7,4 @@ Public API (import from here): load_base, architecture_of, and the names added b
 __version__ = "0.1.0"
 
 from .models import ArchInfo, architecture_of, detect_architecture, load_base  # noqa: F401
+from .stack import LoraSpec, apply_loras, loras, parse_lora_prompt, remove_loras  # noqa: F401

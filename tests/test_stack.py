@@ -1,0 +1,298 @@
+"""Weighted LoRA stacks: fused result vs diffusers, exact restore, declarative switching, atomic failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sd_lora.formats.lora_file import LoraFile, LoraModule
+from sd_lora.network.naming import kohya_module_name, module_index
+from sd_lora.stack import LoraCache, LoraSpec, applied_stack, apply_loras, loras, remove_loras
+from sd_lora.testing import tiny_pipeline
+
+ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _layers(pipe, arch, conv=False, te=True):
+    """(component, path, module) of the layers a kohya LoRA/LoCon would target, each once."""
+    out, seen = [], set()
+    for _, (c, p, m) in module_index(pipe, arch).items():
+        if (c, p) in seen or (c != "unet" and not te):
+            continue
+        is_attn = p.endswith(ATTN)
+        is_conv = conv and c == "unet" and isinstance(m, torch.nn.Conv2d) and p.endswith(("conv1", "conv2"))
+        if is_attn or is_conv:
+            seen.add((c, p))
+            out.append((c, p, m))
+    return out
+
+
+def kohya_state_dict(pipe, arch, seed, rank=4, alpha=2.0, conv=False, te=True):
+    """A random kohya LoRA (LoCon when conv=True) for `pipe`, in kohya's key layout."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for c, p, m in _layers(pipe, arch, conv, te):
+        name = kohya_module_name(c, p, arch)
+        w = m.weight
+        if w.dim() == 4:
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g)
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1
+        else:
+            down = torch.randn(rank, w.shape[1], generator=g)
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.1
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def write_kohya(path, pipe, arch="sd1", seed=0, dtype=torch.float16, **kw):
+    sd = {k: v.to(dtype) if v.dim() else v for k, v in kohya_state_dict(pipe, arch, seed, **kw).items()}
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+def weights(pipe):
+    out = {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, comp, None)
+        if model is not None:
+            out.update({f"{comp}.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def assert_bitwise(a, b):
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline("sd1")
+
+
+@pytest.fixture
+def files(pipe, tmp_path):
+    return [write_kohya(tmp_path / f"l{i}.safetensors", pipe, seed=i, conv=(i == 1)) for i in range(3)]
+
+
+def test_fused_lora_and_locon_equal_diffusers_fuse(pipe, tmp_path):
+    """Our fused weights equal diffusers' `load_lora_weights` + `fuse_lora` (UNet and text encoder)."""
+    f = write_kohya(tmp_path / "locon.safetensors", pipe, seed=3, conv=True, dtype=torch.float32)
+    ref = tiny_pipeline("sd1")
+    ref.load_lora_weights(str(f), adapter_name="x")
+    ref.fuse_lora(lora_scale=0.7)
+    ref.unload_lora_weights()
+    expected = weights(ref)
+    base = weights(pipe)
+
+    apply_loras(pipe, [(f, 0.7)])
+    got = weights(pipe)
+    changed = [k for k in got if not torch.equal(got[k], base[k])]
+    assert any(k.startswith("text_encoder.") for k in changed) and any("conv1" in k for k in changed)
+    assert [k for k in expected if not torch.equal(expected[k], base[k])] == changed  # same weights touched
+    for k in changed:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_weight_zero_is_base_and_remove_restores_bitwise(pipe, files):
+    base = weights(pipe)
+    apply_loras(pipe, [(files[0], 0.0), (files[1], 0.0, 0.0)])
+    assert_bitwise(weights(pipe), base)
+
+    apply_loras(pipe, [(files[0], 0.8), (files[1], -0.5, 0.3), LoraSpec(files[2], 1.2)])
+    assert not torch.equal(weights(pipe)["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+                           base["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    remove_loras(pipe)
+    assert_bitwise(weights(pipe), base)
+    assert applied_stack(pipe) == []
+
+
+def test_stack_is_the_sum_of_its_parts(pipe, files):
+    """W = base + sum_i w_i * delta_i, with separate UNet / text-encoder weights."""
+    base = weights(pipe)
+    parts = []
+    for f, w, tw in ((files[0], 0.8, 0.8), (files[2], -0.5, 0.25)):
+        apply_loras(pipe, [LoraSpec(f, weight=w, te_weight=tw)])
+        parts.append({k: v - base[k] for k, v in weights(pipe).items()})
+    apply_loras(pipe, [(files[0], 0.8), (files[2], -0.5, 0.25)])
+    got = weights(pipe)
+    for k in got:
+        torch.testing.assert_close(got[k], base[k] + parts[0][k] + parts[1][k], rtol=1e-5, atol=1e-5)
+
+
+def test_switching_is_declarative_and_touches_only_what_changes(pipe, files):
+    cache = LoraCache()
+    apply_loras(pipe, [(files[0], 0.5)], cache=cache)
+    fresh = weights(pipe)
+    remove_loras(pipe)
+
+    apply_loras(pipe, [(files[1], 1.0), (files[2], 0.7)], cache=cache)
+    info = apply_loras(pipe, [(files[0], 0.5)], cache=cache)  # not on top of the previous stack
+    assert_bitwise(weights(pipe), fresh)
+    assert info.changed > 0
+
+    again = apply_loras(pipe, [(files[0], 0.5)], cache=cache)
+    assert again.changed == 0  # same stack: nothing written
+
+    te_only = apply_loras(pipe, [(files[0], 0.5, 0.9)], cache=cache)
+    n_te = sum(1 for c, p, m in _layers(pipe, "sd1") if c == "text_encoder")
+    assert te_only.changed == n_te  # only the text-encoder weights were rewritten
+    assert cache.misses == 3 and cache.hits >= 3
+
+
+def test_context_manager_restores_previous_stack_bitwise(pipe, files):
+    base = weights(pipe)
+    with loras(pipe, [(files[0], 1.0)]):
+        assert not torch.equal(weights(pipe)["text_encoder.encoder.layers.0.self_attn.q_proj.weight"],
+                               base["text_encoder.encoder.layers.0.self_attn.q_proj.weight"])
+    assert_bitwise(weights(pipe), base)
+
+    apply_loras(pipe, [(files[1], 0.6)])
+    outer = weights(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with loras(pipe, [(files[2], 1.0)]):
+            raise RuntimeError("boom")
+    assert_bitwise(weights(pipe), outer)
+
+
+def test_failing_file_leaves_pipeline_untouched(pipe, files, tmp_path):
+    apply_loras(pipe, [(files[0], 0.8)])
+    before = weights(pipe)
+
+    sd = kohya_state_dict(pipe, "sd1", seed=9)
+    bad_key = next(k for k in sd if "attn2_to_k.lora_down" in k)
+    sd[bad_key] = torch.randn(4, 17)  # wrong input width
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*attn2_to_k"):
+        apply_loras(pipe, [(files[1], 1.0), (bad, 1.0)])
+    assert_bitwise(weights(pipe), before)
+
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        apply_loras(pipe, [(files[2], 1.0), (tmp_path / "missing.safetensors", 1.0)])
+    assert_bitwise(weights(pipe), before)
+    assert [s.path for s in applied_stack(pipe)] == [files[0]]
+
+
+def test_other_architecture_is_an_error_naming_the_file(pipe, tmp_path):
+    xl = write_kohya(tmp_path / "xl.safetensors", tiny_pipeline("sdxl"), arch="sdxl", seed=1)
+    before = weights(pipe)
+    with pytest.raises(ValueError, match=r"xl\.safetensors"):
+        apply_loras(pipe, [(xl, 1.0)])
+    assert_bitwise(weights(pipe), before)
+
+
+def _ref_modules(pipe, seed=0):
+    """In-memory LoHa, LoKr and DoRA modules with a direct reference delta for each (no library math)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = module_index(pipe, "sd1")
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"   # 64 x 64
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"   # 64 x 32
+    conv = "lora_unet_up_blocks_0_resnets_0_conv1"                               # 64 x 128 x 3 x 3
+    Wq, Wk = idx[q][2].weight.detach(), idx[k][2].weight.detach()
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w1a, w1b, w2a, w2b = r(64, 4), r(4, 64), r(64, 4), r(4, 64)
+    loha = LoraModule(q, "loha", {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "alpha": torch.tensor(2.0)})
+    loha_ref = (w1a @ w1b) * (w2a @ w2b) * (2.0 / 4)
+    k1, k2a, k2b = r(4, 2), r(16, 3), r(3, 16)
+    lokr = LoraModule(k, "lokr", {"lokr_w1": k1, "lokr_w2_a": k2a, "lokr_w2_b": k2b, "alpha": torch.tensor(1.5)})
+    lokr_ref = torch.kron(k1, k2a @ k2b) * (1.5 / 3)
+    cw = idx[conv][2].weight.detach()
+    t1a, t1b, t2a, t2b = r(64, 2), r(2, 128 * 9), r(64, 2), r(2, 128 * 9)
+    loha_conv = LoraModule(conv, "loha", {"hada_w1_a": t1a, "hada_w1_b": t1b, "hada_w2_a": t2a, "hada_w2_b": t2b})
+    conv_ref = ((t1a @ t1b) * (t2a @ t2b)).reshape(cw.shape)
+    up, down = r(64, 4) * 0.1, r(4, 64)
+    mag = r(64).abs() + 1
+    dora = LoraModule(q.replace("attn1_to_q", "attn1_to_v"), "lora",
+                      {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(4.0), "dora_scale": mag.reshape(64, 1)})
+    Wv = idx[dora.name][2].weight.detach()
+    merged = Wv + up @ down * (4.0 / 4)
+    dora_ref = mag.reshape(64, 1) * merged / merged.norm(dim=1, keepdim=True) - Wv
+    return [(loha, Wq, loha_ref), (lokr, Wk, lokr_ref), (loha_conv, cw, conv_ref), (dora, Wv, dora_ref)], idx
+
+
+def test_loha_lokr_dora_deltas_match_direct_reference(pipe):
+    cases, idx = _ref_modules(pipe)
+    lora = LoraFile({m.name: m for m, _, _ in cases})
+    base = {m.name: w.clone() for m, w, _ in cases}
+    apply_loras(pipe, [(lora, 0.6)])
+    for m, _, ref in cases:
+        torch.testing.assert_close(idx[m.name][2].weight.detach(), base[m.name] + 0.6 * ref, rtol=1e-5, atol=1e-5, msg=m.name)
+    remove_loras(pipe)
+    for m, _, _ in cases:
+        assert torch.equal(idx[m.name][2].weight.detach(), base[m.name])
+
+
+def test_block_weights_and_text_encoder_weight(pipe, files):
+    base = weights(pipe)
+    # SD1 17-value list: BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03..OUT11. Only OUT03-05 on.
+    blocks = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    apply_loras(pipe, [LoraSpec(files[0], weight=1.0, block_weights=blocks)])
+    got = weights(pipe)
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    # tiny UNet: up_blocks.0 (OUT00-02) has the attentions; up_blocks.1 is OUT03-05 -> no attention, no change
+    assert not changed
+    apply_loras(pipe, [LoraSpec(files[0], weight=1.0, block_weights={"IN04": 1, "IN05": 0, "BASE": 0, "OUT00": 0, "OUT01": 0, "OUT02": 0, "M00": 0})])
+    got = weights(pipe)
+    changed = sorted(k for k in got if not torch.equal(got[k], base[k]))
+    assert changed and all(k.startswith("unet.down_blocks.1.attentions.0.") for k in changed)  # IN04 only
+    apply_loras(pipe, [LoraSpec(files[0], weight=0.0, te_weight=1.0)])
+    got = weights(pipe)
+    assert {k.split(".")[0] for k in got if not torch.equal(got[k], base[k])} == {"text_encoder"}
+    with pytest.raises(ValueError, match="17 or 26"):
+        apply_loras(pipe, [LoraSpec(files[0], block_weights=[1, 2, 3])])
+
+
+def test_fp16_base_accumulates_in_fp32_and_restores(tmp_path):
+    pipe = tiny_pipeline("sd1").to(torch.float16)
+    f = write_kohya(tmp_path / "a.safetensors", pipe, seed=0)
+    base = weights(pipe)
+    apply_loras(pipe, [(f, 0.75)])
+    ref32 = tiny_pipeline("sd1").to(torch.float16).to(torch.float32)  # same base, widened exactly
+    apply_loras(ref32, [(f, 0.75)])
+    got, want = weights(pipe), weights(ref32)
+    for k in got:
+        assert got[k].dtype == torch.float16
+        assert torch.equal(got[k], want[k].to(torch.float16)), k  # one rounding of the fp32 result
+    remove_loras(pipe)
+    assert_bitwise(weights(pipe), base)
+
+
+def test_components_shared_by_img2img_share_the_stack(pipe, files):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    base = weights(pipe)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    apply_loras(img2img, [(files[0], 1.0)])
+    assert [s.path for s in applied_stack(pipe)] == [files[0]]
+    apply_loras(pipe, [])  # empty stack = base
+    assert_bitwise(weights(img2img), base)
+
+
+def test_cache_stays_within_its_byte_bound(pipe, tmp_path):
+    fs = [write_kohya(tmp_path / f"c{i}.safetensors", pipe, seed=i, te=False) for i in range(4)]
+    size = os.path.getsize(fs[0])
+    cache = LoraCache(max_bytes=int(size * 2.5))
+    for f in fs + fs:
+        apply_loras(pipe, [(f, 1.0)], cache=cache)
+        assert cache.num_bytes <= cache.max_bytes and len(cache) <= 2
+    assert cache.misses == 8  # LRU of 2 cycling over 4 files: every read misses
+    apply_loras(pipe, [(fs[-1], 1.0)], cache=cache)
+    assert cache.hits == 1
+    # An edited file (new size/mtime) is read again, not served stale from the cache.
+    write_kohya(fs[-1], pipe, seed=99, te=False, dtype=torch.float32)
+    before = weights(pipe)
+    apply_loras(pipe, [(fs[-1], 1.0)], cache=cache)
+    assert cache.misses == 9 and not all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+
+
+def test_bad_stack_entries_are_refused_up_front(pipe, files):
+    with pytest.raises(TypeError, match="stack entry"):
+        apply_loras(pipe, [(files[0], 1.0, 1.0, 1.0)])
+    with pytest.raises(ValueError, match="finite"):
+        apply_loras(pipe, [(files[0], float("nan"))])
+    with pytest.raises(ValueError, match="unknown block"):
+        apply_loras(pipe, [LoraSpec(files[0], block_weights={"IN99x": 1})])
