@@ -1,0 +1,427 @@
+"""Read any common LoRA file into a LoraFile, and match a LoraFile against a pipeline.
+
+Formats read (detected from the keys, never from the file name):
+  kohya      lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* with lora_down/lora_up/alpha (LoRA, LoCon,
+             DoRA dora_scale); UNet names in diffusers (down_blocks) or SAI/CompVis (input_blocks) layout
+  lycoris    the same prefixes with hada_* (LoHa, Tucker t1/t2), lokr_* (LoKr, t2), diff (full)
+  diffusers  unet.<path>.lora_A.weight / .lora.down.weight / .lora_linear_layer.down.weight /
+             .processor.to_q_lora.down.weight, text_encoder[_2].<path>...; alphas from diffusers'
+             `lora_adapter_metadata` header or `.alpha` keys
+  peft       base_model.model.<path>.lora_A.weight (PeftModel.save_pretrained / get_peft_model_state_dict),
+             LoHa/LoKr parameter names; r / alpha / patterns from adapter_config.json next to the file
+
+Every module is renamed to its kohya name (`lora_unet_...`, `lora_te_text_model_...`), so one resolver,
+sd_lora.network.naming.module_index(pipe, arch), serves all formats. Keys that belong to no known
+format are an error (strict=True) or a warning that lists them; they are never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..io import read_state_dict
+from ..models import ARCH_DESCRIPTIONS, ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL, architecture_of
+from ..network.naming import kohya_module_name, module_index
+from .kohya import KNOWN_PREFIXES, KNOWN_SUFFIXES
+from .lora_file import KIND_FULL, KIND_LOHA, KIND_LOKR, KIND_LORA, LoraFile, LoraModule
+
+logger = logging.getLogger(__name__)
+
+ARCH_FAMILY = {ARCH_SD1: "sd1", ARCH_SD2: "sd2", ARCH_SD2_V: "sd2", ARCH_SDXL: "sdxl"}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+_UNET_HEADS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding", "conv_norm_out")
+# Real SDXL UNet layout (for SGM names of modules read from diffusers/PEFT files).
+_SDXL_LAYOUT = {"layers_per_block": 2, "up_attention": (True, True, False)}
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be read or does not fit the pipeline; the message says which and why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Key parsing
+# --------------------------------------------------------------------------------------------------
+_LYCORIS_PARAMS = "hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b|hada_t1|hada_t2|lokr_w1_a|lokr_w1_b|lokr_w1|lokr_w2_a|lokr_w2_b|lokr_w2|lokr_t2"
+_PEFT_SUFFIXES = [
+    # (regex on the end of the key, our suffix)
+    (re.compile(r"\.lora_A(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "lora_down.weight"),
+    (re.compile(r"\.lora_B(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "lora_up.weight"),
+    (re.compile(r"\.lora\.down\.weight$"), "lora_down.weight"),
+    (re.compile(r"\.lora\.up\.weight$"), "lora_up.weight"),
+    (re.compile(r"\.lora_linear_layer\.down\.weight$"), "lora_down.weight"),
+    (re.compile(r"\.lora_linear_layer\.up\.weight$"), "lora_up.weight"),
+    (re.compile(r"\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"), "dora_scale"),
+    (re.compile(r"\.alpha$"), "alpha"),
+]
+_PEFT_LYCORIS = re.compile(rf"\.({_LYCORIS_PARAMS})(?:\.[A-Za-z0-9_\-]+)?$")
+_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _split_kohya_key(key: str) -> tuple[str, str] | None:
+    if not key.startswith(KNOWN_PREFIXES):
+        return None
+    for suffix in KNOWN_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
+def _split_other_key(key: str) -> tuple[str | None, str, str] | None:
+    """(component or None, module path, our suffix) for a diffusers / PEFT key, or None."""
+    component = None
+    rest = key
+    for prefix, comp in (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+                         ("base_model.model.", None), ("model.", None)):
+        if rest.startswith(prefix):
+            component, rest = comp, rest[len(prefix):]
+            break
+    rest = rest.replace("base_model.model.", "")
+    m = _PROCESSOR.match(rest)
+    if m:
+        attn = m[2] if m[2] != "to_out" else "to_out.0"
+        return component, f"{m[1]}.{attn}", f"lora_{m[3]}.weight"
+    for pattern, suffix in _PEFT_SUFFIXES:
+        m = pattern.search(rest)
+        if m:
+            return component, rest[: m.start()], suffix
+    m = _PEFT_LYCORIS.search(rest)
+    if m:
+        return component, rest[: m.start()], m[1]
+    return None
+
+
+def _kind_of(suffixes) -> str:
+    if any(s.startswith("hada_") for s in suffixes):
+        return KIND_LOHA
+    if any(s.startswith("lokr_") for s in suffixes):
+        return KIND_LOKR
+    if "diff" in suffixes:
+        return KIND_FULL
+    return KIND_LORA
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture detection
+# --------------------------------------------------------------------------------------------------
+def arch_from_metadata(metadata: dict[str, str]) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    spec = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
+        return ARCH_SDXL
+    if version.startswith("sd_v2") or spec.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+        v = metadata.get("ss_v_parameterization") == "True" or spec.startswith("stable-diffusion-v2-768-v")
+        return ARCH_SD2_V if v else ARCH_SD2
+    if version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
+        return ARCH_SD1
+    return None
+
+
+def arch_from_modules(modules: dict[str, LoraModule]) -> str | None:
+    """SD1 / SD2 / SDXL from module names and shapes alone (None if the file does not say)."""
+    names = modules.keys()
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
+        return ARCH_SDXL
+    for name, module in modules.items():
+        in_features = _in_features(module)
+        if in_features is None:
+            continue
+        if re.search(r"attn2_to_[kv]$", name):  # cross-attention width = text embedding width
+            return {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}.get(in_features)
+    for name, module in modules.items():
+        if name.startswith("lora_te_") and re.search(r"self_attn_q_proj$", name):
+            return {768: ARCH_SD1, 1024: ARCH_SD2}.get(_in_features(module))
+    return None
+
+
+def _in_features(module: LoraModule) -> int | None:
+    t = module.tensors
+    if "lora_down.weight" in t:
+        return int(t["lora_down.weight"].shape[1])
+    if "hada_w1_b" in t and "hada_t1" not in t:
+        return int(t["hada_w1_b"].shape[1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _find_weights_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise LoraFormatError(
+            f"{path}: folder has {len(found)} .safetensors files; pass the LoRA file itself."
+            if found else f"{path}: no .safetensors file in this folder."
+        )
+    return path
+
+
+def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> dict[str | None, dict]:
+    """r / alpha / patterns per component from diffusers' header metadata or PEFT's adapter_config.json."""
+    configs: dict[str | None, dict] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            flat = json.loads(raw)
+        except json.JSONDecodeError:
+            flat = {}
+        for key, value in flat.items():
+            comp, _, field = key.partition(".")
+            configs.setdefault(comp, {})[field] = value
+    cfg_file = path.parent / "adapter_config.json"
+    if cfg_file.is_file():
+        try:
+            configs[None] = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LoraFormatError(f"{cfg_file}: cannot read the PEFT adapter config: {e}") from e
+    return configs
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
+    """Read a kohya / LyCORIS / diffusers / PEFT LoRA file (or a folder holding one) into a LoraFile.
+
+    strict=True raises on keys that belong to no known format; strict=False logs them as a warning.
+    """
+    path = _find_weights_file(Path(path))
+    sd, metadata = read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise LoraFormatError(f"{path}: the file holds no tensors.")
+
+    kohya_parts: dict[str, dict[str, torch.Tensor]] = {}
+    other_parts: dict[tuple[str | None, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in sd.items():
+        split = _split_kohya_key(key)
+        if split:
+            kohya_parts.setdefault(split[0], {})[split[1]] = tensor
+            continue
+        other = _split_other_key(key)
+        if other:
+            other_parts.setdefault((other[0], other[1]), {})[other[2]] = tensor
+            continue
+        unknown.append(key)
+
+    modules: dict[str, LoraModule] = {}
+    for name, tensors in kohya_parts.items():
+        modules[name] = LoraModule(name, _kind_of(tensors), tensors)
+    fmt = "kohya"
+    if any(m.kind != KIND_LORA for m in modules.values()):
+        fmt = "lycoris"
+
+    if other_parts:
+        fmt = "peft" if any(comp is None for comp, _ in other_parts) else "diffusers"
+        configs = _peft_alpha_config(path, metadata)
+        # Which architecture names them: SDXL if a second text encoder is present or hinted.
+        arch = arch_from_metadata(metadata)
+        if any(comp == "text_encoder_2" for comp, _ in other_parts):
+            arch = ARCH_SDXL
+        resolved = []
+        for (comp, module_path), tensors in other_parts.items():
+            comp = comp or _component_of(module_path, tensors)
+            if comp is None:
+                unknown += [f"{module_path}.{s}" for s in tensors]
+                continue
+            if comp == "text_encoder_2":
+                arch = ARCH_SDXL
+            cfg = configs.get(comp) or configs.get(None) or {}
+            tensors = dict(tensors)
+            kind = _kind_of(tensors)
+            if "alpha" not in tensors and cfg:
+                rank = _rank_of(kind, tensors)
+                r = _pattern_value(cfg.get("rank_pattern"), module_path, cfg.get("r", rank))
+                alpha_default = cfg.get("lora_alpha", cfg.get("alpha", r))
+                alpha = _pattern_value(cfg.get("alpha_pattern"), module_path, alpha_default)
+                if rank is not None and alpha is not None:
+                    # The tensors define the rank; keep PEFT's scale alpha / r whatever r says.
+                    tensors["alpha"] = torch.tensor(float(alpha) * rank / float(r or rank))
+                if kind == KIND_LOKR and rank is None and alpha is not None and r:
+                    # PEFT scales a LoKr with both factors full by alpha / r; LyCORIS does not: fold it in.
+                    tensors["lokr_w2"] = tensors["lokr_w2"].float() * (float(alpha) / float(r))
+            if "dora_scale" in tensors:
+                tensors["dora_scale"] = _dora_scale_from_peft(tensors)
+            resolved.append((comp, module_path, tensors))
+        if arch is None:
+            for comp, module_path, tensors in resolved:
+                if comp == "unet" and module_path.endswith("attn2.to_k") and "lora_down.weight" in tensors:
+                    arch = {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}.get(int(tensors["lora_down.weight"].shape[1]))
+                    break
+        arch_for_names = arch or ARCH_SD1
+        for comp, module_path, tensors in resolved:
+            try:
+                layout = _SDXL_LAYOUT if arch_for_names == ARCH_SDXL else None
+                name = kohya_module_name(comp, module_path, arch_for_names, layout)
+            except KeyError:
+                unknown += [f"{comp}.{module_path}.{s}" for s in tensors]
+                continue
+            if name in modules:
+                modules[name].tensors.update(tensors)
+            else:
+                modules[name] = LoraModule(name, _kind_of(tensors), tensors)
+
+    incomplete = [n for n, m in modules.items() if not _is_complete(m)]
+    if incomplete:
+        unknown += [f"{n}.{s}" for n in incomplete for s in modules[n].tensors]
+        for n in incomplete:
+            del modules[n]
+    if unknown:
+        msg = (
+            f"{path}: {len(unknown)} keys are not part of any LoRA format sd-lora reads (kohya, LyCORIS, diffusers, "
+            f"PEFT) or belong to incomplete modules: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+        )
+        if strict:
+            raise LoraFormatError(msg + ". Pass strict=False to load the rest and skip these.")
+        logger.warning("%s. They are skipped.", msg)
+    if not modules:
+        raise LoraFormatError(f"{path}: no LoRA modules found in this file.")
+
+    arch = arch_from_modules(modules) or arch_from_metadata(metadata)
+    if arch == ARCH_SD2 and arch_from_metadata(metadata) == ARCH_SD2_V:
+        arch = ARCH_SD2_V
+    return LoraFile(modules=modules, metadata=dict(metadata), format=fmt, arch=arch, path=str(path))
+
+
+def _component_of(module_path: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Which pipeline component a PEFT key (no component prefix) belongs to."""
+    if module_path.startswith(_UNET_HEADS):
+        return "unet"
+    if module_path.startswith(("text_model.", "encoder.layers.")):
+        down = tensors.get("lora_down.weight")
+        # OpenCLIP ViT-bigG (SDXL's second encoder) is 1280 wide; CLIP-L 768, OpenCLIP-H 1024.
+        if down is not None and down.shape[-1] == 1280:
+            return "text_encoder_2"
+        return "text_encoder"
+    return None
+
+
+def _rank_of(kind: str, tensors: dict[str, torch.Tensor]) -> int | None:
+    return LoraModule("", kind, tensors).rank
+
+
+def _dora_scale_from_peft(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    m = tensors["dora_scale"]
+    up = tensors.get("lora_up.weight")
+    out = int(up.shape[0]) if up is not None else int(m.numel())
+    dims = up.dim() if up is not None else 2
+    return m.reshape(out, *[1] * (dims - 1)) if m.numel() == out else m
+
+
+def _is_complete(module: LoraModule) -> bool:
+    t = module.tensors
+    if module.kind == KIND_LORA:
+        return "lora_down.weight" in t and "lora_up.weight" in t
+    if module.kind == KIND_LOHA:
+        return all(k in t for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    if module.kind == KIND_LOKR:
+        return ("lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)) and (
+            "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
+        )
+    return "diff" in t
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching against a pipeline
+# --------------------------------------------------------------------------------------------------
+def delta_shape_numel(module: LoraModule) -> tuple[int, int] | None:
+    """(out_features, total numel) of the delta a module produces, from its factor shapes only."""
+    t = module.tensors
+
+    def numel(shape) -> int:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return n
+
+    if module.kind == KIND_LORA:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        if "lora_mid.weight" in t:
+            mid = t["lora_mid.weight"]
+            return int(up.shape[0]), int(up.shape[0]) * int(down.shape[1]) * numel(mid.shape[2:])
+        return int(up.shape[0]), int(up.shape[0]) * numel(down.shape[1:])
+    if module.kind == KIND_LOHA:
+        if "hada_t1" in t:
+            out, inp = t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1]
+            return int(out), int(out) * int(inp) * numel(t["hada_t1"].shape[2:])
+        return int(t["hada_w1_a"].shape[0]), int(t["hada_w1_a"].shape[0]) * int(t["hada_w1_b"].shape[1])
+    if module.kind == KIND_LOKR:
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = tuple(t["lokr_w2"].shape)
+        elif "lokr_t2" in t:
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+        return int(w1[0]) * int(w2[0]), numel(w1) * numel(w2)
+    if module.kind == KIND_FULL:
+        return int(t["diff"].shape[0]), numel(t["diff"].shape)
+    return None
+
+
+def check_arch(lora: LoraFile, arch: str) -> None:
+    """Raise if the file was made for another architecture family than the pipeline's."""
+    if lora.arch is None:
+        return
+    if ARCH_FAMILY.get(lora.arch) != ARCH_FAMILY.get(arch):
+        raise LoraFormatError(
+            f"{lora.path or 'LoRA'}: this LoRA is for {FAMILY_NAMES[ARCH_FAMILY[lora.arch]]} ({lora.arch}), but the "
+            f"pipeline is {ARCH_DESCRIPTIONS[arch]} ({arch}). Use a LoRA trained on the same base family."
+        )
+
+
+def match_lora(lora: LoraFile, pipe, strict: bool = True) -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """Resolve every module of `lora` to a base module of `pipe`: kohya name -> (component, path, module).
+
+    Raises (strict) or warns (strict=False, skipping them) for modules with no base module or with a
+    shape that does not fit, and always raises for a file made for another architecture.
+    """
+    arch = architecture_of(pipe).arch
+    check_arch(lora, arch)
+    index = module_index(pipe, arch)
+    matched: dict[str, tuple[str, str, torch.nn.Module]] = {}
+    unmatched, mismatched = [], []
+    for name, module in lora.modules.items():
+        entry = index.get(name)
+        if entry is None:
+            unmatched.append(name)
+            continue
+        base = entry[2]
+        weight_shape = tuple(base.weight.shape)
+        expect = delta_shape_numel(module)
+        numel = 1
+        for s in weight_shape:
+            numel *= s
+        if expect is None or expect != (weight_shape[0], numel):
+            mismatched.append(f"{name} (file gives {expect}, base weight is {weight_shape})")
+            continue
+        matched[name] = entry
+    problems = []
+    if unmatched:
+        problems.append(
+            f"{len(unmatched)} modules have no matching layer in this {arch} pipeline: "
+            f"{', '.join(unmatched[:6])}{' ...' if len(unmatched) > 6 else ''}"
+        )
+    if mismatched:
+        problems.append(f"{len(mismatched)} modules do not fit their layer's shape: {'; '.join(mismatched[:4])}")
+    if problems:
+        msg = f"{lora.path or 'LoRA'}: " + " and ".join(problems)
+        if strict:
+            raise LoraFormatError(msg + ". The file may be for another model; pass strict=False to apply the rest.")
+        logger.warning("%s. These modules are skipped.", msg)
+    return matched

@@ -1,0 +1,138 @@
+"""Target presets: which modules of the UNet and text encoder(s) get an adapter.
+
+The rules follow kohya's networks/lora.py, because its files define what A1111/ComfyUI users
+expect a LoRA to contain (module counts for SD1.5 in brackets):
+
+  attention  UNet attn1/attn2 to_q, to_k, to_v, to_out.0; TE self_attn q/k/v/out_proj   [128 + 48]
+  kohya      every Linear and 1x1 Conv2d inside a UNet Transformer2DModel (attention,
+             feed-forward, proj_in/proj_out); TE attention + MLP (fc1, fc2)             [192 + 72]
+  full       kohya + inside ResnetBlock2D / Downsample2D / Upsample2D: 3x3 convs at
+             conv_rank (LoCon), time_emb_proj and 1x1 conv_shortcut at rank           [+ 86 SD1.5]
+
+fp16 file sizes for SD1.5 are in docs/formats.md (measured by tests/test_network.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..models import ARCH_SDXL
+from .naming import kohya_module_name, te_prefixes, unet_layout
+
+TRANSFORMER_CLASSES = ("Transformer2DModel",)
+RESNET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+_UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_TE_ATTENTION = re.compile(r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+_TE_MLP = re.compile(r"(.*\.)?mlp\.(fc1|fc2)$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One base module to adapt."""
+
+    component: str  # "unet", "text_encoder", "text_encoder_2"
+    path: str  # module path inside the component (diffusers / transformers names)
+    kohya_name: str  # lora_unet_..., lora_te_text_model_..., lora_te1_...
+    module: nn.Module
+    block: str | None  # "down" / "mid" / "up" for UNet modules inside those blocks
+    conv3x3: bool  # a conv with a kernel larger than 1x1 (gets conv_rank / conv_alpha)
+
+    @property
+    def in_features(self) -> int:
+        m = self.module
+        return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+    @property
+    def out_features(self) -> int:
+        m = self.module
+        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+    @property
+    def kernel_numel(self) -> int:
+        return 1 if isinstance(self.module, nn.Linear) else int(self.module.kernel_size[0] * self.module.kernel_size[1])
+
+
+def _block_of(path: str) -> str | None:
+    head = path.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head)
+
+
+def _is_conv3x3(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def unet_targets(unet, preset: str) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every UNet module the preset adapts, in model order."""
+    found: dict[str, nn.Module] = {}
+    classes = TRANSFORMER_CLASSES + (RESNET_CLASSES if preset == "full" else ())
+    for name, parent in unet.named_modules():
+        if type(parent).__name__ not in classes:
+            continue
+        for child_name, child in parent.named_modules():
+            if not child_name or not isinstance(child, (nn.Linear, nn.Conv2d)):
+                continue
+            path = f"{name}.{child_name}"
+            if preset == "attention" and not _UNET_ATTENTION.fullmatch(path):
+                continue
+            # Inside transformer blocks kohya adapts Linear and 1x1 convs only (proj_in/proj_out of SD1).
+            if type(parent).__name__ in TRANSFORMER_CLASSES and _is_conv3x3(child):
+                continue
+            found.setdefault(path, child)
+    return list(found.items())
+
+
+def text_encoder_targets(text_encoder, preset: str) -> list[tuple[str, nn.Module]]:
+    found = []
+    for path, module in text_encoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if _TE_ATTENTION.fullmatch(path) or (preset != "attention" and _TE_MLP.fullmatch(path)):
+            found.append((path, module))
+    return found
+
+
+def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool = True, train_text_encoder: bool = True) -> list[Target]:
+    """Every module the preset adapts in a pipeline (or a dict of components), with its kohya name."""
+    components = pipe_or_components if isinstance(pipe_or_components, dict) else {
+        name: getattr(pipe_or_components, name, None) for name in ("unet", "text_encoder", "text_encoder_2")
+    }
+    targets: list[Target] = []
+    unet = components.get("unet")
+    if train_unet and unet is not None:
+        layout = unet_layout(unet) if arch == ARCH_SDXL else None
+        for path, module in unet_targets(unet, preset):
+            try:
+                name = kohya_module_name("unet", path, arch, layout)
+            except KeyError:
+                continue  # no kohya name in this layout: kohya cannot adapt it either
+            targets.append(Target("unet", path, name, module, _block_of(path), _is_conv3x3(module)))
+    if train_text_encoder:
+        for component in te_prefixes(arch):
+            te = components.get(component)
+            if te is None:
+                continue
+            for path, module in text_encoder_targets(te, preset):
+                name = kohya_module_name(component, path, arch)
+                targets.append(Target(component, path, name, module, None, False))
+    return targets
+
+
+def estimate_file_bytes(targets: list[Target], config, bytes_per_param: int = 2) -> int:
+    """Tensor bytes of a kohya LoRA file for these targets (fp16 by default; alphas included).
+
+    LoRA/LoCon/DoRA count exactly (down: rank x in x k x k, up: out x rank, alpha: one value, DoRA:
+    out); LoHa is twice a LoRA of the same rank; LoKr depends on factorisation and is not estimated.
+    """
+    total = 0
+    for t in targets:
+        rank, _ = config.rank_alpha_for(t.block, t.conv3x3)
+        n = rank * (t.in_features * t.kernel_numel + t.out_features) + 1
+        if config.method == "loha":
+            n = 2 * (n - 1) + 1
+        if config.method == "dora":
+            n += t.out_features
+        total += n * bytes_per_param
+    return total
