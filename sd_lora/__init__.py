@@ -10,3 +10,4 @@ from .models import ArchInfo, architecture_of, detect_architecture, load_base  #
 from .stack import LoraSpec, apply_loras, loras, parse_lora_prompt, remove_loras  # noqa: F401
 from .formats import LoraFile, load_lora, save_lora  # noqa: F401,E402
 from .network import NetworkConfig, inject_network  # noqa: F401,E402
+from .caption import caption_folder  # noqa: F401,E402
