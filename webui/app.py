@@ -1,0 +1,124 @@
+"""The Gradio app: builds the Blocks from one function per tab and launches it offline.
+
+Offline means no request leaves the machine: a theme with system fonts only (Gradio's default theme
+pulls Google Fonts), analytics and the version check off, no share link unless asked for, and the
+run-history page (which can talk to a Hugging Face bucket) off. tests/test_webui_browser.py checks
+in a real browser that every request the page makes goes to the app itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Gradio reads these at import time (analytics, version check, telemetry of huggingface_hub).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from .jobs import JobQueue  # noqa: E402
+from .security import Workspace, exposure_warning  # noqa: E402
+
+MAX_UPLOAD = "50mb"  # per file; a training image is rarely over 20 MB
+CSS = """
+.sd-progress {width: 100%; height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden}
+.sd-progress > div {height: 100%; background: var(--color-accent); transition: width 0.5s}
+.sd-status {font-variant-numeric: tabular-nums}
+"""
+
+
+def offline_theme() -> gr.themes.Base:
+    """Gradio's default look with system fonts, so the page never asks Google Fonts for anything."""
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "monospace"],
+    )
+
+
+@dataclass
+class UIContext:
+    """What every tab needs: the workspace (all paths confined to it) and the job queue."""
+
+    workspace: Workspace
+    queue: JobQueue
+    extra: dict = field(default_factory=dict)  # per-app caches (the loaded generation pipeline)
+
+
+def build_app(workspace: str | os.PathLike | Workspace, queue: JobQueue | None = None, timer_s: float = 1.0) -> gr.Blocks:
+    """The whole UI as a gr.Blocks. The job queue is started here (its thread runs queued jobs)."""
+    from .tabs import dataset, generate, library, train
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    queue = queue or JobQueue(ws.root / "jobs")
+    queue.start()
+    ctx = UIContext(ws, queue)
+    with gr.Blocks(title="sd-lora", analytics_enabled=False) as demo:
+        gr.Markdown(f"## sd-lora &nbsp; <small>workspace: `{ws.root}`</small>")
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                dataset.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train.build(ctx, timer_s=timer_s)
+            with gr.Tab("Generate", id="generate"):
+                generate.build(ctx)
+            with gr.Tab("Library", id="library"):
+                library.build(ctx)
+    demo.sd_lora_context = ctx  # for tests and for launch() to stop the queue
+    return demo
+
+
+def launch(
+    workspace: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    auth: tuple[str, str] | None = None,
+    share: bool = False,
+    max_file_size: str | int = MAX_UPLOAD,
+    block: bool = True,
+    quiet: bool = False,
+):
+    """Build and serve the app. Returns the Blocks (with block=False the server runs in a thread)."""
+    warning = exposure_warning(host, auth)
+    if warning:
+        print(warning, flush=True)
+    demo = build_app(workspace)
+    ws: Workspace = demo.sd_lora_context.workspace
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        share=share,
+        max_file_size=max_file_size,
+        # Gradio may serve files only from the workspace (gallery images, samples, downloads);
+        # everything else outside its own upload cache is refused.
+        allowed_paths=[str(ws.root)],
+        run_history=False,
+        footer_links=["api"],
+        theme=offline_theme(),
+        css=CSS,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        show_error=True,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+    )
+    return demo
+
+
+def stop(demo: gr.Blocks) -> None:
+    """Close the server and the job queue (a running job is asked to stop with a checkpoint)."""
+    ctx: UIContext | None = getattr(demo, "sd_lora_context", None)
+    demo.close()
+    if ctx is not None:
+        ctx.queue.shutdown()
+
+
+def workspace_file(ctx: UIContext, user_path: str, kind: str = "file") -> Path:
+    return ctx.workspace.path(user_path, must_exist=True, kind=kind)

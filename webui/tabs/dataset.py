@@ -1,0 +1,165 @@
+"""Dataset tab: pick or upload a folder, see thumbnails with captions, edit captions one by one or in
+bulk, auto-caption with progress, and check what the trainer will see."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import gradio as gr
+
+from sd_lora.config import IMAGE_EXTENSIONS, DataConfig
+from sd_lora.caption.edit import existing_caption, find_images, write_caption
+
+from ..security import PathError, safe_name
+from .common import guard, list_dirs
+
+MAX_GALLERY = 400  # thumbnails shown; the check below still counts every image
+BULK_OPS = ["add trigger word", "add prefix", "add suffix", "find / replace", "fill missing", "remove tag"]
+
+
+def caption_of(image: Path) -> str:
+    """The caption the trainer will read for `image` (.txt, then .caption), or ""."""
+    return existing_caption(image) or ""
+
+
+def build(ctx) -> None:
+    ws = ctx.workspace
+
+    def dataset_choices() -> list[str]:
+        return list_dirs(ws, "datasets")
+
+    def folder_of(folder: str) -> Path:
+        if not folder:
+            raise PathError("dataset folder: choose one from the list, or upload images into a new one")
+        p = ws.path(folder, must_exist=True, kind="dataset folder")
+        if not p.is_dir():
+            raise PathError(f"dataset folder: {folder!r} is a file; choose a folder")
+        return p
+
+    @guard
+    def gallery(folder: str):
+        root = folder_of(folder)
+        imgs = find_images(root)
+        items = [(str(p), f"{p.relative_to(root)}: {caption_of(p) or '(no caption)'}") for p in imgs[:MAX_GALLERY]]
+        missing = sum(1 for p in imgs if not caption_of(p))
+        note = f"{len(imgs)} images, {missing} without a caption" + (f" (showing the first {MAX_GALLERY})" if len(imgs) > MAX_GALLERY else "")
+        return items, note
+
+    @guard
+    def select(folder: str, evt: gr.SelectData):
+        root = folder_of(folder)
+        imgs = find_images(root)
+        if evt.index is None or evt.index >= len(imgs):
+            return "", ""
+        p = imgs[evt.index]
+        return str(p.relative_to(root)), caption_of(p)
+
+    @guard
+    def save_caption(folder: str, image: str, caption: str):
+        root = folder_of(folder)
+        img = ws.path(root / image, must_exist=True, kind="image")
+        if img.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise PathError(f"image: {image!r} is not an image file")
+        write_caption(img, caption)
+        items, note = gallery(folder)
+        return items, note, f"saved caption of {image}"
+
+    @guard
+    def upload(folder: str, new_name: str, files):
+        if new_name:
+            root = ws.child(ws.root / "datasets", new_name, kind="new dataset name")
+            root.mkdir(parents=True, exist_ok=True)
+            folder = ws.relative(root)
+        else:
+            root = folder_of(folder)
+        n = 0
+        for f in files or []:
+            src = Path(f if isinstance(f, str) else f.name)
+            if src.suffix.lower() not in IMAGE_EXTENSIONS + (".txt", ".caption"):
+                continue
+            shutil.copyfile(src, root / safe_name(Path(src).name, "uploaded file name"))
+            n += 1
+        items, note = gallery(folder)
+        return gr.update(choices=dataset_choices(), value=folder), items, note, f"added {n} file(s) to {folder}"
+
+    @guard
+    def bulk(folder: str, op: str, a: str, b: str):
+        from .common import bulk_caption_edit
+
+        root = folder_of(folder)
+        changed = bulk_caption_edit(root, op, a, b)
+        items, note = gallery(folder)
+        return items, note, f"{op}: changed {changed} caption(s)"
+
+    @guard
+    def auto_caption(folder: str, captioner: str, mode: str, trigger: str, progress=gr.Progress()):
+        from .common import run_captioner
+
+        root = folder_of(folder)
+        summary = run_captioner(root, captioner, mode, trigger, progress)
+        items, note = gallery(folder)
+        return items, note, summary
+
+    @guard
+    def check(folder: str, repeats: int, resolution: int):
+        from sd_lora.data.dataset import scan_dataset
+
+        root = folder_of(folder)
+        ds = scan_dataset(DataConfig(path=str(root), repeats=int(repeats), resolution=int(resolution)))
+        lines = ds.report.lines()
+        lines.insert(1, f"{ds.num_repeated} samples per epoch (images x repeats)")
+        return "\n".join(lines)
+
+    gr.Markdown("Datasets live in `datasets/` of the workspace: a folder of images with `.txt` captions, "
+                "or kohya `N_name` sub-folders (N = repeats).")
+    with gr.Row():
+        folder = gr.Dropdown(dataset_choices(), label="dataset folder", allow_custom_value=True, scale=3)
+        refresh = gr.Button("Refresh", scale=0)
+    with gr.Accordion("Upload images", open=False):
+        with gr.Row():
+            new_name = gr.Textbox(label="new dataset name (empty: add to the folder above)")
+            files = gr.File(label="images and captions", file_count="multiple", file_types=["image", ".txt", ".caption"])
+        upload_btn = gr.Button("Upload")
+    note = gr.Markdown()
+    status = gr.Textbox(label="status", interactive=False, lines=1)
+    with gr.Row():
+        with gr.Column(scale=3):
+            thumbs = gr.Gallery(label="images", columns=6, height=420, allow_preview=False, object_fit="cover")
+        with gr.Column(scale=2):
+            image = gr.Textbox(label="selected image (click a thumbnail)")
+            caption = gr.Textbox(label="caption", lines=3)
+            save = gr.Button("Save caption", variant="primary")
+    with gr.Accordion("Bulk edit captions", open=False):
+        with gr.Row():
+            op = gr.Dropdown(BULK_OPS, value=BULK_OPS[0], label="operation")
+            arg_a = gr.Textbox(label="text (trigger word / prefix / suffix / find / tag)")
+            arg_b = gr.Textbox(label="replace with (find / replace only)")
+        bulk_btn = gr.Button("Apply to every caption")
+    with gr.Accordion("Auto-caption", open=False):
+        with gr.Row():
+            captioner = gr.Dropdown(_captioner_names(), label="captioner", value=(_captioner_names() or [None])[0])
+            mode = gr.Radio(["fill", "replace", "append"], value="fill", label="existing captions")
+            trigger = gr.Textbox(label="trigger word (optional)")
+        caption_btn = gr.Button("Caption the folder")
+    with gr.Accordion("Check: what the trainer will see", open=True):
+        with gr.Row():
+            repeats = gr.Number(1, label="repeats (folders not named N_name)", precision=0)
+            resolution = gr.Number(512, label="resolution", precision=0)
+            check_btn = gr.Button("Check")
+        report = gr.Textbox(label="report", lines=6, interactive=False)
+
+    refresh.click(lambda: gr.update(choices=dataset_choices()), None, folder, api_name=False)
+    folder.change(gallery, folder, [thumbs, note], api_name="dataset_gallery")
+    thumbs.select(select, folder, [image, caption], api_name=False)
+    save.click(save_caption, [folder, image, caption], [thumbs, note, status], api_name="save_caption")
+    upload_btn.click(upload, [folder, new_name, files], [folder, thumbs, note, status], api_name="upload_images")
+    bulk_btn.click(bulk, [folder, op, arg_a, arg_b], [thumbs, note, status], api_name="bulk_caption")
+    caption_btn.click(auto_caption, [folder, captioner, mode, trigger], [thumbs, note, status], api_name="auto_caption")
+    check_btn.click(check, [folder, repeats, resolution], report, api_name="check_dataset")
+
+
+def _captioner_names() -> list[str]:
+    from .common import captioner_names
+
+    return captioner_names()

@@ -1,0 +1,176 @@
+"""Library tab: the LoRA files in loras/ with their metadata, trigger words, size, base model and a
+sample image; inspect one, convert it, and (when sd_lora.tools provides them) merge and resize."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from ..security import PathError, safe_name
+from .common import guard, list_loras
+
+BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}
+
+
+def sample_image(path: Path) -> Path | None:
+    """A picture for a LoRA: `<stem>.png` / `<stem>.preview.png` next to it (A1111/Civitai habit), else the
+    newest training sample in `<stem>-samples/`, else the trainer's sample grid."""
+    for cand in (path.with_suffix(".png"), path.with_suffix(".preview.png"), path.parent / f"{path.stem}-samples.png"):
+        if cand.is_file():
+            return cand
+    samples = path.parent / f"{path.stem}-samples"
+    if samples.is_dir():
+        pngs = sorted(samples.glob("*.png"))
+        if pngs:
+            return pngs[-1]
+    return None
+
+
+def summary(lora, path: Path) -> dict:
+    md = lora.metadata
+    ranks = sorted({m.rank for m in lora.modules.values() if m.rank})
+    return {
+        "name": path.stem,
+        "size_mb": round(path.stat().st_size / 1e6, 2),
+        "base_model": BASE_NAMES.get(lora.arch or "", md.get("ss_base_model_version") or md.get("modelspec.architecture") or "?"),
+        "format": lora.format,
+        "rank": md.get("ss_network_dim") or ("/".join(map(str, ranks)) if ranks else "?"),
+        "alpha": md.get("ss_network_alpha", "?"),
+        "modules": len(lora.modules),
+        "trigger_words": ", ".join(lora.trigger_words),
+        "steps": md.get("ss_steps", ""),
+        "title": md.get("modelspec.title", md.get("ss_output_name", "")),
+    }
+
+
+def tool(name: str):
+    """`sd_lora.tools.<name>` when the installed sd_lora has it (merge/resize are optional hooks)."""
+    try:
+        mod = importlib.import_module("sd_lora.tools")
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+def build(ctx) -> None:
+    ws = ctx.workspace
+    lib = ws.root / "loras"
+
+    def lora_path(name: str) -> Path:
+        if not name:
+            raise PathError("LoRA: choose one from the table")
+        p = ws.path(Path("loras") / f"{name}.safetensors", must_exist=True, kind="LoRA")
+        if not p.is_relative_to(lib):
+            raise PathError(f"LoRA: {name!r} is not in the library (loras/ of the workspace)")
+        return p
+
+    @guard
+    def table():
+        import pandas as pd
+
+        from sd_lora.formats import load_lora
+
+        rows = []
+        for name in list_loras(ws):
+            p = lib / f"{name}.safetensors"
+            try:
+                rows.append(summary(load_lora(p), p) | {"name": name})
+            except (ValueError, OSError) as e:
+                rows.append({"name": name, "size_mb": round(p.stat().st_size / 1e6, 2), "base_model": f"unreadable: {e}"})
+        cols = ["name", "size_mb", "base_model", "format", "rank", "alpha", "modules", "trigger_words", "steps", "title"]
+        frame = pd.DataFrame(rows, columns=cols).fillna("") if rows else pd.DataFrame([[""] * len(cols)], columns=cols)
+        return frame, gr.update(choices=[r["name"] for r in rows])
+
+    @guard
+    def inspect(name: str):
+        from sd_lora.formats import load_lora
+
+        p = lora_path(name)
+        lora = load_lora(p)
+        info = summary(lora, p)
+        md = dict(sorted(lora.metadata.items()))
+        if "ss_tag_frequency" in md:
+            try:
+                md["ss_tag_frequency"] = json.loads(md["ss_tag_frequency"])
+            except json.JSONDecodeError:
+                pass
+        img = sample_image(p)
+        return {"summary": info, "metadata": md}, (str(img) if img else None), str(p)
+
+    @guard
+    def convert(name: str, fmt: str, new_name: str):
+        convert_fn = tool("convert_lora")
+        if convert_fn is None:
+            raise ValueError("convert: this sd_lora build has no sd_lora.tools.convert_lora yet")
+        src = lora_path(name)
+        dst = ws.child(lib, f"{safe_name(new_name or f'{Path(name).name}-{fmt}', 'new name')}.safetensors", kind="new name")
+        convert_fn(src, dst, fmt)
+        return f"wrote loras/{dst.name}"
+
+    @guard
+    def merge(names: list[str], weights: str, new_name: str):
+        merge_fn = tool("merge_loras")
+        if merge_fn is None:
+            raise ValueError("merge: not available in this sd_lora build (sd_lora.tools.merge_loras)")
+        paths = [lora_path(n) for n in names or []]
+        if len(paths) < 2:
+            raise ValueError("merge: choose at least two LoRAs")
+        ws_ = [float(x) for x in (weights or "").split(",") if x.strip()] or [1.0] * len(paths)
+        if len(ws_) != len(paths):
+            raise ValueError(f"merge: {len(paths)} LoRAs but {len(ws_)} weights; give one weight each, comma-separated")
+        dst = ws.child(lib, f"{safe_name(new_name, 'new name')}.safetensors", kind="new name")
+        merge_fn(list(zip(paths, ws_)), dst)
+        return f"wrote loras/{dst.name}"
+
+    @guard
+    def resize(name: str, rank: int, new_name: str):
+        resize_fn = tool("resize_lora")
+        if resize_fn is None:
+            raise ValueError("resize: not available in this sd_lora build (sd_lora.tools.resize_lora)")
+        src = lora_path(name)
+        dst = ws.child(lib, f"{safe_name(new_name or f'{Path(name).name}-r{int(rank)}', 'new name')}.safetensors", kind="new name")
+        resize_fn(src, dst, int(rank))
+        return f"wrote loras/{dst.name}"
+
+    gr.Markdown("LoRA files in `loras/` of the workspace (trained ones land there too).")
+    refresh = gr.Button("Refresh")
+    frame = gr.Dataframe(label="library", interactive=False, wrap=True)
+    with gr.Row():
+        with gr.Column(scale=3):
+            name = gr.Dropdown([], label="LoRA", allow_custom_value=False)
+            inspect_btn = gr.Button("Inspect")
+            details = gr.JSON(label="metadata")
+        with gr.Column(scale=2):
+            preview = gr.Image(label="sample image", interactive=False, height=280)
+            download = gr.File(label="download", interactive=False)
+    with gr.Accordion("Convert", open=False):
+        with gr.Row():
+            fmt = gr.Dropdown(["kohya", "diffusers", "peft"], value="kohya", label="to format")
+            conv_name = gr.Textbox(label="new name (optional)")
+            conv_btn = gr.Button("Convert")
+    with gr.Accordion("Merge", open=False, visible=True):
+        with gr.Row():
+            merge_names = gr.Dropdown([], multiselect=True, label="LoRAs to merge")
+            merge_weights = gr.Textbox(label="weights, comma-separated (default 1 each)")
+            merge_name = gr.Textbox(label="new name")
+            merge_btn = gr.Button("Merge", interactive=tool("merge_loras") is not None)
+    with gr.Accordion("Resize (SVD to a lower rank)", open=False):
+        with gr.Row():
+            rank = gr.Number(8, label="new rank", precision=0)
+            resize_name = gr.Textbox(label="new name (optional)")
+            resize_btn = gr.Button("Resize", interactive=tool("resize_lora") is not None)
+    tool_status = gr.Markdown()
+
+    def table_and_choices():
+        f, upd = table()
+        return f, upd, upd
+
+    refresh.click(table_and_choices, None, [frame, name, merge_names], api_name="library")
+    gr.context.Context.root_block.load(table_and_choices, None, [frame, name, merge_names], api_name=False)
+    inspect_btn.click(inspect, name, [details, preview, download], api_name="inspect_lora")
+    conv_btn.click(convert, [name, fmt, conv_name], tool_status, api_name="convert_lora")
+    merge_btn.click(merge, [merge_names, merge_weights, merge_name], tool_status, api_name="merge_loras")
+    resize_btn.click(resize, [name, rank, resize_name], tool_status, api_name="resize_lora")

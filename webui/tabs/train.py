@@ -1,0 +1,367 @@
+"""Train tab: presets, a form for the common settings and the full config as TOML (each edit shows in
+the other), validation, Start / Stop / Resume, and a live view of the selected job.
+
+The live view is rebuilt from the job's files on the server at every tick (gr.Timer), so a refresh,
+a second browser or a closed tab changes nothing: the page asks "what is the job doing?" each second.
+"""
+
+from __future__ import annotations
+
+import html
+import tomllib
+from pathlib import Path
+
+import gradio as gr
+
+from sd_lora.config import ConfigError, TrainConfig, config_from_dict, dump_config
+
+from ..jobs import ACTIVE, FINISHED
+from ..security import PathError, safe_name
+from .common import guard, list_dirs, list_models
+
+# Presets by GPU memory. Each sets only memory-relevant keys; the comment says why.
+GPU_PRESETS: dict[str, dict] = {
+    "CPU only (slow; small tests)": {"mixed_precision": "no", "optimizer": "adamw", "gradient_checkpointing": False, "batch_size": 1},
+    # 6 GB: fp16 + 8-bit Adam + checkpointing + frozen text encoder keeps SD1.5 at 512 px under ~5.5 GB
+    "6 GB - SD1.5 512 px": {"mixed_precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": True, "batch_size": 1,
+                             "data.resolution": 512, "network.train_text_encoder": False, "data.cache_latents": "disk"},
+    "8 GB - SD1.5 512 px": {"mixed_precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": True, "batch_size": 2,
+                             "data.resolution": 512, "network.train_text_encoder": True},
+    "12 GB - SD1.5 512 px": {"mixed_precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": False, "batch_size": 4,
+                              "data.resolution": 512, "network.train_text_encoder": True},
+    # SDXL's UNet alone is 5 GB in fp16: checkpointing and a frozen text encoder are needed on 12 GB
+    "12 GB - SDXL 1024 px": {"mixed_precision": "fp16", "optimizer": "adamw8bit", "gradient_checkpointing": True, "batch_size": 1,
+                              "data.resolution": 1024, "network.train_text_encoder": False, "data.cache_latents": "disk"},
+    "24 GB - SD1.5 768 px": {"mixed_precision": "bf16", "optimizer": "adamw", "gradient_checkpointing": False, "batch_size": 8,
+                              "data.resolution": 768, "network.train_text_encoder": True},
+    "24 GB - SDXL 1024 px": {"mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True, "batch_size": 2,
+                              "data.resolution": 1024, "network.train_text_encoder": True},
+}
+# Presets by target file size (fp16 file, kohya default targets; see the size table in the docs).
+SIZE_PRESETS: dict[str, dict] = {
+    "~10 MB SD1.5 / ~57 MB SDXL (rank 8)": {"network.rank": 8, "network.alpha": 4.0, "network.preset": "kohya"},
+    "~19 MB SD1.5 / ~114 MB SDXL (rank 16)": {"network.rank": 16, "network.alpha": 8.0, "network.preset": "kohya"},
+    "~38 MB SD1.5 / ~228 MB SDXL (rank 32)": {"network.rank": 32, "network.alpha": 16.0, "network.preset": "kohya"},
+    "~75 MB SD1.5 / ~456 MB SDXL (rank 64)": {"network.rank": 64, "network.alpha": 32.0, "network.preset": "kohya"},
+    "~4 MB SD1.5 (attention only, rank 8)": {"network.rank": 8, "network.alpha": 4.0, "network.preset": "attention"},
+}
+
+# The form: (config key, label). Order = the order of the form's components.
+FORM_KEYS = [
+    "model", "data.path", "output", "steps", "batch_size", "lr", "network.method", "network.preset", "network.rank",
+    "network.alpha", "data.resolution", "optimizer", "mixed_precision", "gradient_checkpointing",
+    "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed",
+]
+# Paths in a config from the browser: each must resolve inside the workspace.
+PATH_KEYS = ["model", "output", "checkpoint_dir", "data.path", "data.reg_path", "data.cache_dir"]
+
+
+def _get(cfg: TrainConfig, key: str):
+    obj = cfg
+    for part in key.split(".")[:-1]:
+        obj = getattr(obj, part)
+    return getattr(obj, key.split(".")[-1])
+
+
+def _set(cfg: TrainConfig, key: str, value) -> None:
+    obj = cfg
+    for part in key.split(".")[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, key.split(".")[-1], value)
+
+
+def default_config() -> TrainConfig:
+    return TrainConfig(output="loras/my_lora.safetensors", steps=500, save_every=100, sample_every=100,
+                       sample_prompts=["a photo of sks"])
+
+
+def parse_toml(text: str) -> TrainConfig:
+    """The config in the TOML box (paths as typed: workspace-relative). Raises ConfigError on bad TOML/keys."""
+    try:
+        values = tomllib.loads(text or "")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"TOML: {e}"]) from e
+    return config_from_dict(values)
+
+
+def form_values(cfg: TrainConfig) -> list:
+    out = []
+    for key in FORM_KEYS:
+        v = _get(cfg, key)
+        if key == "output":
+            v = Path(v).stem if v else ""
+        elif key == "sample_prompts":
+            v = "\n".join(v) if isinstance(v, list) else (v or "")
+        out.append(v)
+    return out
+
+
+def apply_form(cfg: TrainConfig, values: list) -> TrainConfig:
+    for key, v in zip(FORM_KEYS, values):
+        if key == "output":
+            name = (v or "").strip()
+            v = f"loras/{safe_name(name, 'output name')}.safetensors" if name else ""
+        elif key == "sample_prompts":
+            lines = [x.strip() for x in (v or "").splitlines() if x.strip()]
+            v = lines or None
+        elif key in ("steps", "batch_size", "network.rank", "data.resolution", "save_every", "sample_every", "seed"):
+            v = None if v in (None, "") else int(v)
+            if v == 0 and key in ("save_every", "sample_every"):
+                v = None
+        elif key in ("lr", "network.alpha"):
+            v = None if v in (None, "") else float(v)
+        _set(cfg, key, v)
+    if cfg.steps is not None:
+        cfg.epochs = None  # the form trains by steps; an epochs key from the TOML would conflict
+    return cfg
+
+
+def confine(ctx, cfg: TrainConfig) -> TrainConfig:
+    """Every path of a browser-given config resolved inside the workspace (absolute), or PathError."""
+    ws = ctx.workspace
+    for key in PATH_KEYS:
+        v = _get(cfg, key)
+        if v:
+            _set(cfg, key, str(ws.path(v, kind=key)))
+    if isinstance(cfg.sample_prompts, str) and "\n" not in cfg.sample_prompts:
+        cfg.sample_prompts = str(ws.path(cfg.sample_prompts, kind="sample_prompts"))
+    if cfg.resume not in (None, "latest"):
+        cfg.resume = str(ws.path(cfg.resume, kind="resume"))
+    return cfg
+
+
+def _fmt_s(s) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def progress_html(state: dict, p) -> str:
+    total = p.total_steps or 0
+    frac = min(1.0, p.step / total) if total else (1.0 if state["status"] == "done" else 0.0)
+    bits = [f"<b>{html.escape(state.get('name', ''))}</b> &middot; {html.escape(state['status'])}"]
+    bits.append(f"step {p.step}/{total or '?'} ({frac:.0%})")
+    if state["status"] in ACTIVE:
+        bits.append(f"{p.it_per_s:.2f} it/s" if p.it_per_s else "- it/s")
+        bits.append(f"ETA {_fmt_s(p.eta_s)}")
+    if p.epoch is not None:
+        bits.append(f"epoch {p.epoch}")
+    if p.loss is not None:
+        bits.append(f"loss {p.loss:.4f}")
+    if p.stage and state["status"] in ACTIVE:
+        bits.append(html.escape(p.stage))
+    msg = html.escape(state.get("message") or "")
+    return (
+        f'<div class="sd-status" id="job-status" data-status="{html.escape(state["status"])}" data-step="{p.step}">'
+        f'<div class="sd-progress"><div style="width:{frac * 100:.1f}%"></div></div>'
+        f'<p>{" &middot; ".join(bits)}</p><p><small>{msg}</small></p></div>'
+    )
+
+
+def loss_frame(losses: list[tuple[int, float]], smoothing: float):
+    import pandas as pd
+
+    rows, ema = [], None
+    for step, loss in losses:
+        ema = loss if ema is None else smoothing * ema + (1 - smoothing) * loss
+        rows.append((step, loss, "loss"))
+        rows.append((step, ema, "smoothed"))
+    return pd.DataFrame(rows or [(0, 0.0, "loss")], columns=["step", "loss", "series"])
+
+
+def build(ctx, timer_s: float = 1.0) -> None:
+    queue = ctx.queue
+    ws = ctx.workspace
+
+    def job_choices() -> list[tuple[str, str]]:
+        return [(f"{j.get('name', '')} - {j['status']} ({j['id']})", j["id"]) for j in reversed(queue.jobs())]
+
+    def default_job() -> str | None:
+        active = queue.active_job()
+        if active:
+            return active["id"]
+        ids = queue.job_ids()
+        return ids[-1] if ids else None
+
+    # ---- form <-> TOML ----------------------------------------------------------------------------
+    @guard
+    def form_to_toml(text: str, *values):
+        try:
+            cfg = parse_toml(text)
+        except ConfigError:
+            cfg = default_config()
+        return dump_config(apply_form(cfg, list(values)))
+
+    @guard
+    def toml_to_form(text: str):
+        try:
+            cfg = parse_toml(text)
+        except ConfigError as e:
+            return [gr.skip()] * len(FORM_KEYS) + [f"**TOML not applied:**\n\n{_md_errors(e.errors)}"]
+        return form_values(cfg) + [""]
+
+    @guard
+    def apply_preset(text: str, gpu: str, size: str):
+        try:
+            cfg = parse_toml(text)
+        except ConfigError:
+            cfg = default_config()
+        for key, v in {**GPU_PRESETS.get(gpu, {}), **SIZE_PRESETS.get(size, {})}.items():
+            _set(cfg, key, v)
+        return [dump_config(cfg)] + form_values(cfg)
+
+    # ---- validate / start / stop / resume ---------------------------------------------------------
+    def checked_config(text: str) -> tuple[TrainConfig | None, list[str]]:
+        try:
+            cfg = confine(ctx, parse_toml(text))
+        except ConfigError as e:
+            return None, e.errors
+        except PathError as e:
+            return None, [str(e)]
+        return cfg, cfg.validate()
+
+    @guard
+    def validate(text: str):
+        _cfg, errors = checked_config(text)
+        return "**Config OK.** Start it when ready." if not errors else f"**{len(errors)} problem(s):**\n\n{_md_errors(errors)}"
+
+    @guard
+    def start(text: str):
+        cfg, errors = checked_config(text)
+        if errors:
+            return gr.update(), f"**Not started, {len(errors)} problem(s):**\n\n{_md_errors(errors)}"
+        job_id = queue.submit(cfg)
+        return gr.update(choices=job_choices(), value=job_id), f"Queued job `{job_id}`."
+
+    @guard
+    def stop(job_id: str):
+        if not job_id:
+            raise ValueError("stop: select a job first")
+        st = queue.stop(job_id)
+        return gr.update(choices=job_choices(), value=job_id), st.get("message", "")
+
+    @guard
+    def resume(job_id: str):
+        if not job_id:
+            raise ValueError("resume: select a stopped job first")
+        new_id = queue.resume(job_id)
+        return gr.update(choices=job_choices(), value=new_id), f"Queued job `{new_id}`, resuming `{job_id}`."
+
+    # ---- the live view ----------------------------------------------------------------------------
+    @guard
+    def job_status(job_id: str) -> dict:
+        """The selected job as JSON (what the page shows; handy for scripts)."""
+        job_id = job_id or default_job()
+        if not job_id:
+            return {"jobs": queue.jobs()}
+        st = queue.state(job_id)
+        p = queue.progress(job_id)
+        return {
+            **st, "step": p.step, "total_steps": p.total_steps, "loss": p.loss, "it_per_s": p.it_per_s,
+            "eta_s": p.eta_s, "epoch": p.epoch, "stage": p.stage, "samples": p.samples, "checkpoints": p.checkpoints,
+            "warnings": p.warnings, "error": p.error, "output_file": p.output,
+        }
+
+    def view(job_id: str, smoothing: float):
+        job_id = job_id or default_job()
+        if not job_id:
+            return gr.update(), "<p>No jobs yet: fill in the form and press Start.</p>", loss_frame([], 0), [], "", _jobs_table()
+        try:
+            st = queue.state(job_id)
+        except ValueError:
+            return gr.update(value=None), "<p>That job is gone.</p>", loss_frame([], 0), [], "", _jobs_table()
+        p = queue.progress(job_id)
+        samples = [(s, Path(s).stem) for s in p.samples if Path(s).is_file()][-24:]
+        return (gr.update(choices=job_choices(), value=job_id), progress_html(st, p),
+                loss_frame(p.losses, float(smoothing or 0)), samples, queue.log_tail(job_id, 8000), _jobs_table())
+
+    def _jobs_table():
+        import pandas as pd
+
+        rows = [(j["id"], j.get("name", ""), j["status"], j.get("message", "")) for j in reversed(queue.jobs())]
+        return pd.DataFrame(rows or [("", "", "", "")], columns=["id", "name", "status", "message"])
+
+    # ---- layout -----------------------------------------------------------------------------------
+    cfg0 = default_config()
+    with gr.Row():
+        gpu = gr.Dropdown(list(GPU_PRESETS), label="preset by GPU memory", value=None)
+        size = gr.Dropdown(list(SIZE_PRESETS), label="preset by file size", value=None)
+        preset_btn = gr.Button("Apply presets", scale=0)
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True)
+                f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True)
+                f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
+            with gr.Row():
+                f_steps = gr.Number(label="steps", precision=0)
+                f_batch = gr.Number(label="batch size", precision=0)
+                f_lr = gr.Number(label="learning rate")
+                f_seed = gr.Number(label="seed", precision=0)
+            with gr.Row():
+                f_method = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], label="method")
+                f_preset = gr.Dropdown(["attention", "kohya", "full"], label="targets")
+                f_rank = gr.Number(label="rank", precision=0)
+                f_alpha = gr.Number(label="alpha")
+            with gr.Row():
+                f_res = gr.Number(label="resolution", precision=0)
+                f_opt = gr.Dropdown(["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"], label="optimizer")
+                f_mp = gr.Dropdown(["no", "fp16", "bf16"], label="mixed precision")
+                f_gc = gr.Checkbox(label="gradient checkpointing")
+                f_te = gr.Checkbox(label="train text encoder")
+            with gr.Row():
+                f_save = gr.Number(label="save + checkpoint every N steps (0: end only)", precision=0)
+                f_sample_every = gr.Number(label="sample every N steps (0: never)", precision=0)
+            f_prompts = gr.Textbox(label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
+        with gr.Column(scale=2):
+            toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
+                               lines=22, interactive=True)
+            toml_note = gr.Markdown()
+    form = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
+            f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed]
+    assert len(form) == len(FORM_KEYS)
+    with gr.Row():
+        validate_btn = gr.Button("Validate")
+        start_btn = gr.Button("Start", variant="primary")
+    message = gr.Markdown()
+
+    gr.Markdown("### Jobs")
+    with gr.Row():
+        job = gr.Dropdown(job_choices(), label="job", value=None, scale=3)
+        stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1)
+        resume_btn = gr.Button("Resume", scale=1)
+    status_html = gr.HTML()
+    with gr.Row():
+        with gr.Column():
+            smoothing = gr.Slider(0, 0.99, value=0.8, step=0.01, label="loss smoothing")
+            plot = gr.LinePlot(loss_frame([], 0), x="step", y="loss", color="series", label="loss", height=260)
+        samples = gr.Gallery(label="samples", columns=4, height=300)
+    log = gr.Textbox(label="log", lines=8, max_lines=8, autoscroll=True, interactive=False)
+    jobs_table = gr.Dataframe(label="queue", interactive=False, wrap=True)
+    status_json = gr.JSON(visible=False)
+
+    # ---- wiring -------------------------------------------------------------------------------------
+    for comp in form:
+        comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden")
+    toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden")
+    preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset")
+    validate_btn.click(validate, toml_box, message, api_name="validate_config")
+    start_btn.click(start, toml_box, [job, message], api_name="start_job")
+    stop_btn.click(stop, job, [job, message], api_name="stop_job")
+    resume_btn.click(resume, job, [job, message], api_name="resume_job")
+    outputs = [job, status_html, plot, samples, log, jobs_table]
+    job.input(view, [job, smoothing], outputs, api_name=False)
+    smoothing.release(view, [job, smoothing], outputs, api_name=False)
+    timer = gr.Timer(timer_s)
+    timer.tick(view, [job, smoothing], outputs, api_name=False, show_progress="hidden", queue=False)
+    gr.api(job_status, api_name="job_status")
+    # a page load picks the running job (or the newest) and fills the form from the default TOML
+    demo = gr.context.Context.root_block
+    demo.load(default_job, None, job, api_name=False)
+    demo.load(lambda: form_values(cfg0), None, form, api_name=False)
+
+
+def _md_errors(errors: list[str]) -> str:
+    return "\n".join(f"- {html.escape(e)}" for e in errors)
+
