@@ -14,6 +14,7 @@ import sys
 # (module under sd_lora.commands, imported lazily so `sd-lora --help` stays fast)
 COMMANDS = [
     "model_info",
+    "ui",
     "caption",
     "generate",
 ]
