@@ -1,0 +1,145 @@
+"""Latent cache and text-encoder output cache: encode once, train many steps.
+
+Encoding a 512 px image with the SD VAE takes seconds on a CPU and is the same every epoch, so by
+default every image is encoded once before training (kept in RAM, or on disk to survive restarts and
+to save RAM). A disk entry is keyed by a hash of the image bytes + the resize/crop/flip settings +
+the VAE, so editing an image, changing the resolution or swapping the model invalidates exactly the
+entries it affects. Entries are written one by one atomically: an interrupted caching pass continues
+where it stopped.
+
+We cache the mean of the VAE's latent distribution (deterministic; the SD VAE's std is ~1e-3).
+Flipped images are encoded too when random flip is on (a flipped latent is not the flip of a latent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..io import atomic_path
+from .buckets import apply_placement
+from .dataset import Item
+from .images import image_to_tensor, open_image
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+
+
+def vae_fingerprint(vae) -> str:
+    """A short hash of the VAE's config and a sample of its weights (cache entries from another VAE are not reused)."""
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for _, p in list(vae.named_parameters())[:3]:
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def item_pixels(item: Item, flipped: bool, max_pixels: int) -> torch.Tensor:
+    """The bucket-sized CHW tensor in [-1, 1] for one image (optionally mirrored)."""
+    img = apply_placement(open_image(item.path, max_pixels), item.placement)
+    if flipped:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image_to_tensor(img)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (b, 3, H, W) in [-1, 1] -> scaled latents (b, 4, H/8, W/8) in fp32."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    latents = dist.mean.float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class LatentCache:
+    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`."""
+
+    def __init__(self, items: list[Item], vae, mode: str, cache_dir: Path | None, flip: bool, max_pixels: int):
+        self.items, self.vae, self.mode, self.flip, self.max_pixels = items, vae, mode, flip, max_pixels
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.ram: dict[tuple[int, bool], torch.Tensor] = {}
+        self._fp = vae_fingerprint(vae) if mode == "disk" else ""
+
+    def key(self, item: Item, flipped: bool) -> str:
+        p = item.placement
+        parts = [CACHE_VERSION, item.file_hash, str(p.bucket), str(p.resized), str(p.crop), str(flipped), self._fp]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _file(self, item: Item, flipped: bool) -> Path:
+        return self.cache_dir / f"{self.key(item, flipped)}.safetensors"
+
+    def build(self, on_progress: Callable[[int, int], None] | None = None, show_progress: bool = True) -> dict:
+        """Encode everything not cached yet. Returns counts {"encoded": n, "reused": m}."""
+        from safetensors.torch import load_file, save_file
+
+        if self.mode == "none":
+            return {"encoded": 0, "reused": 0}
+        todo = [(i, f) for i in range(len(self.items)) for f in ((False, True) if self.flip else (False,))]
+        encoded = reused = 0
+        bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress, leave=False)
+        for n, (i, flipped) in enumerate(todo):
+            item = self.items[i]
+            if self.mode == "disk":
+                path = self._file(item, flipped)
+                if path.is_file():
+                    try:
+                        load_file(str(path))  # a damaged entry is re-encoded, not trusted
+                        reused += 1
+                        bar.update()
+                        continue
+                    except Exception:  # noqa: BLE001 - any read failure means: encode again
+                        path.unlink(missing_ok=True)
+            latent = encode_pixels(self.vae, item_pixels(item, flipped, self.max_pixels)[None])[0]
+            encoded += 1
+            if self.mode == "disk":
+                with atomic_path(path) as tmp:
+                    save_file({"latent": latent.contiguous()}, str(tmp))
+            else:
+                self.ram[(i, flipped)] = latent
+            bar.update()
+            if on_progress:
+                on_progress(n + 1, len(todo))
+        bar.close()
+        return {"encoded": encoded, "reused": reused}
+
+    def get(self, index: int, flipped: bool) -> torch.Tensor:
+        flipped = flipped and self.flip
+        if self.mode == "ram":
+            return self.ram[(index, flipped)]
+        if self.mode == "disk":
+            from safetensors.torch import load_file
+
+            return load_file(str(self._file(self.items[index], flipped)))["latent"]
+        return encode_pixels(self.vae, item_pixels(self.items[index], flipped, self.max_pixels)[None])[0]
+
+
+class TextCache:
+    """Text-encoder outputs per caption, for a frozen text encoder (computed once, kept in RAM)."""
+
+    def __init__(self):
+        self.hidden: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def build(self, captions: list[str], conditioner, device, batch_size: int = 16, show_progress: bool = True) -> None:
+        unique = [c for c in dict.fromkeys(captions) if c not in self.hidden]
+        for start in tqdm(range(0, len(unique), batch_size), desc="caching text", disable=not show_progress, leave=False):
+            chunk = unique[start : start + batch_size]
+            hidden, pooled = conditioner.encode(chunk, device)
+            for j, c in enumerate(chunk):
+                self.hidden[c] = hidden[j].float().cpu()
+                if pooled is not None:
+                    self.pooled[c] = pooled[j].float().cpu()
+
+    def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = torch.stack([self.hidden[c] for c in captions])
+        pooled = torch.stack([self.pooled[c] for c in captions]) if self.pooled else None
+        return hidden, pooled

@@ -1,0 +1,116 @@
+"""Resumable checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder `<checkpoint root>/step-00000100/` holding
+  trainable.safetensors  every trainable parameter (fp32, by its module path), bit-exact
+  optimizer.pt           optimizer + LR scheduler (+ fp16 grad scaler) state, read back with
+                         torch.load(weights_only=True): plain tensors and numbers, nothing executed
+  trainer.json           step, loss history, the config that made it, world size
+It is written to a temporary folder and renamed into place, so a crash leaves either the whole
+checkpoint or none. The data order and every random draw are functions of (seed, step) (see
+loop.py), so step + weights + optimizer state is all a resume needs to repeat the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write, load_safetensors, save_safetensors_atomic
+
+STEP_PREFIX = "step-"
+
+
+def trainable_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{pname}": p.detach().float().cpu().clone()
+        for name, model in models.items() if model is not None
+        for pname, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def load_trainable_state(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    params = {
+        f"{name}.{pname}": p
+        for name, model in models.items() if model is not None
+        for pname, p in model.named_parameters() if p.requires_grad
+    }
+    missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(
+            f"the checkpoint does not fit this network ({len(missing)} parameters missing, {len(unknown)} unknown; "
+            f"first: {(missing or unknown)[0]}). Resume with the same network settings (method, preset, rank, "
+            "train_text_encoder) as the run that wrote it."
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            if tuple(p.shape) != tuple(state[k].shape):
+                raise ValueError(f"{k}: shape {tuple(state[k].shape)} in the checkpoint, {tuple(p.shape)} here (different rank?)")
+            p.copy_(state[k].to(p.device, p.dtype))
+
+
+def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, scaler, trainer: dict, keep: int = 0) -> Path:
+    """Write checkpoint `root/step-XXXXXXXX` atomically; prune to the `keep` newest (0: keep all)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_safetensors_atomic(trainable_state(models), tmp / "trainable.safetensors")
+        opt_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        with atomic_write(tmp / "optimizer.pt") as f:
+            torch.save(opt_state, f)
+        with atomic_write(tmp / "trainer.json", "w", encoding="utf-8") as f:
+            json.dump({**trainer, "step": step}, f, indent=1)
+        if final.exists():  # re-saving the same step (e.g. stop right after a scheduled save)
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+
+
+def load_checkpoint(folder: Path, models: dict, optimizer, scheduler, scaler) -> dict:
+    """Restore weights, optimizer, scheduler (and scaler) from `folder`; returns trainer.json's dict."""
+    for name in ("trainable.safetensors", "optimizer.pt", "trainer.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} is not a complete checkpoint ({name} is missing); pick another one from {folder.parent}")
+    state, _ = load_safetensors(folder / "trainable.safetensors")
+    load_trainable_state(models, state)
+    opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    if scaler is not None and opt.get("scaler"):
+        scaler.load_state_dict(opt["scaler"])
+    return read_trainer_state(folder)

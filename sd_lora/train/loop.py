@@ -1,0 +1,559 @@
+"""The training loop: one readable function on top of accelerate.
+
+    config.check()            every config error at once, before anything heavy
+    scan_dataset()            images, captions, buckets; broken images listed and skipped
+    plan                      images x repeats x epochs / batch / accumulation / processes = steps
+    load_base + inject        base model frozen, LoRA adapters trainable (fp32)
+    caches                    latents (VAE once per image) and text-encoder outputs (if frozen)
+    loop                      noise -> UNet -> loss -> backward -> clip -> step, with events,
+                              samples, saves and checkpoints every N steps
+    finish                    the LoRA file, a loss-curve PNG and a sample grid next to it
+
+Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
+random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
+batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state,
+and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig, dump_config
+from ..data.cache import LatentCache, TextCache
+from ..data.captions import shuffle_caption, tag_frequency
+from ..data.dataset import Dataset, scan_dataset
+from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .conditioning import TextConditioner, sdxl_time_ids
+from .events import EventLog
+from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
+from .optim import make_optimizer, make_scheduler, param_groups
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(Exception):
+    """The run was stopped (stop flag, stop file or Ctrl-C) after saving a resumable checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"stopped at step {step}; checkpoint saved to {checkpoint}. Continue with --resume (or resume='latest').")
+
+
+class TrainingOutOfMemory(ValueError):
+    """Out of memory, with the settings that would lower the need named in the message."""
+
+
+@dataclass
+class Plan:
+    images: int
+    samples_per_epoch: int  # images x repeats
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    def describe(self, cfg: TrainConfig, world: int) -> str:
+        return (
+            f"{self.images} images x repeats = {self.samples_per_epoch} samples per epoch; "
+            f"/ batch {cfg.batch_size} = {self.batches_per_epoch} batches (bucketed); "
+            f"/ accumulation {cfg.gradient_accumulation} / {world} process(es) = {self.steps_per_epoch} steps per epoch; "
+            f"x {self.epochs} epoch(s) = {self.total_steps} steps"
+        )
+
+
+def make_plan(cfg: TrainConfig, dataset: Dataset, world: int) -> Plan:
+    batches = len(dataset.epoch_batches(0, cfg.batch_size, cfg.seed))
+    per_step = cfg.gradient_accumulation * world
+    steps_per_epoch = max(1, math.ceil(batches / per_step))
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    return Plan(len(dataset.items), dataset.num_repeated, batches, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+
+def _seed_for(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None = None) -> Path:
+    """Train a LoRA as `config` says; returns the path of the written LoRA file.
+
+    on_event(dict) is called with every event (see train/events.py); the same events go to
+    `<output stem>.events.jsonl`. Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
+    stops after the current step with a resumable checkpoint and raises TrainingStopped.
+    """
+    config.check()  # every config error at once, before loading anything
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        # SDXL's te1 last layer and adapter module dropout leave parameters unused in some steps.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    events = EventLog(
+        config.events_path if main else None,
+        on_event if main else None,
+        tensorboard_dir=config.output_path.parent / f"{config.output_path.stem}-tensorboard" if (config.tensorboard and main) else None,
+    )
+    try:
+        return _Trainer(config, accelerator, events, stop_event).run()
+    except TrainingStopped as e:
+        events.emit("stopped", step=e.step, checkpoint=str(e.checkpoint))
+        raise
+    except Exception as e:
+        events.emit("error", message=str(e))
+        raise
+    finally:
+        events.close()
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, accelerator, events: EventLog, stop_event):
+        self.cfg, self.acc, self.events, self.stop_event = cfg, accelerator, events, stop_event
+        self.main = accelerator.is_main_process
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.losses: list[tuple[int, float]] = []
+        self.sample_paths: list[Path] = []
+        self._sigint = False
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            logger.info(msg)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.acc
+        # 1. data (before the model: a bad dataset fails in seconds)
+        self.dataset = scan_dataset(cfg.data)
+        for line in self.dataset.report.lines():
+            self.log(line)
+        self.events.emit("dataset", **self.dataset.report.to_dict())
+        if not [i for i in self.dataset.items if not i.is_reg]:
+            raise ValueError(f"data.path: no usable training images in {cfg.data.path} (see the skipped list above)")
+        self.plan = make_plan(cfg, self.dataset, self.world)
+        self.log("steps: " + self.plan.describe(cfg, self.world))
+        self.events.emit("start", **self.plan.__dict__, arithmetic=self.plan.describe(cfg, self.world),
+                         batch_size=cfg.batch_size, gradient_accumulation=cfg.gradient_accumulation, processes=self.world)
+
+        # 2. model + network
+        self._load_model()
+        # 3. caches
+        self._build_caches()
+        # 4. optimizer, schedule, accelerate
+        self._prepare_optimization()
+        # 5. resume
+        start = self._maybe_resume()
+        # 6. loop
+        with self._sigint_handler():
+            try:
+                self._loop(start)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+                    raise TrainingOutOfMemory(oom_advice(cfg, self.train_te)) from e
+                raise
+        return self._finish()
+
+    # ------------------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        from ..models import architecture_of, load_base
+        from ..network.inject import inject_network
+
+        cfg, acc = self.cfg, self.acc
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
+        self.arch = architecture_of(pipe)
+        self.log(f"model: {self.arch.description}, {self.arch.prediction_type}")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            if m is not None:
+                m.requires_grad_(False)
+        if cfg.network.method == "adalora" and cfg.network.adalora_total_steps is None:
+            cfg.network.adalora_total_steps = self.plan.total_steps
+        torch.manual_seed(cfg.seed)  # adapter initialisation
+        self.network = inject_network(pipe, cfg.network)
+        self.train_te = bool(self.network.text_encoder_parameters()) and cfg.te_lr > 0
+        self.train_unet = bool(self.network.unet_parameters())
+        # Frozen base weights in the mixed-precision dtype (half the memory); adapters stay fp32.
+        device = acc.device
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            if m is None:
+                continue
+            for p in m.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.weight_dtype)
+            m.to(device)
+        # The VAE stays fp32 for fp16 runs (the SD VAE overflows in fp16); bf16 is safe.
+        pipe.vae.to(device, torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                    if te is not None:
+                        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.conditioner = TextConditioner(pipe, self.arch.is_sdxl)
+
+    def _build_caches(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        items = self.dataset.items
+        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.path) / ".sd-lora-cache"
+        self.latents = LatentCache(items, self.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
+        if d.cache_latents == "disk" and not self.main:
+            self.acc.wait_for_everyone()  # the main process writes the disk cache, the others read it
+        t0 = time.time()
+        counts = self.latents.build(
+            on_progress=lambda done, total: self.events.emit("cache", stage="latents", done=done, total=total) if self.main else None,
+            show_progress=self.main,
+        )
+        if d.cache_latents == "disk" and self.main:
+            self.acc.wait_for_everyone()
+        if d.cache_latents != "none":
+            self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
+                     f"({time.time() - t0:.1f} s)")
+        self.text_cache = None
+        if not self.train_te and d.cache_text and not d.shuffle_captions:
+            captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
+            self.text_cache = TextCache()
+            self.text_cache.build(captions, self.conditioner, self.acc.device, show_progress=self.main)
+            self.events.emit("cache", stage="text", done=len(self.text_cache.hidden), total=len(self.text_cache.hidden))
+        if d.cache_latents != "none" and not cfg.sample_every and self.text_cache is not None:
+            # Nothing needs the VAE encoder or text encoders any more: free their memory until the end.
+            self.pipe.vae.encoder = None
+            self.pipe.vae.to("cpu")
+
+    def _prepare_optimization(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        groups = param_groups(self.network.unet_parameters(), self.network.text_encoder_parameters() if self.train_te else [],
+                              cfg.lr, cfg.te_lr)
+        self.params = [p for g in groups for p in g["params"]]
+        optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
+        # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
+        # step it once per process).
+        self.scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, self.plan.total_steps)
+        self.models = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder, "text_encoder_2": getattr(self.pipe, "text_encoder_2", None)}
+        self.unet = acc.prepare(self.pipe.unet) if self.train_unet else self.pipe.unet
+        self.text_encoders = [
+            acc.prepare(te) if (self.train_te and any(p.requires_grad for p in te.parameters())) else te
+            for te in self.conditioner.encoders
+        ]
+        self.optimizer = acc.prepare(optimizer)
+        self.wrapped = [m for m in [self.unet, *self.text_encoders] if m is not None and m is not getattr(m, "module", m)]
+
+    def _maybe_resume(self) -> int:
+        cfg = self.cfg
+        if not cfg.resume:
+            return 0
+        folder = latest_checkpoint(cfg.checkpoint_root) if cfg.resume == "latest" else Path(cfg.resume)
+        if folder is None:
+            raise ValueError(f"resume: no checkpoint found in {cfg.checkpoint_root}; train without --resume first")
+        saved = read_trainer_state(folder)
+        if saved.get("processes", 1) != self.world:
+            self.events.emit("warning", message=f"the checkpoint was written by {saved.get('processes')} process(es), this run has "
+                             f"{self.world}: training continues, but the data order differs from the original run")
+        state = load_checkpoint(folder, self.models, self.optimizer, self.scheduler, getattr(self.acc, "scaler", None))
+        self.losses = [tuple(x) for x in state.get("losses", [])]
+        self.sample_paths = [Path(p) for p in state.get("samples", []) if Path(p).is_file()]
+        self.log(f"resumed from {folder} at step {state['step']}")
+        return int(state["step"])
+
+    # ------------------------------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        local = self._sigint or (self.stop_event is not None and self.stop_event.is_set()) or self.cfg.stop_file.exists()
+        if self.world > 1:  # every process must agree, or the others would wait for it forever
+            flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
+            local = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return local
+
+    @contextlib.contextmanager
+    def _sigint_handler(self):
+        """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._sigint:
+                raise KeyboardInterrupt
+            self._sigint = True
+            if self.main:
+                print("\nstopping after this step (Ctrl-C again to abort without saving) ...", flush=True)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _batch(self, idxs: list[int], rng: random.Random):
+        d, device = self.cfg.data, self.acc.device
+        items = [self.dataset.items[i] for i in idxs]
+        flips = [d.flip and rng.random() < 0.5 for _ in items]
+        captions = []
+        for it in items:
+            c = it.caption
+            if d.shuffle_captions:
+                c = shuffle_caption(c, d.keep_tokens, rng)
+            if d.caption_dropout and rng.random() < d.caption_dropout:
+                c = ""
+            captions.append(c)
+        latents = torch.stack([self.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
+        weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
+        placements = []
+        for it, f in zip(items, flips):
+            p = it.placement
+            if f:  # the crop of a mirrored image starts from the other side
+                from dataclasses import replace
+
+                p = replace(p, crop=(p.crop[0], p.resized[0] - p.crop[1] - p.bucket[0]))
+            placements.append(p)
+        return latents, captions, weights, placements
+
+    def _loss(self, idxs: list[int], step: int, micro: int) -> torch.Tensor:
+        cfg = self.cfg
+        key = (cfg.seed, step, micro, self.rank)
+        rng = random.Random(_seed_for("aug", *key))
+        generator = torch.Generator().manual_seed(_seed_for("noise", *key))
+        torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
+        latents, captions, weights, placements = self._batch(idxs, rng)
+        device = self.acc.device
+        with self.acc.autocast():
+            if self.text_cache is not None:
+                hidden, pooled = self.text_cache.get(captions)
+                hidden = hidden.to(device, self.weight_dtype)
+                pooled = pooled.to(device, self.weight_dtype) if pooled is not None else None
+            elif self.train_te:
+                hidden, pooled = self.conditioner.encode(captions, device, encoders=self.text_encoders)
+            else:
+                with torch.no_grad():
+                    hidden, pooled = self.conditioner.encode(captions, device)
+            noise = sample_noise(latents, generator, cfg.noise_offset)
+            timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            extra = {}
+            if self.arch.is_sdxl:
+                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
+            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden, **extra).sample
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        loss = diffusion_loss(pred, target, timesteps, self.noise_scheduler, weights, cfg.min_snr_gamma)
+        reg = self.network.regularization_loss()
+        return loss + reg if isinstance(reg, torch.Tensor) else loss
+
+    def _loop(self, start: int) -> None:
+        cfg, acc, plan = self.cfg, self.acc, self.plan
+        accum = cfg.gradient_accumulation
+        for m in [self.unet, *self.text_encoders]:
+            m.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
+        epoch_cache: tuple[int, list] = (-1, [])
+        t_start, n_done, nan_streak = time.time(), 0, 0
+        step = start
+        while step < plan.total_steps:
+            if self._should_stop():
+                path = self._save_checkpoint(step)
+                bar.close()
+                raise TrainingStopped(step, path)
+            epoch, pos = divmod(step, plan.steps_per_epoch)
+            if epoch_cache[0] != epoch:
+                epoch_cache = (epoch, self.dataset.epoch_batches(epoch, cfg.batch_size, cfg.seed))
+            batches = epoch_cache[1]
+            total = torch.zeros((), device=acc.device)
+            for micro in range(accum):
+                idxs = batches[((pos * accum + micro) * self.world + self.rank) % len(batches)]
+                sync = micro == accum - 1
+                ctx = contextlib.ExitStack()
+                if not sync:
+                    for m in self.wrapped:
+                        ctx.enter_context(acc.no_sync(m))
+                with ctx:
+                    loss = self._loss(idxs, step, micro)
+                    acc.backward(loss / accum)
+                total += loss.detach().float() / accum
+            mean_loss = acc.reduce(total, reduction="mean").item() if self.world > 1 else total.item()
+            if not math.isfinite(mean_loss):
+                # NaN guard: skip the update (the fp16 grad scaler lowers its scale on its own).
+                nan_streak += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.events.emit("warning", message=f"step {step + 1}: loss is {mean_loss}; update skipped")
+                if nan_streak >= 5:
+                    raise ValueError(
+                        "the loss was NaN/inf 5 steps in a row. Lower lr, use bf16 instead of fp16, set "
+                        "max_grad_norm = 1.0, or check the base model for NaN weights"
+                    )
+            else:
+                nan_streak = 0
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.network.update_ranks(step)
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            step += 1
+            n_done += 1
+            self.losses.append((step, mean_loss))
+            elapsed = time.time() - t_start
+            it_s = n_done / elapsed if elapsed > 0 else 0.0
+            eta = (plan.total_steps - step) / it_s if it_s > 0 else None
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            bar.update()
+            if step % cfg.log_every == 0 or step == plan.total_steps:
+                self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
+                                 lr=self.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4), eta_s=None if eta is None else round(eta, 1))
+            end_of_epoch = step % plan.steps_per_epoch == 0
+            if step < plan.total_steps and (
+                (cfg.save_every and step % cfg.save_every == 0)
+                or (cfg.save_every_epochs and end_of_epoch and (step // plan.steps_per_epoch) % cfg.save_every_epochs == 0)
+            ):
+                self._save_lora(self._intermediate_path(step), step)
+                self._save_checkpoint(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                self._samples(step)
+        bar.close()
+
+    # ------------------------------------------------------------------------------------------
+    def _intermediate_path(self, step: int) -> Path:
+        out = self.cfg.output_path
+        return out.parent / f"{out.stem}-step{step:06d}.safetensors"
+
+    def _trainer_state(self) -> dict:
+        return {
+            "losses": self.losses,
+            "samples": [str(p) for p in self.sample_paths],
+            "processes": self.world,
+            "config": dump_config(self.cfg),
+        }
+
+    def _save_checkpoint(self, step: int) -> Path:
+        path = self.cfg.checkpoint_root / f"step-{step:08d}"
+        if self.main:
+            path = save_checkpoint(self.cfg.checkpoint_root, step, self.models, self.optimizer, self.scheduler,
+                                   getattr(self.acc, "scaler", None), self._trainer_state(), self.cfg.keep_checkpoints)
+            self.cfg.stop_file.unlink(missing_ok=True)  # handled: a resume must not stop again at once
+            self.events.emit("checkpoint", step=step, path=str(path))
+        self.acc.wait_for_everyone()
+        return path
+
+    def _metadata(self, step: int) -> dict[str, str]:
+        from ..formats.metadata import build_training_metadata
+
+        cfg, rep = self.cfg, self.dataset.report
+        captions: dict[str, list[str]] = {}
+        for it in self.dataset.items:
+            if not it.is_reg:
+                captions.setdefault(it.folder, []).append(it.caption)
+        net = cfg.network
+        return build_training_metadata(
+            arch=self.arch.arch,
+            method=net.method,
+            rank=net.rank,
+            alpha=net.alpha,
+            conv_rank=net.effective_conv_rank if net.preset == "full" else None,
+            conv_alpha=net.effective_conv_alpha if net.preset == "full" else None,
+            resolution=cfg.data.resolution,
+            tag_frequency=tag_frequency(captions),
+            dataset_dirs={k: {"n_repeats": v, "img_count": sum(1 for i in self.dataset.items if i.folder == k)}
+                          for k, v in rep.folders.items()},
+            output_name=cfg.output_path.stem,
+            steps=step,
+            max_train_steps=self.plan.total_steps,
+            epoch=math.ceil(step / self.plan.steps_per_epoch),
+            num_epochs=self.plan.epochs,
+            num_train_images=rep.images,
+            num_reg_images=rep.reg_images,
+            num_batches_per_epoch=self.plan.batches_per_epoch,
+            learning_rate=cfg.lr,
+            unet_lr=cfg.lr if self.train_unet else 0.0,
+            text_encoder_lr=cfg.te_lr if self.train_te else 0.0,
+            optimizer=cfg.optimizer,
+            lr_scheduler=cfg.lr_scheduler,
+            lr_warmup_steps=cfg.lr_warmup_steps,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            mixed_precision=cfg.mixed_precision,
+            min_snr_gamma=cfg.min_snr_gamma,
+            noise_offset=cfg.noise_offset,
+            max_grad_norm=cfg.max_grad_norm,
+            caption_dropout_rate=cfg.data.caption_dropout,
+            cache_latents=cfg.data.cache_latents != "none",
+            network_dropout=net.dropout,
+            sd_model_name=Path(cfg.model).name,
+            training_comment=cfg.comment or None,
+        )
+
+    def _save_lora(self, path: Path, step: int) -> Path:
+        if self.main:
+            from ..formats.kohya import save_lora
+
+            path = save_lora(path, self.network, self._metadata(step))
+            self.events.emit("saved", step=step, path=str(path))
+        self.acc.wait_for_everyone()
+        return path
+
+    def _samples(self, step: int) -> None:
+        if self.main:
+            from .sampling import load_prompts, render_samples
+
+            prompts = load_prompts(self.cfg.sample_prompts)
+            out_dir = self.cfg.output_path.parent / f"{self.cfg.output_path.stem}-samples"
+            paths = render_samples(self.pipe, prompts, out_dir, step, self.cfg.data.resolution, self.cfg.sample_steps,
+                                   self.cfg.seed, autocast=self.acc.autocast)
+            self.sample_paths += paths
+            self.events.emit("sample", step=step, paths=[str(p) for p in paths])
+        self.acc.wait_for_everyone()
+
+    def _finish(self) -> Path:
+        from .report import draw_loss_curve, draw_sample_grid
+
+        cfg = self.cfg
+        step = self.plan.total_steps
+        if cfg.sample_prompts and not any(p.name.startswith(f"step-{step:06d}-") for p in self.sample_paths):
+            self._samples(step)  # always finish with samples of the final weights
+        path = self._save_lora(cfg.output_path, step)
+        if self.main:
+            out = cfg.output_path
+            curve = draw_loss_curve([s for s, _ in self.losses], [v for _, v in self.losses], out.parent / f"{out.stem}-loss.png") if self.losses else None
+            grid = draw_sample_grid(self.sample_paths, out.parent / f"{out.stem}-samples.png")
+            self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
+                             sample_grid=str(grid) if grid else None)
+            self.log(f"saved {path}")
+        return path
+
+
+def oom_advice(cfg: TrainConfig, train_te: bool) -> str:
+    """What to change after running out of memory, most effective first, for this config."""
+    tips = []
+    if cfg.batch_size > 1:
+        tips.append(f"batch_size = 1 with gradient_accumulation = {cfg.batch_size * cfg.gradient_accumulation} (same effective batch)")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing = true (much less activation memory, ~30 % slower)")
+    if cfg.mixed_precision == "no":
+        tips.append("mixed_precision = \"bf16\" (or \"fp16\" on older GPUs): half-size base weights")
+    if cfg.optimizer == "adamw":
+        tips.append("optimizer = \"adamw8bit\" (optimizer state in 8 bits)")
+    if cfg.data.cache_latents == "none":
+        tips.append("data.cache_latents = \"ram\" or \"disk\" (no VAE encoding during training)")
+    if train_te:
+        tips.append("network.train_text_encoder = false (frees the text-encoder activations; its outputs are then cached)")
+    if cfg.data.resolution > 512:
+        tips.append(f"data.resolution = {cfg.data.resolution - 128} (memory grows with the pixel count)")
+    tips.append(f"network.rank lower than {cfg.network.rank}")
+    return "out of memory. Settings that lower the memory needed, most effective first:\n  - " + "\n  - ".join(tips)
