@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats.lora_file import KIND_LORA, LoraFile, LoraModule
-from ..models import ARCH_SD2, ARCH_SD2_V, architecture_of
+from ..models import architecture_of
 from ..network.naming import module_index, unet_diffusers_to_sgm, unet_layout
 from .cache import LoraCache, default_cache
 from .spec import LoraSpec, normalize_stack, unet_block_id
@@ -128,10 +128,6 @@ def _sync_state(pipe, st: _State) -> None:
         st.modules = {(c, p): m for c, p, m in st.index.values()}
 
 
-def _family(arch: str | None) -> str | None:
-    return ARCH_SD2 if arch == ARCH_SD2_V else arch
-
-
 def _load(spec: LoraSpec, cache: LoraCache) -> tuple[tuple, LoraFile]:
     if isinstance(spec.path, LoraFile):
         return ("memory", id(spec.path)), spec.path
@@ -142,26 +138,19 @@ def _resolve(pipe, st: _State, key: tuple, lora: LoraFile, label: str, strict: b
     """kohya module name -> target key, for every module of `lora` (checked against the pipeline)."""
     if key in st.resolved:
         return st.resolved[key]
-    if lora.arch is not None and st.arch is not None and _family(lora.arch) != _family(st.arch):
-        raise ValueError(
-            f"{label}: this LoRA was made for {lora.arch} but the pipeline is {st.arch}. "
-            "Use a LoRA trained for this base model's family."
-        )
-    unmatched = [n for n in lora.modules if n not in st.index]
-    if unmatched and strict:
-        raise ValueError(
-            f"{label}: {len(unmatched)} of {len(lora.modules)} LoRA modules have no matching layer in this "
-            f"{st.arch} pipeline (first: {', '.join(unmatched[:3])}). The file is probably for another "
-            "architecture; pass strict=False to apply the modules that do match."
-        )
-    if unmatched:
-        logger.warning("%s: skipping %d modules with no matching layer (first: %s)", label, len(unmatched), unmatched[0])
+    from ..formats.read import match_lora
+
+    try:
+        # Architecture, names (both UNet layouts, `text_model_` prefixes) and delta sizes.
+        matched = match_lora(lora, pipe, strict=strict)
+    except ValueError as e:
+        if label in str(e):
+            raise
+        raise ValueError(f"{label}: {e}") from e
     out: dict[str, TargetKey] = {}
-    for name, mod in lora.modules.items():
-        if name not in st.index:
-            continue
-        component, path, module = st.index[name]
-        _check_shapes(label, name, mod, module)
+    for name, (component, path, module) in matched.items():
+        # Exact shapes too (a conv kernel of the wrong size can have the right number of elements).
+        _check_shapes(label, name, lora.modules[name], module)
         out[name] = (component, path, "weight")
     if key[0] != "memory":  # in-memory LoraFiles may be edited between calls: match them each time
         if len(st.resolved) > 256:
