@@ -296,3 +296,33 @@ def test_bad_stack_entries_are_refused_up_front(pipe, files):
         apply_loras(pipe, [(files[0], float("nan"))])
     with pytest.raises(ValueError, match="unknown block"):
         apply_loras(pipe, [LoraSpec(files[0], block_weights={"IN99x": 1})])
+
+
+def test_generate_cli_with_prompt_tags_and_weight_grid(tmp_path):
+    from PIL import Image
+
+    from sd_lora.cli import main
+    from sd_lora.commands.generate import parse_lora_arg
+
+    assert parse_lora_arg("C:/x/ink.safetensors:0.5:-1") == ("C:/x/ink.safetensors", 0.5, -1.0)
+    assert parse_lora_arg("ink") == ("ink", 1.0, None)
+    base_dir = tmp_path / "base"
+    pipe = tiny_pipeline("sd1")
+    pipe.save_pretrained(base_dir)
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    write_kohya(lora_dir / "ink.safetensors", pipe, seed=1)
+    common = ["generate", "--model", str(base_dir), "--steps", "1", "--width", "64", "--height", "64", "--seed", "3"]
+
+    assert main(common + ["--prompt", "a red circle <lora:ink:0.8>", "--lora-dir", str(lora_dir), "--out", str(tmp_path / "ink.png")]) == 0
+    assert main(common + ["--prompt", "a red circle", "--lora", f"{lora_dir / 'ink.safetensors'}:0.8",
+                          "--grid", "0,0.8", "--out", str(tmp_path / "grid.png")]) == 0
+    inked, grid = Image.open(tmp_path / "ink.png"), Image.open(tmp_path / "grid.png")
+    assert inked.size == (64, 64) and "Seed: 3" in inked.info["parameters"]
+    # Columns are the same seed at weights 0 and 0.8: the 0.8 column is the tagged prompt's image.
+    top = grid.height - 4 - 64
+    zero, full = grid.crop((4, top, 68, top + 64)).tobytes(), grid.crop((72, top, 136, top + 64)).tobytes()
+    assert full == inked.convert("RGB").tobytes() and zero != full
+
+    assert main(common + ["--prompt", "a <lora:inc:1>", "--lora-dir", str(lora_dir), "--out", str(tmp_path / "x.png")]) == 1
+    assert not (tmp_path / "x.png").exists()
