@@ -53,6 +53,7 @@ class TransformersCaptioner(Captioner):
         "prompt": Option(None, "text the caption starts from, e.g. 'a photo of' (Florence-2: a task such as '<CAPTION>')"),
         "strip_prompt": Option(False, "remove the prompt from the start of the caption when the model repeats it"),
         "max_new_tokens": Option(75, "longest caption, in tokens"),
+        "min_new_tokens": Option(0, "shortest caption, in tokens (stops a model from ending at once)"),
         "num_beams": Option(3, "beam search width (1 = greedy, fastest)"),
         "device": Option("auto", "'cuda', 'cpu' or 'auto' (CUDA when available)"),
         "dtype": Option("auto", "'float16', 'bfloat16', 'float32' or 'auto' (float16 on CUDA, float32 on CPU)"),
@@ -115,7 +116,8 @@ class TransformersCaptioner(Captioner):
                   if isinstance(v, torch.Tensor)}
         with torch.inference_mode():
             out = self.model.generate(
-                **inputs, max_new_tokens=int(self.config["max_new_tokens"]), num_beams=int(self.config["num_beams"]), do_sample=False
+                **inputs, max_new_tokens=int(self.config["max_new_tokens"]), min_new_tokens=int(self.config["min_new_tokens"]),
+                num_beams=int(self.config["num_beams"]), do_sample=False,
             )
         texts = [" ".join(t.split()) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         if self.prompt and self.config["strip_prompt"]:
