@@ -136,7 +136,10 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_diffusers_folder(path: Path, check_tokenizers: bool = True) -> None:
     index = path / "model_index.json"
     if not index.is_file():
-        raise ModelLoadError(f"{path}: not a diffusers model folder (model_index.json is missing).")
+        raise ModelLoadError(
+            f"{path}: not a diffusers model folder ({index.name} is missing). Pass the folder that contains "
+            "model_index.json (with unet/, vae/, text_encoder/ ...), or a single .safetensors checkpoint."
+        )
     spec = json.loads(index.read_text())
     missing = []
     for name, value in spec.items():
@@ -207,7 +210,8 @@ def load_base(
             arch = ARCH_SD2_V
         config_dir = Path(config_from) if config_from else Path(shipped_config_dir(arch))
         if config_from:
-            _check_diffusers_folder(config_dir, check_tokenizers=False)
+            # Tokenizers may be left out (the shipped CLIP tokenizer is used), but one that is there must be whole.
+            _check_diffusers_folder(config_dir, check_tokenizers=(config_dir / "tokenizer").is_dir())
         cls = StableDiffusionXLPipeline if arch == ARCH_SDXL else StableDiffusionPipeline
         kwargs = {}
         if not (config_dir / "tokenizer").is_dir():
