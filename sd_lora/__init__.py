@@ -12,3 +12,5 @@ from .stack import LoraSpec, apply_loras, loras, parse_lora_prompt, remove_loras
 from .formats import LoraFile, load_lora, save_lora  # noqa: F401,E402
 from .network import NetworkConfig, inject_network  # noqa: F401,E402
 from .caption import caption_folder  # noqa: F401,E402
+from .config import ConfigError, DataConfig, TrainConfig, load_config  # noqa: F401,E402
+from .train.loop import TrainingStopped, train  # noqa: F401,E402  (the function shadows the sd_lora.train package name)

@@ -17,6 +17,7 @@ COMMANDS = [
     "ui",
     "caption",
     "generate",
+    "train",
 ]
 # Command modules add themselves to this list (one line each).
 

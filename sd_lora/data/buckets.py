@@ -18,15 +18,18 @@ from PIL import Image
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """All (w, h) with w*h <= resolution^2, sides multiples of `step`, aspect within 1/max_ratio..max_ratio.
 
-    For each width the tallest height that fits is used, as kohya does, so buckets use the full area.
+    For each width the tallest height that fits is used, as kohya does, so buckets use the full area;
+    every bucket also exists turned sideways.
     """
     area = resolution * resolution
+    min_side = max(step, resolution // 2 // step * step)  # kohya: 256 for 512
     buckets = set()
-    w = step
+    w = min_side
     while w <= resolution * max_ratio:
         h = min(int(area // w) // step * step, int(w * max_ratio) // step * step)
-        if h >= step and w / h <= max_ratio and h / w <= max_ratio:
+        if h >= min_side and w / h <= max_ratio and h / w <= max_ratio:
             buckets.add((w, h))
+            buckets.add((h, w))  # and the same bucket turned sideways
         w += step
     buckets.add((resolution, resolution))
     return sorted(buckets)
@@ -54,11 +57,9 @@ def place(size: tuple[int, int], resolution: int, step: int = 64, buckets: list[
         buckets = buckets or make_buckets(resolution, step)
         ratio = math.log(w / h)
         bw, bh = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
-        if not upscale and w * h < bw * bh:
-            # Fit a bucket of the same aspect inside the image instead of blowing it up.
-            scale = math.sqrt(w * h / (bw * bh))
-            bw = max(step, int(bw * scale) // step * step)
-            bh = max(step, int(bh * scale) // step * step)
+        if not upscale and (w < bw or h < bh):
+            # The largest step-multiple rectangle inside the image instead of blowing it up.
+            bw, bh = max(step, min(bw, w // step * step)), max(step, min(bh, h // step * step))
     s = max(bw / w, bh / h)
     rw, rh = max(bw, round(w * s)), max(bh, round(h * s))
     top, left = (rh - bh) // 2, (rw - bw) // 2
