@@ -151,19 +151,28 @@ def _in_features(module: LoraModule) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-def _find_weights_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        found = sorted(path.glob("*.safetensors"))
-        if len(found) == 1:
-            return found[0]
-        raise LoraFormatError(
-            f"{path}: folder has {len(found)} .safetensors files; pass the LoRA file itself."
-            if found else f"{path}: no .safetensors file in this folder."
-        )
-    return path
+COMPONENT_DIRS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _find_weights_files(path: Path) -> list[tuple[Path, str | None]]:
+    """(file, component hint) pairs: a file, a folder with one, or a PEFT folder per component."""
+    if not path.is_dir():
+        return [(path, None)]
+    per_component = [
+        (path / c / "adapter_model.safetensors", c) for c in COMPONENT_DIRS if (path / c / "adapter_model.safetensors").is_file()
+    ]
+    if per_component:
+        return per_component
+    for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        if (path / name).is_file():
+            return [(path / name, None)]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return [(found[0], None)]
+    raise LoraFormatError(
+        f"{path}: folder has {len(found)} .safetensors files; pass the LoRA file itself."
+        if found else f"{path}: no LoRA .safetensors file in this folder."
+    )
 
 
 def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> dict[str | None, dict]:
@@ -177,7 +186,10 @@ def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> dict[str | None,
             flat = {}
         for key, value in flat.items():
             comp, _, field = key.partition(".")
-            configs.setdefault(comp, {})[field] = value
+            if field:
+                configs.setdefault(comp, {})[field] = value
+            else:  # a single model's PEFT config written without component prefixes
+                configs.setdefault(None, {})[key] = value
     cfg_file = path.parent / "adapter_config.json"
     if cfg_file.is_file():
         try:
@@ -198,49 +210,40 @@ def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
     """Read a kohya / LyCORIS / diffusers / PEFT LoRA file (or a folder holding one) into a LoraFile.
 
     strict=True raises on keys that belong to no known format; strict=False logs them as a warning.
+    A PEFT folder may hold one sub-folder per component (unet/, text_encoder/, text_encoder_2/), each
+    with adapter_model.safetensors + adapter_config.json, as `sd-lora convert --to peft` writes.
     """
-    path = _find_weights_file(Path(path))
-    sd, metadata = read_state_dict(path)
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise LoraFormatError(f"{path}: the file holds no tensors.")
-
+    root = Path(path)
+    files = _find_weights_files(root)
     kohya_parts: dict[str, dict[str, torch.Tensor]] = {}
-    other_parts: dict[tuple[str | None, str], dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in sd.items():
-        split = _split_kohya_key(key)
-        if split:
-            kohya_parts.setdefault(split[0], {})[split[1]] = tensor
-            continue
-        other = _split_other_key(key)
-        if other:
-            other_parts.setdefault((other[0], other[1]), {})[other[2]] = tensor
-            continue
-        unknown.append(key)
-
-    modules: dict[str, LoraModule] = {}
-    for name, tensors in kohya_parts.items():
-        modules[name] = LoraModule(name, _kind_of(tensors), tensors)
+    resolved: list[tuple[str, str, dict[str, torch.Tensor]]] = []
+    unknown: list[str] = []
+    metadata: dict[str, str] = {}
     fmt = "kohya"
-    if any(m.kind != KIND_LORA for m in modules.values()):
-        fmt = "lycoris"
-
-    if other_parts:
-        fmt = "peft" if any(comp is None for comp, _ in other_parts) else "diffusers"
-        configs = _peft_alpha_config(path, metadata)
-        # Which architecture names them: SDXL if a second text encoder is present or hinted.
-        arch = arch_from_metadata(metadata)
-        if any(comp == "text_encoder_2" for comp, _ in other_parts):
-            arch = ARCH_SDXL
-        resolved = []
+    for file, hint in files:
+        sd, file_metadata = read_state_dict(file)
+        metadata.update(file_metadata)
+        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        other_parts: dict[tuple[str | None, str], dict[str, torch.Tensor]] = {}
+        for key, tensor in sd.items():
+            split = _split_kohya_key(key)
+            if split:
+                kohya_parts.setdefault(split[0], {})[split[1]] = tensor
+                continue
+            other = _split_other_key(key)
+            if other:
+                other_parts.setdefault((other[0] or hint, other[1]), {})[other[2]] = tensor
+                continue
+            unknown.append(key)
+        if not other_parts:
+            continue
+        fmt = "peft" if (hint or any(comp is None for comp, _ in other_parts)) else "diffusers"
+        configs = _peft_alpha_config(file, file_metadata)
         for (comp, module_path), tensors in other_parts.items():
             comp = comp or _component_of(module_path, tensors)
             if comp is None:
                 unknown += [f"{module_path}.{s}" for s in tensors]
                 continue
-            if comp == "text_encoder_2":
-                arch = ARCH_SDXL
             cfg = configs.get(comp) or configs.get(None) or {}
             tensors = dict(tensors)
             kind = _kind_of(tensors)
@@ -258,15 +261,29 @@ def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
             if "dora_scale" in tensors:
                 tensors["dora_scale"] = _dora_scale_from_peft(tensors)
             resolved.append((comp, module_path, tensors))
+
+    if not kohya_parts and not resolved and not unknown:
+        raise LoraFormatError(f"{root}: the file holds no tensors.")
+    modules: dict[str, LoraModule] = {}
+    for name, tensors in kohya_parts.items():
+        modules[name] = LoraModule(name, _kind_of(tensors), tensors)
+    if any(m.kind != KIND_LORA for m in modules.values()):
+        fmt = "lycoris"
+
+    if resolved:
+        # Which architecture names them (lora_te_ vs lora_te1_, SGM UNet names for SDXL).
+        arch = arch_from_metadata(metadata)
+        if any(comp == "text_encoder_2" for comp, _, _ in resolved):
+            arch = ARCH_SDXL
         if arch is None:
             for comp, module_path, tensors in resolved:
                 if comp == "unet" and module_path.endswith("attn2.to_k") and "lora_down.weight" in tensors:
                     arch = {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}.get(int(tensors["lora_down.weight"].shape[1]))
                     break
         arch_for_names = arch or ARCH_SD1
+        layout = _SDXL_LAYOUT if arch_for_names == ARCH_SDXL else None
         for comp, module_path, tensors in resolved:
             try:
-                layout = _SDXL_LAYOUT if arch_for_names == ARCH_SDXL else None
                 name = kohya_module_name(comp, module_path, arch_for_names, layout)
             except KeyError:
                 unknown += [f"{comp}.{module_path}.{s}" for s in tensors]
@@ -283,19 +300,19 @@ def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
             del modules[n]
     if unknown:
         msg = (
-            f"{path}: {len(unknown)} keys are not part of any LoRA format sd-lora reads (kohya, LyCORIS, diffusers, "
+            f"{root}: {len(unknown)} keys are not part of any LoRA format sd-lora reads (kohya, LyCORIS, diffusers, "
             f"PEFT) or belong to incomplete modules: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
         )
         if strict:
             raise LoraFormatError(msg + ". Pass strict=False to load the rest and skip these.")
         logger.warning("%s. They are skipped.", msg)
     if not modules:
-        raise LoraFormatError(f"{path}: no LoRA modules found in this file.")
+        raise LoraFormatError(f"{root}: no LoRA modules found in this file.")
 
     arch = arch_from_modules(modules) or arch_from_metadata(metadata)
     if arch == ARCH_SD2 and arch_from_metadata(metadata) == ARCH_SD2_V:
         arch = ARCH_SD2_V
-    return LoraFile(modules=modules, metadata=dict(metadata), format=fmt, arch=arch, path=str(path))
+    return LoraFile(modules=modules, metadata=dict(metadata), format=fmt, arch=arch, path=str(root))
 
 
 def _component_of(module_path: str, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -168,6 +168,10 @@ class LoraNetwork:
             sd.update(_export_module(target, layer, self.config.method))
         return sd
 
+    def kohya_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of the kohya state dict (works on meta-device pipelines: no data needed)."""
+        return {k: tuple(v.shape) for k, v in self.kohya_state_dict().items()}
+
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load kohya keys (as written by kohya_state_dict / save_lora) into the adapters.
 
@@ -251,7 +255,9 @@ def _export_module(target: Target, layer, method: str) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
 
     def put(key: str, t: torch.Tensor) -> None:
-        out[f"{name}.{key}"] = t.detach().to(device="cpu", dtype=torch.float32).clone()
+        t = t.detach()
+        # Meta tensors (full-size shape checks without weights) stay on meta; the rest go to CPU.
+        out[f"{name}.{key}"] = t.float() if t.device.type == "meta" else t.to(device="cpu", dtype=torch.float32).clone()
 
     if method in ("lora", "dora"):
         put("lora_down.weight", layer.lora_A[ADAPTER_NAME].weight)
