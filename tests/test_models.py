@@ -207,6 +207,20 @@ def test_full_size_diffusers_key_sets(full_size, arch):
     assert architecture_of(unet).arch == arch
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_checkpoint_names_agree_with_kohya_lora_names(full_size, arch):
+    # kohya's SDXL LoRA names use the same SGM block names as the checkpoint; the merge tool relies on
+    # the two mappings (written separately) agreeing for every UNet parameter.
+    from sd_lora.convert_single_file import unet_key_map
+    from sd_lora.network.naming import unet_diffusers_to_sgm, unet_layout
+
+    unet, _, _ = full_size(arch)
+    layout = unet_layout(unet)
+    for key, original in unet_key_map(unet.state_dict().keys()).items():
+        module, param = key.rsplit(".", 1)
+        assert original == f"{unet_diffusers_to_sgm(module, **layout)}.{param}", key
+
+
 def test_detect_architecture_rejects_other_models():
     with pytest.raises(ModelLoadError, match="could not recognise"):
         detect_architecture({"transformer_blocks.0.attn.to_q.weight": (64, 64)})
