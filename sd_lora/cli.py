@@ -18,6 +18,8 @@ COMMANDS = [
     "caption",
     "generate",
     "train",
+    "inspect",
+    "convert",
 ]
 # Command modules add themselves to this list (one line each).
 

@@ -1,0 +1,77 @@
+"""`sd-lora inspect FILE [--json]`: what a LoRA file is, what it targets, and whether it is healthy."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show a LoRA file's format, architecture, ranks, trigger words and metadata")
+    p.add_argument("path", help="LoRA .safetensors file (kohya, LyCORIS, diffusers or PEFT), or a PEFT folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-strict", action="store_true", help="skip keys of unknown formats instead of failing")
+    p.set_defaults(func=run)
+
+
+def inspect_lora(path, strict: bool = True) -> dict:
+    """A summary of a LoRA file as plain data (what `sd-lora inspect --json` prints)."""
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    from ..formats.read import load_lora
+
+    lora = load_lora(path, strict=strict)
+    ranks = Counter(m.rank for m in lora.modules.values() if m.rank is not None)
+    alphas = Counter(m.alpha for m in lora.modules.values() if m.alpha is not None)
+    kinds = Counter(m.kind + ("+dora" if m.has_dora else "") for m in lora.modules.values())
+    targets = Counter()
+    for name in lora.modules:
+        for prefix, label in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder")):
+            if name.startswith(prefix):
+                targets[label] += 1
+                break
+    non_finite = [n for n, m in lora.modules.items() if any(t.is_floating_point() and not torch.isfinite(t).all() for t in m.tensors.values())]
+    p = Path(path)
+    size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return {
+        "path": str(path),
+        "format": lora.format,
+        "architecture": lora.arch or "unknown",
+        "modules": len(lora.modules),
+        "targets": dict(targets),
+        "kinds": dict(kinds),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {str(k): v for k, v in sorted(alphas.items())},
+        "file_bytes": size,
+        "tensor_bytes": lora.num_bytes(),
+        "trigger_words": lora.trigger_words,
+        "nan_or_inf_modules": non_finite,
+        "metadata": lora.metadata,
+    }
+
+
+def run(args) -> int:
+    info = inspect_lora(args.path, strict=not args.no_strict)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if not info["nan_or_inf_modules"] else 1
+    md = info.pop("metadata")
+    for key in ("path", "format", "architecture", "modules", "targets", "kinds", "ranks", "alphas", "file_bytes", "trigger_words"):
+        value = info[key]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(value) or "-"
+        elif key == "file_bytes":
+            value = f"{value / 1e6:.1f} MB"
+        print(f"{key.replace('_', ' ')}: {value}")
+    bad = info["nan_or_inf_modules"]
+    print(f"NaN/inf check: {'FAILED in ' + str(len(bad)) + ' modules (first: ' + bad[0] + ')' if bad else 'ok'}")
+    if md:
+        print("metadata:")
+        for k in sorted(md):
+            v = md[k]
+            print(f"  {k}: {v if len(v) <= 200 else v[:200] + '...'}")
+    return 0 if not bad else 1
