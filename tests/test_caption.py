@@ -1,6 +1,6 @@
 """Captioning: every captioner end to end on a small folder, the modes, the file writing, the errors.
 
-Models are tiny and built here from configs with random weights (a BLIP saved with save_pretrained,
+Models are tiny and built here from configs with random weights (BLIP and GIT saved with save_pretrained,
 a hand-built WD14-style ONNX graph), so captions from the BLIP are gibberish but deterministic; the
 ONNX tagger is wired so that its exact tags are known.
 """
@@ -300,31 +300,45 @@ def test_list_dataset_and_bulk_edits(dataset):
 # transformers captioner: a tiny random BLIP saved to a folder and loaded back through our code
 
 
-@pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory):
-    import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip.image_processing_blip import BlipImageProcessor
+WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] a photo of red green blue circle square dog cat on the with".split()
+TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.2)
 
-    d = tmp_path_factory.mktemp("blip")
-    words = "[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] a photo of red green blue circle square dog cat on the with".split()
-    (d / "vocab.txt").write_text("\n".join(words) + "\n")
-    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.2)
-    cfg = BlipConfig(
-        vision_config=dict(tiny, image_size=32, patch_size=8),
-        text_config=dict(tiny, vocab_size=len(words), max_position_embeddings=40, bos_token_id=5, sep_token_id=3,
-                         pad_token_id=0, eos_token_id=3),
-        projection_dim=16, image_text_hidden_size=16, initializer_range=0.2,
-    )
+
+@pytest.fixture(scope="module", params=["blip", "git"])
+def tiny_vlm(request, tmp_path_factory):
+    """A random-weight BLIP (encoder + text decoder) or GIT (decoder-only) folder, as save_pretrained writes it."""
+    import torch
+    from transformers import BertTokenizer
+
+    d = tmp_path_factory.mktemp(request.param)
+    (d / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     torch.manual_seed(0)
-    BlipForConditionalGeneration(cfg).save_pretrained(d)
-    tokenizer = BertTokenizer(str(d / "vocab.txt"), bos_token="[DEC]")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(d)
+    if request.param == "blip":
+        from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+        from transformers.models.blip.image_processing_blip import BlipImageProcessor
+
+        cfg = BlipConfig(
+            vision_config=dict(TINY, image_size=32, patch_size=8),
+            text_config=dict(TINY, vocab_size=len(WORDS), max_position_embeddings=40, bos_token_id=5, sep_token_id=3,
+                             pad_token_id=0, eos_token_id=3),
+            projection_dim=16, image_text_hidden_size=16, initializer_range=0.2,
+        )
+        BlipForConditionalGeneration(cfg).save_pretrained(d)
+        tokenizer = BertTokenizer(str(d / "vocab.txt"), bos_token="[DEC]")
+        BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(d)
+    else:
+        from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+        cfg = GitConfig(vision_config=dict(TINY, image_size=32, patch_size=8), **TINY, vocab_size=len(WORDS),
+                        max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        GitForCausalLM(cfg).save_pretrained(d)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        GitProcessor(image_processor=image_processor, tokenizer=BertTokenizer(str(d / "vocab.txt"))).save_pretrained(d)
     return d
 
 
-def test_transformers_captioner_end_to_end(tiny_blip, dataset):
-    cap = get_captioner("transformers", model=tiny_blip, max_new_tokens=5, min_new_tokens=2, num_beams=1)
+def test_transformers_captioner_end_to_end(tiny_vlm, dataset):
+    cap = get_captioner("transformers", model=tiny_vlm, max_new_tokens=5, min_new_tokens=2, num_beams=1)
     r = caption_folder(dataset, cap, mode="replace", batch_size=3, trigger="sks", progress=False)  # batches of 3 + 1
     assert r.written == 4 and not r.failed
     texts = {Path(p).name: t for p, t in r.captions.items()}
@@ -338,12 +352,12 @@ def test_transformers_captioner_end_to_end(tiny_blip, dataset):
     for p in images:
         assert read_caption(p) == texts[p.name]
 
-    # A prompt is echoed by BLIP; strip_prompt removes it.
-    prompted = get_captioner("transformers", model=tiny_blip, max_new_tokens=3, num_beams=1, prompt="a photo of")
+    # BLIP and GIT repeat a prompt in their answer; strip_prompt removes it.
+    prompted = get_captioner("transformers", model=tiny_vlm, max_new_tokens=3, min_new_tokens=1, num_beams=2, prompt="a photo of")
     with_prompt = prompted.caption_images([Image.open(images[0])])[0]
-    assert with_prompt.startswith("a photo of")
+    assert with_prompt.startswith("a photo of ") and len(with_prompt) > len("a photo of ")
     prompted.config["strip_prompt"] = True
-    assert prompted.caption_images([Image.open(images[0])])[0] == with_prompt[len("a photo of"):].strip()
+    assert prompted.caption_images([Image.open(images[0])])[0] == with_prompt[len("a photo of "):]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class FilenameCaptioner(Captioner):
     description = "the image's file name as words ('red_circle_03.png' -> 'red circle')"
     options = {"strip_numbers": Option(True, "drop a trailing counter such as _03 or (2)")}
     needs_images = False
+    default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
 
     def caption(self, sources: list[Source]) -> list[str]:
         return [filename_words(s.path, bool(self.config["strip_numbers"])) if s.path else "" for s in sources]
@@ -69,6 +70,7 @@ class FolderCaptioner(Captioner):
     description = "the dataset folder's name without kohya's repeats ('10_sks dog' -> 'sks dog')"
     options = {}
     needs_images = False
+    default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
 
     def caption(self, sources: list[Source]) -> list[str]:
         return [s.folder for s in sources]
@@ -80,6 +82,7 @@ class TemplateCaptioner(Captioner):
     description = "a fixed text with placeholders {trigger}, {folder}, {filename}, {stem}"
     options = {"template": Option("{trigger}, {folder}", "the caption text; placeholders: " + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS))}
     needs_images = False
+    default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -100,6 +100,7 @@ class TransformersCaptioner(Captioner):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model_type = model_type
         self.prompt = self.config["prompt"] or DEFAULT_PROMPTS.get(model_type)
 
     def caption(self, sources: list[Source]) -> list[str]:
@@ -108,10 +109,16 @@ class TransformersCaptioner(Captioner):
         if not sources:
             return []
         images = [s.image for s in sources]
-        if self.prompt:
+        if self.prompt and self.model_type == "git":
+            # GIT continues the text after [CLS]; the tokenizer's closing [SEP] would end the caption at once.
+            inputs = self.processor(images=images, return_tensors="pt")
+            ids = [self.tokenizer.cls_token_id] + self.tokenizer(self.prompt, add_special_tokens=False).input_ids
+            inputs["input_ids"] = torch.tensor([ids] * len(images))
+        elif self.prompt:
             inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt")
         else:
             inputs = self.processor(images=images, return_tensors="pt")
+        inputs.pop("token_type_ids", None)  # BERT-style tokenizers add it; no captioning model's generate() takes it
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()
                   if isinstance(v, torch.Tensor)}
         with torch.inference_mode():
