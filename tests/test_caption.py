@@ -128,6 +128,13 @@ def test_modes_fill_replace_append(dataset):
     r = caption_folder(dataset, "template", template="green thing, leaf", mode="append", trigger="sks", progress=False)
     assert r.unchanged == 4 and r.written == 0
 
+    # append to a caption kept in .caption: the new .txt (read first by the trainer) carries the old tags too
+    blue = dataset / "10_sks dog" / "blue_square (2).png"
+    blue.with_suffix(".txt").unlink()
+    blue.with_suffix(".caption").write_text("blue, square", encoding="utf-8")
+    caption_folder(dataset, "template", template="leaf", mode="append", progress=False)
+    assert read_caption(blue) == "blue, square, leaf"
+
     # replace with prefix / suffix / blacklist (wildcards) / dedupe off
     caption_folder(dataset, "template", template="a, simple background, white background, b, a", mode="replace",
                    prefix="masterpiece", suffix="end", blacklist="*background", progress=False)

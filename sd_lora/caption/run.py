@@ -241,8 +241,12 @@ def caption_folder(
                     done.append(img.relative_to(root).as_posix())
                     continue
                 old = read_caption(img, ext)
-                if mode == "append" and old:
-                    body = old + ", " + body
+                if mode == "append":
+                    # Append to the caption the trainer reads now, which may be in .caption when ext is .txt:
+                    # the file written here takes its place, so it must carry the old tags too.
+                    current = existing_caption(img, ext)
+                    if current:
+                        body = current + ", " + body
                 text = compose_caption(body, trigger=trigger, prefix=prefix, suffix=suffix, blacklist=blacklist, dedupe=dedupe)
                 report.captions[str(img)] = text
                 if text == old:
