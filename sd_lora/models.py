@@ -276,7 +276,7 @@ def _random_pipeline_from_configs(path: Path, seed: int):
         elif cls_name == "CLIPTokenizer":
             parts[name] = (
                 CLIPTokenizer.from_pretrained(sub, model_max_length=77)
-                if (sub / "vocab.json").is_file()
+                if (sub / "vocab.json").is_file() or (sub / "tokenizer.json").is_file()  # transformers 5 saves only tokenizer.json
                 else shipped_tokenizer(pad_token="!" if name == "tokenizer_2" else None)
             )
         else:

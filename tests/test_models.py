@@ -81,6 +81,17 @@ def test_folder_and_single_file_give_the_same_image(saved, arch):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_random_weights_from_a_folder_keep_its_tokenizers(saved):
+    # transformers 5 saves tokenizer.json only; the folder's own (tiny) tokenizer must be used, not
+    # swapped for the 49,408-token shipped one, which would not fit the tiny text encoders.
+    pipe, folder, _ = saved("sdxl")
+    rebuilt = load_base(folder, random_weights=True, seed=1)
+    assert len(rebuilt.tokenizer) == len(rebuilt.tokenizer_2) == len(pipe.tokenizer) < 49408
+    assert rebuilt.unet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    assert not torch.equal(rebuilt.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert torch.isfinite(image(rebuilt)).all()
+
+
 def test_single_file_records_v_prediction_and_detection_reads_it(saved):
     _, _, v_file = saved("sd2-v")
     _, eps_folder, eps_file = saved("sd2")
