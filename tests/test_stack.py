@@ -76,10 +76,13 @@ def files(pipe, tmp_path):
     return [write_kohya(tmp_path / f"l{i}.safetensors", pipe, seed=i, conv=(i == 1)) for i in range(3)]
 
 
-def test_fused_lora_and_locon_equal_diffusers_fuse(pipe, tmp_path):
-    """Our fused weights equal diffusers' `load_lora_weights` + `fuse_lora` (UNet and text encoder)."""
-    f = write_kohya(tmp_path / "locon.safetensors", pipe, seed=3, conv=True, dtype=torch.float32)
-    ref = tiny_pipeline("sd1")
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_fused_lora_and_locon_equal_diffusers_fuse(arch, tmp_path):
+    """Our fused weights equal diffusers' `load_lora_weights` + `fuse_lora` (UNet and text encoders;
+    SD1 with LoCon conv layers, SDXL with kohya's SGM block names and te1/te2)."""
+    pipe = tiny_pipeline(arch)
+    f = write_kohya(tmp_path / "locon.safetensors", pipe, arch=arch, seed=3, conv=arch == "sd1", dtype=torch.float32)
+    ref = tiny_pipeline(arch)
     ref.load_lora_weights(str(f), adapter_name="x")
     ref.fuse_lora(lora_scale=0.7)
     ref.unload_lora_weights()
@@ -89,7 +92,9 @@ def test_fused_lora_and_locon_equal_diffusers_fuse(pipe, tmp_path):
     apply_loras(pipe, [(f, 0.7)])
     got = weights(pipe)
     changed = [k for k in got if not torch.equal(got[k], base[k])]
-    assert any(k.startswith("text_encoder.") for k in changed) and any("conv1" in k for k in changed)
+    assert any(k.startswith("text_encoder.") for k in changed)
+    assert arch != "sdxl" or any(k.startswith("text_encoder_2.") for k in changed)
+    assert arch != "sd1" or any("conv1" in k for k in changed)
     assert [k for k in expected if not torch.equal(expected[k], base[k])] == changed  # same weights touched
     for k in changed:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -1,0 +1,195 @@
+"""Weighted LoRA stacks vs diffusers on full-size SD1.5 (random weights, CPU). Prints ratios.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_stack.py [--files 20] [--switches 6] [--size 128] [--steps 2]
+
+Setup: `sd_lora.testing.full_size_pipeline("sd1")` (fp32, random weights) and 20 kohya LoRA files,
+r16 on attention (UNet to_q/k/v/out + CLIP q/k/v/out_proj), fp16, written with `save_lora`.
+Measured, each side in the same process on the same pipeline (median of repeats):
+  1. cold apply of a 3-LoRA stack from files not read before:
+       ours  apply_loras(pipe, 3 files)  (fresh cache: reads, matches, backs up, fuses)
+       diff  load_lora_weights x3 + set_adapters + fuse_lora
+  2. switching between 3-LoRA stacks drawn from the 20 files, all used before:
+       ours  apply_loras(pipe, next stack)
+       diff  (all 20 loaded) unfuse_lora + set_adapters + fuse_lora
+  3. one image (2 steps at 128 px by default) bare / with our fused stack / with diffusers'
+     adapters active and not fused (the usual way to keep switching cheap in diffusers).
+  4. 100 switches: RSS growth and the file cache's bytes against its bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
+    from sd_lora.formats.kohya import save_lora
+    from sd_lora.network.naming import kohya_module_name, module_index
+
+    layers, seen = [], set()
+    for c, p, m in module_index(pipe, "sd1").values():
+        if (c, p) not in seen and p.endswith(ATTN):
+            seen.add((c, p))
+            layers.append((kohya_module_name(c, p, "sd1"), m.weight.shape))
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for name, (out_f, in_f) in layers:
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+            sd[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.01
+            sd[f"{name}.alpha"] = torch.tensor(float(rank))
+        paths.append(save_lora(directory / f"lora{i:02d}.safetensors", sd, metadata={"ss_network_dim": str(rank)}))
+    return paths
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def image(pipe, size, steps) -> float:
+    return timed(lambda: pipe(prompt="a photo", num_inference_steps=steps, width=size, height=size,
+                              generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=20)
+    ap.add_argument("--switches", type=int, default=6, help="timed switches per side")
+    ap.add_argument("--cold", type=int, default=3, help="cold applies per side (3 new files each)")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--images", type=int, default=3, help="timed images per configuration")
+    args = ap.parse_args()
+
+    from sd_lora.stack import LoraCache, apply_loras, remove_loras
+    from sd_lora.testing import full_size_pipeline
+
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}")
+    t = time.perf_counter()
+    pipe = full_size_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=True)
+    print(f"built full-size SD1.5 pipeline (random weights) in {time.perf_counter() - t:.1f} s")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_stack_"))
+    files = make_files(pipe, tmp, max(args.files, 3 * args.cold))
+    print(f"{len(files)} LoRA files, {files[0].stat().st_size / 1e6:.1f} MB each (r16 attention, UNet + TE, fp16)")
+    base_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    rng = random.Random(0)
+    weights = (0.8, 0.5, 0.3)
+
+    # 1. Cold apply ------------------------------------------------------------------------------
+    ours_cold = []
+    for i in range(args.cold):
+        stack = list(zip(files[3 * i: 3 * i + 3], weights))
+        ours_cold.append(timed(lambda: apply_loras(pipe, stack, cache=LoraCache())))
+        remove_loras(pipe)
+    diff_cold = []
+    for i in range(args.cold):
+        names = [f"c{i}_{j}" for j in range(3)]
+
+        def diffusers_cold():
+            for name, f in zip(names, files[3 * i: 3 * i + 3]):
+                pipe.load_lora_weights(str(f), adapter_name=name)
+            pipe.set_adapters(names, adapter_weights=list(weights))
+            pipe.fuse_lora(adapter_names=names)
+
+        diff_cold.append(timed(diffusers_cold))
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, base_q)
+    oc, dc = statistics.median(ours_cold), statistics.median(diff_cold)
+    print(f"cold apply, 3 new files:   ours {oc:.3f} s   diffusers {dc:.3f} s   ratio {dc / oc:.1f}x")
+
+    # 2. Switching -------------------------------------------------------------------------------
+    pool = files[: args.files]
+    stacks = [rng.sample(range(len(pool)), 3) for _ in range(args.switches + 1)]
+    cache = LoraCache()
+    for f in pool:  # "used before": every file read once into the cache
+        apply_loras(pipe, [(f, 1.0)], cache=cache)
+    apply_loras(pipe, [(pool[j], w) for j, w in zip(stacks[0], weights)], cache=cache)
+    ours_sw = [timed(lambda s=s: apply_loras(pipe, [(pool[j], w) for j, w in zip(s, weights)], cache=cache)) for s in stacks[1:]]
+    fused_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
+    remove_loras(pipe)
+
+    t = time.perf_counter()
+    for i, f in enumerate(pool):
+        pipe.load_lora_weights(str(f), adapter_name=f"a{i}")
+    print(f"(diffusers: loading {len(pool)} adapters took {time.perf_counter() - t:.1f} s, not counted)")
+    first = [f"a{j}" for j in stacks[0]]
+    pipe.set_adapters(first, adapter_weights=list(weights))
+    pipe.fuse_lora(adapter_names=first)
+    diff_sw = []
+    for s in stacks[1:]:
+        names = [f"a{j}" for j in s]
+
+        def diffusers_switch():
+            pipe.unfuse_lora()
+            pipe.set_adapters(names, adapter_weights=list(weights))
+            pipe.fuse_lora(adapter_names=names)
+
+        diff_sw.append(timed(diffusers_switch))
+    q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    diff_q = q.base_layer.weight if hasattr(q, "base_layer") else q.weight
+    print(f"max |ours - diffusers| on a fused weight after the same switch: {(fused_q - diff_q).abs().max().item():.2e}")
+    os_, ds = statistics.median(ours_sw), statistics.median(diff_sw)
+    print(f"switch 3-LoRA stacks (pool of {len(pool)}): ours {os_:.3f} s   diffusers {ds:.3f} s   ratio {ds / os_:.1f}x")
+
+    # 3. Per-image time -------------------------------------------------------------------------
+    pipe.unfuse_lora()
+    pipe.set_adapters(first, adapter_weights=list(weights))  # active, not fused
+    image(pipe, args.size, args.steps)  # warm-up
+    diff_img = min(image(pipe, args.size, args.steps) for _ in range(args.images))
+    pipe.unload_lora_weights()
+    gc.collect()
+    bare = min(image(pipe, args.size, args.steps) for _ in range(args.images))
+    apply_loras(pipe, [(pool[j], w) for j, w in zip(stacks[0], weights)], cache=cache)
+    ours_img = min(image(pipe, args.size, args.steps) for _ in range(args.images))
+    bare2 = None
+    remove_loras(pipe)
+    bare2 = min(image(pipe, args.size, args.steps) for _ in range(args.images))
+    bare = min(bare, bare2)
+    print(f"one image ({args.steps} steps, {args.size} px): bare {bare:.3f} s   ours fused {ours_img:.3f} s "
+          f"({100 * (ours_img / bare - 1):+.1f} %)   diffusers unfused {diff_img:.3f} s ({100 * (diff_img / bare - 1):+.1f} %)")
+
+    # 4. 100 switches: memory --------------------------------------------------------------------
+    cache = LoraCache(max_bytes=128 * 1024 * 1024)  # holds ~14 of the 20 files: evicts as it goes
+    for s in stacks[:5]:
+        apply_loras(pipe, [(pool[j], w) for j, w in zip(s, weights)], cache=cache)
+    gc.collect()
+    before = rss()
+    t = time.perf_counter()
+    for _ in range(100):
+        s = rng.sample(range(len(pool)), 3)
+        apply_loras(pipe, [(pool[j], w) for j, w in zip(s, weights)], cache=cache)
+        assert cache.num_bytes <= cache.max_bytes
+    took = time.perf_counter() - t
+    gc.collect()
+    growth = rss() - before
+    remove_loras(pipe)
+    assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, base_q)
+    print(f"100 switches in {took:.1f} s: RSS growth {growth / 1e6:+.1f} MB; cache {cache.num_bytes / 1e6:.0f} MB "
+          f"of {cache.max_bytes / 1e6:.0f} MB bound ({cache.hits} hits, {cache.misses} misses); base restored bitwise")
+
+
+if __name__ == "__main__":
+    main()
