@@ -292,7 +292,7 @@ def _export_module(target: Target, layer, method: str) -> dict[str, torch.Tensor
             # Untrained (PEFT starts E at zero) or every rank pruned: the delta is zero. Keep one
             # zero rank so every module stays in the file and the key set is stable.
             keep = torch.zeros(1, dtype=torch.long)
-        scale = float(layer.scaling[ADAPTER_NAME]) / (float(layer.ranknum[ADAPTER_NAME]) + 1e-5)
+        scale = float(layer.scaling[ADAPTER_NAME]) / (float(layer.ranknum[ADAPTER_NAME].detach()) + 1e-5)
         put("lora_down.weight", (a * e)[keep])
         put("lora_up.weight", b[:, keep])
         put("alpha", torch.tensor(scale * keep.numel()))
