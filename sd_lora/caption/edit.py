@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..config import IMAGE_EXTENSIONS  # the image files the trainer reads
+from ..data.captions import caption_extensions  # the trainer's order: the configured extension, then .txt, .caption
 from ..io import atomic_write
-
-# Image files the trainer reads (kept equal to sd_lora.config.IMAGE_EXTENSIONS).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-# Extensions the trainer falls back to when the configured one is missing (see sd_lora.data.captions).
-TRAINER_CAPTION_EXTENSIONS = (".txt", ".caption")
 
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _SAFE_EXT = re.compile(r"^\.[A-Za-z0-9_-]{1,16}$")
@@ -62,7 +59,7 @@ def existing_caption(image: str | Path, ext: str = ".txt") -> str | None:
     "Fill missing" uses this, so an image captioned in `.caption` is not given a second, competing
     `.txt` caption.
     """
-    for e in (ext,) + tuple(x for x in TRAINER_CAPTION_EXTENSIONS if x != ext):
+    for e in caption_extensions(ext):
         text = read_caption(image, e)
         if text:
             return text
