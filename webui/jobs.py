@@ -400,24 +400,28 @@ class JobQueue:
 
 def run_job(job_dir: str | os.PathLike) -> int:
     """Body of the training process: read config.toml, train, append every event to events.jsonl."""
-    import sd_lora
+    from sd_lora.train import train  # the function (sd_lora.train is also its package)
 
     d = Path(job_dir)
     events = open(d / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    seen = set()
 
     def on_event(e: dict) -> None:
+        seen.add(e.get("event"))
         events.write(json.dumps(e, default=str) + "\n")
         events.flush()
 
     try:
         cfg = load_config(d / "config.toml")
-        sd_lora.train(cfg, on_event=on_event)
+        train(cfg, on_event=on_event)
         return 0
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        # the trainer emits its own "error" event for what it catches; make sure one is there
-        on_event({"event": "error", "time": _now(), "message": f"{type(e).__name__}: {e}"})
+        if "stopped" in seen:  # the trainer stopped on request (TrainingStopped) after its checkpoint
+            return 0
+        if "error" not in seen:  # the trainer reports what it catches; add what it could not
+            on_event({"event": "error", "time": _now(), "message": f"{type(e).__name__}: {e}"})
         import traceback
 
         traceback.print_exc()

@@ -103,22 +103,17 @@ def bulk_caption_edit(root: Path, op: str, a: str, b: str) -> int:
     raise ValueError(f"unknown bulk operation {op!r}")
 
 
-def run_captioner(root: Path, name: str, mode: str, trigger: str, progress) -> str:
+def run_captioner(root: Path, name: str, mode: str, trigger: str, model: Path | None, template: str, progress) -> str:
     """Caption every image under `root` with the captioner `name`, reporting progress to the page."""
     import sd_lora
 
     if not name:
         raise ValueError("auto-caption: choose a captioner")
-    caption_folder = getattr(sd_lora, "caption_folder", None)
-    if caption_folder is None:
-        raise ValueError("auto-caption: this sd_lora build has no caption_folder(); update sd-lora")
-    params = inspect.signature(caption_folder).parameters
-    kwargs = {"captioner": name}
-    if "mode" in params:
-        kwargs["mode"] = mode
-    if "trigger" in params and trigger:
-        kwargs["trigger"] = trigger.strip()
-    if "on_progress" in params:
-        kwargs["on_progress"] = lambda done, total: progress((done, total), desc="captioning", unit="images")
-    result = caption_folder(root, **kwargs)
-    return f"captioned with {name}: {result}"
+    options = {}
+    if name == "template" and (template or "").strip():
+        options["template"] = template.strip()
+    report = sd_lora.caption_folder(
+        root, name, model=model, mode=mode, trigger=(trigger or "").strip(), progress=False,
+        callback=lambda done, total: progress((done, total), desc="captioning", unit="images"), **options,
+    )
+    return "\n".join(report.lines())

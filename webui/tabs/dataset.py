@@ -93,11 +93,13 @@ def build(ctx) -> None:
         return items, note, f"{op}: changed {changed} caption(s)"
 
     @guard
-    def auto_caption(folder: str, captioner: str, mode: str, trigger: str, progress=gr.Progress()):
+    def auto_caption(folder: str, captioner: str, mode: str, trigger: str, model: str, template: str,
+                     progress=gr.Progress()):
         from .common import run_captioner
 
         root = folder_of(folder)
-        summary = run_captioner(root, captioner, mode, trigger, progress)
+        model_path = ws.path(model, must_exist=True, kind="captioner model") if (model or "").strip() else None
+        summary = run_captioner(root, captioner, mode, trigger, model_path, template, progress)
         items, note = gallery(folder)
         return items, note, summary
 
@@ -133,14 +135,17 @@ def build(ctx) -> None:
     with gr.Accordion("Bulk edit captions", open=False):
         with gr.Row():
             op = gr.Dropdown(BULK_OPS, value=BULK_OPS[0], label="operation")
-            arg_a = gr.Textbox(label="text (trigger word / prefix / suffix / find / tag)")
-            arg_b = gr.Textbox(label="replace with (find / replace only)")
+            arg_a = gr.Textbox(label="text: trigger word / prefix / suffix / find / tags to remove / fill template")
+            arg_b = gr.Textbox(label="replace with (find / replace); trigger word (fill missing)")
         bulk_btn = gr.Button("Apply to every caption")
     with gr.Accordion("Auto-caption", open=False):
         with gr.Row():
             captioner = gr.Dropdown(_captioner_names(), label="captioner", value=(_captioner_names() or [None])[0])
             mode = gr.Radio(["fill", "replace", "append"], value="fill", label="existing captions")
             trigger = gr.Textbox(label="trigger word (optional)")
+        with gr.Row():
+            cap_model = gr.Textbox(label="captioner model folder (transformers / wd14; e.g. models/wd14-tagger)")
+            template = gr.Textbox(label="template (template captioner)", value="{trigger}, {folder}")
         caption_btn = gr.Button("Caption the folder")
     with gr.Accordion("Check: what the trainer will see", open=True):
         with gr.Row():
@@ -155,7 +160,7 @@ def build(ctx) -> None:
     save.click(save_caption, [folder, image, caption], [thumbs, note, status], api_name="save_caption")
     upload_btn.click(upload, [folder, new_name, files], [folder, thumbs, note, status], api_name="upload_images")
     bulk_btn.click(bulk, [folder, op, arg_a, arg_b], [thumbs, note, status], api_name="bulk_caption")
-    caption_btn.click(auto_caption, [folder, captioner, mode, trigger], [thumbs, note, status], api_name="auto_caption")
+    caption_btn.click(auto_caption, [folder, captioner, mode, trigger, cap_model, template], [thumbs, note, status], api_name="auto_caption")
     check_btn.click(check, [folder, repeats, resolution], report, api_name="check_dataset")
 
 

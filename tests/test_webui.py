@@ -1,0 +1,200 @@
+"""The web UI driven through its API with gradio_client, on the tiny SD1 model: caption a folder, train,
+stop and resume, generate with a two-LoRA stack, inspect the library.
+
+One server for the module (starting Gradio and the training processes is the slow part); the tests run
+in file order, and the job tests use only their own jobs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_workspace(root: Path) -> Path:
+    """A workspace with the tiny SD1 model, a 4-image dataset and two LoRA files with non-zero weights."""
+    import torch
+
+    from sd_lora import NetworkConfig, inject_network, save_lora
+    from sd_lora.testing import tiny_pipeline
+
+    tiny_pipeline("sd1").save_pretrained(root / "models" / "tiny")
+    data = root / "datasets" / "shapes"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["red_circle_01", "blue_square_02", "green_star_03", "red_circle_04"]):
+        arr = np.full((64, 64, 3), (i * 60) % 255, dtype=np.uint8)
+        arr[16:48, 16:48] = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(data / f"{name}.png")
+    for seed, name in ((1, "ink"), (2, "glow")):
+        pipe = tiny_pipeline("sd1")
+        net = inject_network(pipe, NetworkConfig(rank=4, alpha=4, preset="attention"))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        save_lora(root / "loras" / f"{name}.safetensors", net, metadata={"ss_tag_frequency": json.dumps({"1_x": {name: 3, "shape": 1}})})
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from webui.app import launch, stop
+
+    ws = make_workspace(tmp_path_factory.mktemp("ws"))
+    port = free_port()
+    demo = launch(ws, port=port, block=False, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield client, ws, demo
+    stop(demo)
+
+
+def toml_for(ws: Path, output: str, steps: int, extra: str = "") -> str:
+    # workspace-relative paths, as a user types them in the TOML box
+    return f"""
+model = "models/tiny"
+output = "loras/{output}.safetensors"
+steps = {steps}
+seed = 1
+{extra}
+[data]
+path = "datasets/shapes"
+resolution = 64
+[network]
+rank = 4
+alpha = 4.0
+preset = "attention"
+"""
+
+
+def value(out):
+    """A dropdown output through the API: an update dict {"__type__": "update", "value": ...} or the value."""
+    return out["value"] if isinstance(out, dict) else out
+
+
+def wait_status(client: Client, job_id: str, until, timeout: float = 150.0) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        st = client.predict(job_id, api_name="/job_status")
+        if until(st):
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached the state; last: {st}")
+
+
+def test_caption_folder_edit_and_check(server):
+    client, ws, _ = server
+    data = ws / "datasets" / "shapes"
+    assert not list(data.glob("*.txt"))
+    summary = client.predict("datasets/shapes", "filename", "fill", "", "", "", api_name="/auto_caption")[2]
+    assert "wrote 4 caption" in summary
+    assert (data / "red_circle_01.txt").read_text().strip() == "red circle"
+    # one caption edited by hand, then a bulk trigger word
+    client.predict("datasets/shapes", "blue_square_02.png", "a blue square", api_name="/save_caption")
+    assert (data / "blue_square_02.txt").read_text().strip() == "a blue square"
+    status = client.predict("datasets/shapes", "add trigger word", "sks", "", api_name="/bulk_caption")[2]
+    assert "changed 4" in status
+    assert (data / "blue_square_02.txt").read_text().strip() == "sks, a blue square"
+    # the gallery shows the captions the trainer will read
+    gallery, note = client.predict("datasets/shapes", api_name="/dataset_gallery")
+    assert len(gallery) == 4 and "0 without a caption" in note
+    assert sorted(item["caption"] for item in gallery)[0].endswith("sks, a blue square")
+    report = client.predict("datasets/shapes", 3, 64, api_name="/check_dataset")
+    assert "4 training images" in report and "12 samples per epoch" in report and "4 from .txt" in report
+
+
+def test_start_job_and_poll_to_completion(server):
+    client, ws, _ = server
+    bad = client.predict(toml_for(ws, "first", 0), api_name="/validate_config")
+    assert "steps" in bad and "problem" in bad
+    toml = toml_for(ws, "first", 4, 'sample_every = 2\nsample_prompts = ["sks, a red circle"]\nsample_steps = 2\nsave_every = 2')
+    assert "Config OK" in client.predict(toml, api_name="/validate_config")
+    job_id, message = client.predict(toml, api_name="/start_job")
+    job_id = value(job_id)
+    assert job_id and "Queued" in message
+    seen_steps = set()
+
+    def finished(st):
+        seen_steps.add(st["step"])
+        return st["status"] in ("done", "failed", "stopped")
+
+    st = wait_status(client, job_id, finished)
+    assert st["status"] == "done", st
+    assert st["step"] == st["total_steps"] == 4
+    assert len(seen_steps) >= 2  # progress was visible while it ran, not only at the end
+    assert (ws / "loras" / "first.safetensors").is_file()
+    assert len(st["samples"]) == 2 and all(Path(p).is_file() for p in st["samples"])
+    # the library lists the trained file with its metadata
+    frame = client.predict(api_name="/library")[0]
+    assert "first" in [row[0] for row in frame["data"]]
+    details = client.predict("first", api_name="/inspect_lora")[0]
+    assert details["summary"]["base_model"] == "SD 1.x" and details["summary"]["modules"] > 0
+
+
+def test_stop_and_resume_second_job(server):
+    client, ws, _ = server
+    job_id = value(client.predict(toml_for(ws, "second", 20, "save_every = 100"), api_name="/start_job")[0])
+    wait_status(client, job_id, lambda st: st["step"] >= 1 or st["status"] not in ("queued", "running"))
+    client.predict(job_id, api_name="/stop_job")
+    st = wait_status(client, job_id, lambda st: st["status"] not in ("queued", "running", "stopping"))
+    assert st["status"] == "stopped", st
+    stopped_at = st["step"]
+    assert 1 <= stopped_at < 20
+    assert st["checkpoints"], "stop must leave a resumable checkpoint"
+    new_id, message = client.predict(job_id, api_name="/resume_job")
+    new_id = value(new_id)
+    assert new_id != job_id and "resuming" in message
+    st2 = wait_status(client, new_id, lambda st: st["status"] not in ("queued", "running", "stopping"))
+    assert st2["status"] == "done", st2
+    assert st2["resume_of"] == job_id and st2["step"] == 20
+    # the resumed run started where the first stopped: its first step event is the next step
+    events = [json.loads(x) for x in (ws / "jobs" / new_id / "events.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps[0] == stopped_at + 1 and steps[-1] == 20
+    with pytest.raises(AppError, match="only queued or running"):
+        client.predict(new_id, api_name="/stop_job")
+
+
+def test_generate_with_two_lora_stack(server):
+    client, ws, _ = server
+    common = ["models/tiny", "a red circle", "", 3, 2, 64, 64, 1.0]
+    rows = ["ink", 1.0, None, "glow", 0.8, 0.5, "", 1.0, None, "", 1.0, None]
+    images, info = client.predict(*common, True, *rows, api_name="/generate")
+    assert [im["caption"] for im in images] == ["base", "ink", "glow", "stack"]
+    arrays = [np.asarray(Image.open(im["image"])) for im in images]
+    assert not np.array_equal(arrays[0], arrays[3]), "the stack must change the image"
+    assert not np.array_equal(arrays[1], arrays[3])
+    assert "ink x1" in info and "glow x0.8 (TE x0.5)" in info and "Trigger words" in info
+    # the same stack through <lora:...> tags in the prompt gives the same image as the sliders
+    tagged = ["models/tiny", "a red circle <lora:ink:1> <lora:glow:0.5:0.8>", "", 3, 2, 64, 64, 1.0]
+    images2, _ = client.predict(*tagged, False, *(["", 1.0, None] * 4), api_name="/generate")
+    assert np.array_equal(np.asarray(Image.open(images2[0]["image"])), arrays[3])
+    # and the pipeline is back to the base afterwards (exact restore)
+    base_again, _ = client.predict(*common, False, *(["", 1.0, None] * 4), api_name="/generate")
+    assert np.array_equal(np.asarray(Image.open(base_again[0]["image"])), arrays[0])
+
+
+def test_presets_and_toml_round_trip(server):
+    client, _, _ = server
+    out = client.predict('model = "models/tiny"\nsteps = 10\n', "8 GB - SD1.5 512 px", "~19 MB SD1.5 / ~114 MB SDXL (rank 16)",
+                         api_name="/apply_preset")
+    toml = out[0]
+    assert 'mixed_precision = "fp16"' in toml and "optimizer = \"adamw8bit\"" in toml
+    assert "rank = 16" in toml and 'model = "models/tiny"' in toml and "steps = 10" in toml
