@@ -331,3 +331,25 @@ def test_generate_cli_with_prompt_tags_and_weight_grid(tmp_path):
 
     assert main(common + ["--prompt", "a <lora:inc:1>", "--lora-dir", str(lora_dir), "--out", str(tmp_path / "x.png")]) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_failure_while_writing_puts_back_the_previous_stack(pipe, files, monkeypatch):
+    """An error half-way through writing (e.g. out of memory) rolls back to the previous stack."""
+    import sd_lora.stack.fuse as fuse
+
+    apply_loras(pipe, [(files[0], 0.8)])
+    before = weights(pipe)
+    real, calls = fuse._write, []
+
+    def flaky(st, t, contributions, all_files):
+        calls.append(t)
+        if len(calls) == 10 and contributions:
+            raise MemoryError("simulated out of memory")
+        return real(st, t, contributions, all_files)
+
+    monkeypatch.setattr(fuse, "_write", flaky)
+    with pytest.raises(MemoryError):
+        apply_loras(pipe, [(files[1], 1.0), (files[2], 0.5)])
+    monkeypatch.setattr(fuse, "_write", real)
+    assert_bitwise(weights(pipe), before)
+    assert apply_loras(pipe, [(files[0], 0.8)]).changed == 0  # the state agrees with the weights

@@ -241,7 +241,7 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
             if lora.modules[name].bias_delta() is not None:
                 wanted.setdefault((component, path, "bias"), []).append((key, name, float(w)))
     new = {t: tuple(c) for t, c in wanted.items()}
-    changed = [t for t in set(new) | set(st.applied) if new.get(t, ()) != st.applied.get(t, ())]
+    changed = sorted(t for t in set(new) | set(st.applied) if new.get(t, ()) != st.applied.get(t, ()))
     for t in changed:
         if t not in st.targets:
             module = st.modules[t[:2]]
@@ -257,8 +257,8 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
     try:
         with torch.no_grad():
             for t in changed:
+                done.append(t)  # before writing: a write that fails half-way is put back too
                 _write(st, t, new.get(t, ()), all_files)
-                done.append(t)
     except BaseException:
         with torch.no_grad():
             for t in done:
@@ -286,7 +286,8 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
             return
         module = st.modules[t[:2]]
         target = _Target(module=module, param=t[2])
-        target.backup = target.tensor.detach().to("cpu", copy=True)  # the exact original bits
+        # The exact original bits, in CPU memory (on a GPU this keeps VRAM free, as A1111 does).
+        target.backup = target.tensor.detach().to("cpu", copy=True).contiguous()
         st.targets[t] = target
     param = target.tensor
     if not contributions:
@@ -309,10 +310,10 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
             dense.append(mod.delta(param.shape, base_weight=backup, device=device).mul_(w))
 
     rows = param.shape[0]
-    if param.dtype == torch.float32 and device.type == "cpu" and len(ups) + len(dense) > 0:
+    if param.dtype == torch.float32 and device.type == "cpu" and param.is_contiguous():
         # fp32 on the CPU: write backup + U @ D straight into the weight, one pass over memory.
         out2d = param.view(rows, -1)
-        if ups:
+        if ups:  # all plain LoRA factors on this layer as one rank-(sum of ranks) update
             torch.addmm(backup.view(rows, -1), torch.cat(ups, 1), torch.cat(downs, 0), out=out2d)
         else:
             out2d.copy_(backup.view(rows, -1))
