@@ -2,8 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python bench/bench_load.py [--arch sd1] [--file-dtype float32] [--dtype float32 float16]
 
-1. Builds a full-size pipeline of `--arch` with seeded random weights and writes it as an
-   original-layout .safetensors file with `save_single_file` (skipped when the file exists).
+1. Builds a full-size pipeline of `--arch` with seeded random weights (in the file's dtype, one
+   copy) and writes it as an original-layout .safetensors file with `save_single_file` (skipped
+   when the file exists).
 2. In a fresh Python process: imports, records the baseline RSS, runs `load_base(file)`, and
    records RSS right after loading, the peak RSS (VmHWM), RSS once every weight has been
    read, and the time; once per `--dtype`.
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 CHILD = r"""
 import json, sys, time, torch
 def status(field):
@@ -38,7 +41,8 @@ t = time.perf_counter()
 pipe = load_base(sys.argv[1], dtype=dtype)
 seconds = time.perf_counter() - t
 after, peak_load = status("VmRSS"), status("VmHWM")
-params = [p for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()]
+parts = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
+params = [p for m in parts for p in m.parameters()]
 with torch.no_grad():
     total = sum(float(p.float().sum()) for p in params)  # touch every weight once
 touched = status("VmRSS")
@@ -52,6 +56,42 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def save_random_checkpoint(arch: str, path: Path, dtype: torch.dtype) -> None:
+    """Write a full-size `arch` single file with random weights, holding one copy in `dtype` only.
+
+    The modules are built on the meta device, given storage directly in `dtype`, and filled in place,
+    so even SDXL (3.5 B parameters) needs ~7 GB in fp16. The weights are noise: fine for measuring
+    loading, useless for images.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import schedulers as diffusers_schedulers
+
+    from sd_lora.convert_single_file import save_single_file
+    from sd_lora.models import ARCH_SDXL, shipped_config_dir, shipped_tokenizer
+    from sd_lora.testing import full_size_text_encoders, full_size_unet
+
+    config = shipped_config_dir(arch)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config, subfolder="vae"))
+    modules = [full_size_unet(arch), vae, *full_size_text_encoders(arch)]
+    gen = torch.Generator().manual_seed(0)
+    for m in modules:
+        m.to(dtype).to_empty(device="cpu")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0.0, 0.02, generator=gen)
+    sched_cfg = diffusers_schedulers.DDIMScheduler.load_config(config, subfolder="scheduler")
+    scheduler = getattr(diffusers_schedulers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    unet, vae, te = modules[:3]
+    if arch == ARCH_SDXL:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=modules[3], tokenizer=shipped_tokenizer(),
+                                         tokenizer_2=shipped_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=shipped_tokenizer(), unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    save_single_file(pipe, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
@@ -62,15 +102,8 @@ def main() -> None:
     path = Path(args.file or f"/tmp/sd_lora_bench_{args.arch}_{args.file_dtype}.safetensors")
 
     if not path.exists():
-        import torch
-
-        from sd_lora.convert_single_file import save_single_file
-        from sd_lora.testing import full_size_pipeline
-
         t = time.perf_counter()
-        pipe = full_size_pipeline(args.arch)
-        save_single_file(pipe, path, dtype=getattr(torch, args.file_dtype))
-        del pipe
+        save_random_checkpoint(args.arch, path, getattr(torch, args.file_dtype))
         print(f"wrote {path} in {time.perf_counter() - t:.0f} s")
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_OFFLINE="1")
