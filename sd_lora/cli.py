@@ -20,6 +20,7 @@ COMMANDS = [
     "train",
     "inspect",
     "convert",
+    "merge", "resize", "extract",
 ]
 # Command modules add themselves to this list (one line each).
 
