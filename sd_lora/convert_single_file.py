@@ -245,6 +245,14 @@ def components_to_single_file_state_dict(
     `text_encoders` holds one state dict for SD1/SD2 and two (CLIP-L, OpenCLIP-G) for SDXL. Pass
     meta-device state dicts to get names and shapes only.
     """
+    for component in (unet, *text_encoders):
+        wrapped = next((k for k in component if ".base_layer." in k or ".lora_" in k), None)
+        if wrapped is not None:
+            # Injected adapters would be written under names no other tool reads, and silently lost.
+            raise ValueError(
+                f"the pipeline still has adapter layers injected (e.g. {wrapped!r}); fuse them into the base "
+                "weights (or remove them) before writing a single-file checkpoint."
+            )
     sd = unet_to_original(unet)
     if vae is not None:
         sd.update(vae_to_original(vae))

@@ -369,3 +369,13 @@ def test_shipped_clip_tokenizer_gives_the_real_ids():
     assert len(tok) == 49408
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok.model_max_length == 77
+
+
+def test_single_file_refuses_pipelines_with_injected_adapters(tmp_path):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("sd1")
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    with pytest.raises(ValueError, match="fuse them"):
+        save_single_file(pipe, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
