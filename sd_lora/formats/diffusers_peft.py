@@ -122,6 +122,20 @@ def _clip_has_text_model_prefix() -> bool:
     return any(n.startswith("text_model.") for n, _ in CLIPTextModel(cfg).named_modules())
 
 
+def _installed_module_path(name: str) -> tuple[str, str]:
+    """(component, module path) as the installed diffusers/transformers name the module.
+
+    CLIPTextModel (SD1/SD2's encoder, SDXL's first) lost `text_model.` in transformers 5.6;
+    CLIPTextModelWithProjection (SDXL's second) kept it. PEFT needs the exact path; diffusers uses
+    the paths as target_modules, which PEFT matches by suffix, so the shorter path also works with
+    older transformers.
+    """
+    component, path = kohya_name_to_module(name)
+    if component == "text_encoder" and path.startswith("text_model.") and not _clip_has_text_model_prefix():
+        path = path[len("text_model."):]
+    return component, path
+
+
 def _lora_modules(lora: LoraFile, target: str) -> list[LoraModule]:
     bad = [n for n, m in lora.modules.items() if m.kind != KIND_LORA or "lora_mid.weight" in m.tensors]
     if bad:
@@ -169,7 +183,7 @@ def to_diffusers(lora: LoraFile, dtype: torch.dtype | None = torch.float16) -> t
     per_component: dict[str, list[tuple[str, int]]] = {}
     dora: dict[str, bool] = {}
     for module in _lora_modules(lora, "diffusers"):
-        component, path = kohya_name_to_module(module.name)
+        component, path = _installed_module_path(module.name)
         down, up, magnitude = _peft_tensors(module)
         key = f"{component}.{path}"
         sd[f"{key}.lora_A.weight"] = down
@@ -199,16 +213,11 @@ def save_diffusers(path: str | os.PathLike, lora: LoraFile, dtype: torch.dtype |
 def save_peft(folder: str | os.PathLike, lora: LoraFile, dtype: torch.dtype | None = torch.float16) -> Path:
     """Write `lora` as PEFT adapters: folder/<component>/adapter_model.safetensors + adapter_config.json."""
     folder = Path(folder)
-    strip_text_model = not _clip_has_text_model_prefix()
     groups: dict[str, dict[str, torch.Tensor]] = {}
     entries: dict[str, list[tuple[str, int]]] = {}
     dora: dict[str, bool] = {}
     for module in _lora_modules(lora, "PEFT"):
-        component, path = kohya_name_to_module(module.name)
-        # CLIPTextModel (SD1/SD2 encoder, SDXL's first) lost `text_model.` in transformers 5.6;
-        # CLIPTextModelWithProjection (SDXL's second) kept it.
-        if component == "text_encoder" and strip_text_model and path.startswith("text_model."):
-            path = path[len("text_model."):]
+        component, path = _installed_module_path(module.name)
         down, up, magnitude = _peft_tensors(module)
         sd = groups.setdefault(component, {})
         sd[f"base_model.model.{path}.lora_A.weight"] = down
