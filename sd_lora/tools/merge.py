@@ -57,6 +57,13 @@ def read_stack(stack, strict: bool = True) -> list[tuple[LoraSpec, LoraFile]]:
         lora = spec.path if isinstance(spec.path, LoraFile) else load_lora(spec.path, strict=strict)
         loaded.append((spec, lora))
     families = {ARCH_FAMILY[lo.arch]: sp.label for sp, lo in loaded if lo.arch}
+    for sp, lo in loaded:  # files too small to tell their model still name their text encoders
+        if lo.arch is None and any(n.startswith(("lora_te1_", "lora_te2_")) for n in lo.modules):
+            families.setdefault("sdxl", sp.label)
+        elif lo.arch is None and any(n.startswith("lora_te_") for n in lo.modules):
+            families.setdefault("sd1/sd2", sp.label)
+    if {"sd1", "sd2"} & set(families) and "sd1/sd2" in families:
+        del families["sd1/sd2"]
     if len(families) > 1:
         raise ValueError(
             "these LoRAs are for different model families and cannot be merged: "
