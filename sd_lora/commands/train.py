@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 
@@ -111,5 +112,6 @@ def run(args) -> int:
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)
         return 130
-    print(f"saved {path}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun every process returns here
+        print(f"saved {path}")
     return 0

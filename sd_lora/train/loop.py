@@ -96,10 +96,17 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    import os
+
+    # Several processes but no GPU (`accelerate launch --multi_gpu` / `torchrun` on CPUs): accelerate
+    # only picks the gloo CPU backend when told it is on the CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=config.mixed_precision,
         # SDXL's te1 last layer and adapter module dropout leave parameters unused in some steps.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=config.network.train_text_encoder or config.network.module_dropout > 0)],
     )
     main = accelerator.is_main_process
     events = EventLog(

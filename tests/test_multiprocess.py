@@ -1,0 +1,54 @@
+"""Two CPU processes through `accelerate launch` (gloo): the CLI trains and the main process saves one file.
+
+On a machine without GPUs `accelerate launch --multi_gpu --num_processes 2` starts two processes with
+torchrun; the trainer sees no CUDA and has accelerate use the gloo CPU backend. (`--cpu` would make
+accelerate start a single process.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sd_lora.io import load_safetensors
+from sd_lora.train.events import read_events
+
+
+def test_two_process_accelerate_launch(tmp_path):
+    from sd_lora.testing import tiny_pipeline
+
+    tiny_pipeline("sd1").save_pretrained(tmp_path / "model")
+    folder = tmp_path / "data" / "3_dots"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("dots")
+    out = tmp_path / "out" / "dots.safetensors"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sd_lora.cli", "train",
+        "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--output", str(out),
+        "--resolution", "64", "--steps", "4", "--rank", "4", "--no-train-text-encoder", "--save-every", "2",
+        "--cache-latents", "disk",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tensors, metadata = load_safetensors(out)
+    assert tensors and metadata["ss_steps"] == "4"
+    events = read_events(out.parent / "dots.events.jsonl")  # written by the main process only
+    start = next(e for e in events if e["event"] == "start")
+    assert start["processes"] == 2
+    # 4 images x 3 repeats = 12 batches per epoch, 2 per step (one per process): 6 steps per epoch
+    assert start["steps_per_epoch"] == 6
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    assert [e["event"] for e in events].count("done") == 1
+    assert sorted(p.name for p in out.parent.glob("*.safetensors")) == ["dots-step000002.safetensors", "dots.safetensors"]
+    assert len(list((tmp_path / "data" / ".sd-lora-cache").glob("*.safetensors"))) == 4
