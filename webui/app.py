@@ -64,10 +64,11 @@ def build_app(workspace: str | os.PathLike | Workspace, queue: JobQueue | None =
                 dataset.build(ctx)
             with gr.Tab("Train", id="train"):
                 train.build(ctx, timer_s=timer_s)
-            with gr.Tab("Generate", id="generate"):
-                generate.build(ctx)
-            with gr.Tab("Library", id="library"):
-                library.build(ctx)
+            # these two refresh their file lists each time they are opened (a job may have added a LoRA)
+            with gr.Tab("Generate", id="generate") as generate_tab:
+                generate.build(ctx, generate_tab)
+            with gr.Tab("Library", id="library") as library_tab:
+                library.build(ctx, library_tab)
     demo.sd_lora_context = ctx  # for tests and for launch() to stop the queue
     return demo
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ QUEUED, RUNNING, STOPPING, DONE, STOPPED, FAILED, CANCELLED = (
 )
 ACTIVE = (QUEUED, RUNNING, STOPPING)
 FINISHED = (DONE, STOPPED, FAILED, CANCELLED)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 MAX_QUEUED = 8  # jobs waiting + running; a queue longer than this is more likely a double click
 
 
@@ -233,13 +235,18 @@ class JobQueue:
             return tail.update()
 
     def log_tail(self, job_id: str, max_bytes: int = 16_000) -> str:
+        """The end of the job's log as a terminal would show it: progress bars redrawn with \\r keep
+        only their last state, and colour/cursor escape codes are removed."""
         path = self._job_dir(job_id) / "log.txt"
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, path.stat().st_size - max_bytes))
-                return f.read().decode("utf-8", errors="replace")
+                text = f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+        text = _ANSI.sub("", text)
+        lines = [line.rstrip("\r").split("\r")[-1].rstrip() for line in text.split("\n")]
+        return "\n".join(line for line in lines if line)
 
     # ---- commands -----------------------------------------------------------------------------
     def submit(self, cfg: TrainConfig, name: str = "", resume_of: str | None = None) -> str:

@@ -24,11 +24,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from webui.app import launch
     from webui.security import parse_auth
 
     auth = parse_auth(args.auth)
     if args.share and not auth:
         raise ValueError("--share publishes the UI on the internet: add --auth USER:PASSWORD as well")
+    from webui.app import launch  # imports Gradio: after the argument checks, which are instant
     launch(args.workspace, host=args.host, port=args.port, auth=auth, share=args.share, max_file_size=args.max_file_size)
     return 0

@@ -154,6 +154,15 @@ def build(ctx) -> None:
             check_btn = gr.Button("Check")
         report = gr.Textbox(label="report", lines=6, interactive=False)
 
+    def initial():
+        # a page load shows the first dataset (the dropdown's value alone would not fill the gallery)
+        choices = dataset_choices()
+        if not choices:
+            return gr.update(choices=[]), [], "No datasets yet: upload images into a new one."
+        items, text = gallery(choices[0])
+        return gr.update(choices=choices, value=choices[0]), items, text
+
+    gr.context.Context.root_block.load(initial, None, [folder, thumbs, note], api_name=False)
     refresh.click(lambda: gr.update(choices=dataset_choices()), None, folder, api_name=False)
     folder.change(gallery, folder, [thumbs, note], api_name="dataset_gallery")
     thumbs.select(select, folder, [image, caption], api_name=False)

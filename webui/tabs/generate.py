@@ -20,7 +20,7 @@ from .common import guard, list_loras, list_models
 LORA_ROWS = 4
 
 
-def build(ctx) -> None:
+def build(ctx, tab=None) -> None:
     ws = ctx.workspace
     lock = threading.Lock()  # one generation at a time: the pipeline's weights are shared state
 
@@ -119,7 +119,7 @@ def build(ctx) -> None:
             gr.Markdown("**LoRA stack** (from loras/ of the workspace)")
             for i in range(LORA_ROWS):
                 with gr.Row():
-                    name = gr.Dropdown([""] + list_loras(ws), value="", label=f"LoRA {i + 1}", scale=3)
+                    name = gr.Dropdown([""] + list_loras(ws), value="", label=f"LoRA {i + 1}", scale=3, allow_custom_value=True)
                     weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
                 names.append(name)
                 rows += [name, weight]
@@ -137,3 +137,5 @@ def build(ctx) -> None:
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
     go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1)
     refresh_btn.click(refresh, None, [model, *names], api_name=False)
+    if tab is not None:
+        tab.select(refresh, None, [model, *names], api_name=False)

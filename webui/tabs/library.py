@@ -55,7 +55,7 @@ def tool(name: str):
     return getattr(mod, name, None)
 
 
-def build(ctx) -> None:
+def build(ctx, tab=None) -> None:
     ws = ctx.workspace
     lib = ws.root / "loras"
 
@@ -140,7 +140,7 @@ def build(ctx) -> None:
     frame = gr.Dataframe(label="library", interactive=False, wrap=True)
     with gr.Row():
         with gr.Column(scale=3):
-            name = gr.Dropdown([], label="LoRA", allow_custom_value=False)
+            name = gr.Dropdown([], label="LoRA", allow_custom_value=True)
             inspect_btn = gr.Button("Inspect")
             details = gr.JSON(label="metadata")
         with gr.Column(scale=2):
@@ -153,7 +153,7 @@ def build(ctx) -> None:
             conv_btn = gr.Button("Convert")
     with gr.Accordion("Merge", open=False, visible=True):
         with gr.Row():
-            merge_names = gr.Dropdown([], multiselect=True, label="LoRAs to merge")
+            merge_names = gr.Dropdown([], multiselect=True, label="LoRAs to merge", allow_custom_value=True)
             merge_weights = gr.Textbox(label="weights, comma-separated (default 1 each)")
             merge_name = gr.Textbox(label="new name")
             merge_btn = gr.Button("Merge", interactive=tool("merge_loras") is not None)
@@ -170,6 +170,8 @@ def build(ctx) -> None:
 
     refresh.click(table_and_choices, None, [frame, name, merge_names], api_name="library")
     gr.context.Context.root_block.load(table_and_choices, None, [frame, name, merge_names], api_name=False)
+    if tab is not None:
+        tab.select(table_and_choices, None, [frame, name, merge_names], api_name=False)
     inspect_btn.click(inspect, name, [details, preview, download], api_name="inspect_lora")
     conv_btn.click(convert, [name, fmt, conv_name], tool_status, api_name="convert_lora")
     merge_btn.click(merge, [merge_names, merge_weights, merge_name], tool_status, api_name="merge_loras")

@@ -163,10 +163,12 @@ def loss_frame(losses: list[tuple[int, float]], smoothing: float):
     import pandas as pd
 
     rows, ema = [], None
-    for step, loss in losses:
+    stride = max(1, len(losses) // 1000)  # the smoothing sees every step; the chart gets <= ~1000 points a series
+    for i, (step, loss) in enumerate(losses):
         ema = loss if ema is None else smoothing * ema + (1 - smoothing) * loss
-        rows.append((step, loss, "loss"))
-        rows.append((step, ema, "smoothed"))
+        if i % stride == 0 or i == len(losses) - 1:
+            rows.append((step, loss, "loss"))
+            rows.append((step, ema, "smoothed"))
     return pd.DataFrame(rows or [(0, 0.0, "loss")], columns=["step", "loss", "series"])
 
 
@@ -274,7 +276,7 @@ def build(ctx, timer_s: float = 1.0) -> None:
         p = queue.progress(job_id)
         samples = [(s, Path(s).stem) for s in p.samples if Path(s).is_file()][-24:]
         return (gr.update(choices=job_choices(), value=job_id), progress_html(st, p),
-                loss_frame(p.losses, float(smoothing or 0)), samples, queue.log_tail(job_id, 8000), _jobs_table())
+                loss_frame(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-40:]), _jobs_table())
 
     def _jobs_table():
         import pandas as pd
@@ -284,62 +286,63 @@ def build(ctx, timer_s: float = 1.0) -> None:
 
     # ---- layout -----------------------------------------------------------------------------------
     cfg0 = default_config()
+    gr.Markdown("### Jobs (the running one is shown after a reload too)")
     with gr.Row():
-        gpu = gr.Dropdown(list(GPU_PRESETS), label="preset by GPU memory", value=None)
-        size = gr.Dropdown(list(SIZE_PRESETS), label="preset by file size", value=None)
-        preset_btn = gr.Button("Apply presets", scale=0)
-    with gr.Row():
-        with gr.Column(scale=3):
-            with gr.Row():
-                f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True)
-                f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True)
-                f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
-            with gr.Row():
-                f_steps = gr.Number(label="steps", precision=0)
-                f_batch = gr.Number(label="batch size", precision=0)
-                f_lr = gr.Number(label="learning rate")
-                f_seed = gr.Number(label="seed", precision=0)
-            with gr.Row():
-                f_method = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], label="method")
-                f_preset = gr.Dropdown(["attention", "kohya", "full"], label="targets")
-                f_rank = gr.Number(label="rank", precision=0)
-                f_alpha = gr.Number(label="alpha")
-            with gr.Row():
-                f_res = gr.Number(label="resolution", precision=0)
-                f_opt = gr.Dropdown(["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"], label="optimizer")
-                f_mp = gr.Dropdown(["no", "fp16", "bf16"], label="mixed precision")
-                f_gc = gr.Checkbox(label="gradient checkpointing")
-                f_te = gr.Checkbox(label="train text encoder")
-            with gr.Row():
-                f_save = gr.Number(label="save + checkpoint every N steps (0: end only)", precision=0)
-                f_sample_every = gr.Number(label="sample every N steps (0: never)", precision=0)
-            f_prompts = gr.Textbox(label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
-        with gr.Column(scale=2):
-            toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
-                               lines=22, interactive=True)
-            toml_note = gr.Markdown()
-    form = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
-            f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed]
-    assert len(form) == len(FORM_KEYS)
-    with gr.Row():
-        validate_btn = gr.Button("Validate")
-        start_btn = gr.Button("Start", variant="primary")
-    message = gr.Markdown()
-
-    gr.Markdown("### Jobs")
-    with gr.Row():
-        job = gr.Dropdown(job_choices(), label="job", value=None, scale=3)
+        # allow_custom_value: jobs appear after the page was built; the queue checks every id it is given
+        job = gr.Dropdown(job_choices(), label="job", value=None, scale=3, allow_custom_value=True)
         stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1)
         resume_btn = gr.Button("Resume", scale=1)
     status_html = gr.HTML()
     with gr.Row():
         with gr.Column():
             smoothing = gr.Slider(0, 0.99, value=0.8, step=0.01, label="loss smoothing")
-            plot = gr.LinePlot(loss_frame([], 0), x="step", y="loss", color="series", label="loss", height=260)
-        samples = gr.Gallery(label="samples", columns=4, height=300)
-    log = gr.Textbox(label="log", lines=8, max_lines=8, autoscroll=True, interactive=False)
+            plot = gr.LinePlot(loss_frame([], 0), x="step", y="loss", color="series", label="loss", height=260,
+                              color_map={"loss": "#9ca3af", "smoothed": "#ea580c"})
+        samples = gr.Gallery(label="samples", columns=4, height=300, elem_id="samples")
+    log = gr.Textbox(label="log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False)
     jobs_table = gr.Dataframe(label="queue", interactive=False, wrap=True)
-    status_json = gr.JSON(visible=False)
+    with gr.Accordion("New job", open=True):
+        with gr.Row():
+            gpu = gr.Dropdown(list(GPU_PRESETS), label="preset by GPU memory", value=None)
+            size = gr.Dropdown(list(SIZE_PRESETS), label="preset by file size", value=None)
+            preset_btn = gr.Button("Apply presets", scale=0)
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True)
+                    f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True)
+                    f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
+                with gr.Row():
+                    f_steps = gr.Number(label="steps", precision=0)
+                    f_batch = gr.Number(label="batch size", precision=0)
+                    f_lr = gr.Number(label="learning rate")
+                    f_seed = gr.Number(label="seed", precision=0)
+                with gr.Row():
+                    f_method = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], label="method")
+                    f_preset = gr.Dropdown(["attention", "kohya", "full"], label="targets")
+                    f_rank = gr.Number(label="rank", precision=0)
+                    f_alpha = gr.Number(label="alpha")
+                with gr.Row():
+                    f_res = gr.Number(label="resolution", precision=0)
+                    f_opt = gr.Dropdown(["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"], label="optimizer")
+                    f_mp = gr.Dropdown(["no", "fp16", "bf16"], label="mixed precision")
+                    f_gc = gr.Checkbox(label="gradient checkpointing")
+                    f_te = gr.Checkbox(label="train text encoder")
+                with gr.Row():
+                    f_save = gr.Number(label="save + checkpoint every N steps (0: end only)", precision=0)
+                    f_sample_every = gr.Number(label="sample every N steps (0: never)", precision=0)
+                f_prompts = gr.Textbox(label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
+            with gr.Column(scale=2):
+                toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
+                                   lines=22, max_lines=34, interactive=True, elem_id="train-toml")
+                toml_note = gr.Markdown()
+        form = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
+                f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed]
+        assert len(form) == len(FORM_KEYS)
+        with gr.Row():
+            validate_btn = gr.Button("Validate")
+            start_btn = gr.Button("Start", variant="primary", elem_id="start")
+        message = gr.Markdown()
 
     # ---- wiring -------------------------------------------------------------------------------------
     for comp in form:
@@ -358,7 +361,7 @@ def build(ctx, timer_s: float = 1.0) -> None:
     gr.api(job_status, api_name="job_status")
     # a page load picks the running job (or the newest) and fills the form from the default TOML
     demo = gr.context.Context.root_block
-    demo.load(default_job, None, job, api_name=False)
+    demo.load(lambda: gr.update(choices=job_choices(), value=default_job()), None, job, api_name=False)
     demo.load(lambda: form_values(cfg0), None, form, api_name=False)
 
 
