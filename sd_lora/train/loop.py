@@ -239,10 +239,12 @@ class _Trainer:
             self.text_cache = TextCache()
             self.text_cache.build(captions, self.conditioner, self.acc.device, show_progress=self.main)
             self.events.emit("cache", stage="text", done=len(self.text_cache.hidden), total=len(self.text_cache.hidden))
-        if d.cache_latents != "none" and not cfg.sample_every and self.text_cache is not None:
-            # Nothing needs the VAE encoder or text encoders any more: free their memory until the end.
+        if d.cache_latents != "none":
+            # Every latent is cached: the VAE encoder is never needed again, and the decoder only
+            # for sample images. Freeing them lowers the peak memory of the training steps.
             self.pipe.vae.encoder = None
-            self.pipe.vae.to("cpu")
+            if not cfg.sample_prompts:
+                self.pipe.vae.decoder = None
 
     def _prepare_optimization(self) -> None:
         cfg, acc = self.cfg, self.acc
