@@ -353,3 +353,21 @@ def test_failure_while_writing_puts_back_the_previous_stack(pipe, files, monkeyp
     monkeypatch.setattr(fuse, "_write", real)
     assert_bitwise(weights(pipe), before)
     assert apply_loras(pipe, [(files[0], 0.8)]).changed == 0  # the state agrees with the weights
+
+
+def test_trigger_words_of_the_applied_stack(pipe):
+    import json
+
+    def with_tags(seed, tags):
+        sd = kohya_state_dict(pipe, "sd1", seed, te=False)
+        mods = {}
+        for key, t in sd.items():
+            name, _, suffix = key.partition(".")
+            mods.setdefault(name, LoraModule(name, "lora", {})).tensors[suffix] = t
+        return LoraFile(mods, metadata={"ss_tag_frequency": json.dumps({"10_set": tags})})
+
+    ink = with_tags(0, {"inkstyle": 40, "monochrome": 12, "1girl": 3})
+    film = with_tags(1, {"filmgrain": 20, "monochrome": 5})
+    info = apply_loras(pipe, [(ink, 0.8), (film, 0.5)])
+    assert info.trigger_words == ["inkstyle", "monochrome", "1girl", "filmgrain"]
+    assert apply_loras(pipe, [(ink, 0.0), (film, 0.5)]).trigger_words == ["filmgrain", "monochrome"]
