@@ -139,6 +139,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     raise CheckpointError(f"{path}: unknown file type {path.suffix!r}; expected .safetensors or .ckpt.")
 
 
+def _umask() -> int:
+    # Read without changing it where the kernel says (os.umask would briefly change it for all threads).
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`.
@@ -149,6 +162,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; the result gets what open() would give
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:

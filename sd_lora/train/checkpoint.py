@@ -70,25 +70,47 @@ def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, s
             torch.save(opt_state, f)
         with atomic_write(tmp / "trainer.json", "w", encoding="utf-8") as f:
             json.dump({**trainer, "step": step}, f, indent=1)
+        old = None
         if final.exists():  # re-saving the same step (e.g. stop right after a scheduled save)
             old = root / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
+        if old is not None:  # deleted only now: a kill before this line leaves a complete step-N
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed away first: a kill in the middle of rmtree must not leave a half-deleted
+            # folder that still looks like a complete checkpoint.
+            trash = root / f".{old.name}.del-{os.getpid()}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    _remove_stale_temporaries(root)
     return final
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete the `.step-*.{tmp,old,del}-PID` folders of processes that no longer run (killed runs)."""
+    for p in root.glob(".step-*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive, but another user's: not ours to delete
+            pass
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "trainer.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and all((p / n).is_file() for n in ("trainable.safetensors", "optimizer.pt", "trainer.json"))]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 

@@ -32,6 +32,8 @@ class EventLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            if self._file.tell() and not _ends_with_newline(path):
+                self._file.write("\n")  # a killed run left a torn last line: do not glue our first event to it
         self._tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,6 +59,12 @@ class EventLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 def read_events(path: str | Path) -> list[dict]:
