@@ -150,24 +150,24 @@ def test_start_job_and_poll_to_completion(server):
 
 def test_stop_and_resume_second_job(server):
     client, ws, _ = server
-    job_id = value(client.predict(toml_for(ws, "second", 20, "save_every = 100"), api_name="/start_job")[0])
+    job_id = value(client.predict(toml_for(ws, "second", 10, "save_every = 100"), api_name="/start_job")[0])
     wait_status(client, job_id, lambda st: st["step"] >= 1 or st["status"] not in ("queued", "running"))
     client.predict(job_id, api_name="/stop_job")
     st = wait_status(client, job_id, lambda st: st["status"] not in ("queued", "running", "stopping"))
     assert st["status"] == "stopped", st
     stopped_at = st["step"]
-    assert 1 <= stopped_at < 20
+    assert 1 <= stopped_at < 10
     assert st["checkpoints"], "stop must leave a resumable checkpoint"
     new_id, message = client.predict(job_id, api_name="/resume_job")
     new_id = value(new_id)
     assert new_id != job_id and "resuming" in message
     st2 = wait_status(client, new_id, lambda st: st["status"] not in ("queued", "running", "stopping"))
     assert st2["status"] == "done", st2
-    assert st2["resume_of"] == job_id and st2["step"] == 20
+    assert st2["resume_of"] == job_id and st2["step"] == 10
     # the resumed run started where the first stopped: its first step event is the next step
     events = [json.loads(x) for x in (ws / "jobs" / new_id / "events.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in events if e["event"] == "step"]
-    assert steps[0] == stopped_at + 1 and steps[-1] == 20
+    assert steps[0] == stopped_at + 1 and steps[-1] == 10
     with pytest.raises(AppError, match="only queued or running"):
         client.predict(new_id, api_name="/stop_job")
 
@@ -198,3 +198,47 @@ def test_presets_and_toml_round_trip(server):
     toml = out[0]
     assert 'mixed_precision = "fp16"' in toml and "optimizer = \"adamw8bit\"" in toml
     assert "rank = 16" in toml and 'model = "models/tiny"' in toml and "steps = 10" in toml
+
+
+# ---- the job queue's on-disk state, without a server -------------------------------------------------
+
+
+def test_event_tail_reads_only_complete_lines(tmp_path):
+    from webui.jobs import EventTail
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "start", "total_steps": 10}\n{"event": "step", "step": 1, "loss": 0.5, "it_per_s": 2.0, "eta_s": 4.5}\n{"event": "st')
+    tail = EventTail(path)
+    p = tail.update()
+    assert (p.step, p.total_steps, p.loss, p.losses) == (1, 10, 0.5, [(1, 0.5)])
+    with open(path, "a") as f:  # the half-written line completes; nothing is read twice
+        f.write('ep", "step": 2, "loss": 0.25}\n{"event": "sample", "step": 2, "paths": ["a.png"]}\n')
+    p = tail.update()
+    assert p.losses == [(1, 0.5), (2, 0.25)] and p.samples == ["a.png"]
+
+
+def test_server_restart_finalizes_orphaned_jobs(tmp_path):
+    """A job recorded as running whose process is gone (server killed) gets its real end state at start-up."""
+    from webui.jobs import JobQueue
+
+    for job_id, events in (("20260101-000000-aaaaaa", '{"event": "stopped", "step": 3}\n'), ("20260101-000001-bbbbbb", "")):
+        d = tmp_path / job_id
+        d.mkdir()
+        (d / "events.jsonl").write_text(events)
+        (d / "state.json").write_text(json.dumps({"id": job_id, "status": "running", "pid": 2**22 + 12345, "stop_file": str(d / "STOP")}))
+    q = JobQueue(tmp_path)
+    states = {j["id"]: j for j in q.jobs()}
+    assert states["20260101-000000-aaaaaa"]["status"] == "stopped"
+    assert states["20260101-000001-bbbbbb"]["status"] == "failed" and "restarted" in states["20260101-000001-bbbbbb"]["message"]
+
+
+def test_loss_chart_draws_raw_and_smoothed(tmp_path):
+    import re
+
+    from webui.tabs.train import loss_svg
+
+    svg = loss_svg([(s, 1.0 / s) for s in range(1, 3001)], 0.9)
+    lines = re.findall(r'<polyline points="([^"]+)"', svg)
+    assert len(lines) == 2 and lines[0] != lines[1]
+    assert 500 <= len(lines[0].split()) <= 700  # 3000 steps drawn with ~600 points
+    assert "no steps yet" in loss_svg([], 0.5)

@@ -90,6 +90,27 @@ class Browser:
                 .find(e => e.innerText.trim() === {json.dumps(text)} && e.offsetParent !== null);
             if (!el) return false; el.click(); return true; }})()""", timeout, what=f"a visible {selector} {text!r}")
 
+    def fill(self, label: str, text: str) -> None:
+        """Type `text` into the visible input or textarea whose label starts with `label` (as a user would)."""
+        self.wait(f"""(() => {{
+            const lab = [...document.querySelectorAll('label')].find(l => l.offsetParent !== null
+                && l.innerText.trim().startsWith({json.dumps(label)}) && l.querySelector('input, textarea'));
+            if (!lab) return false;
+            const el = lab.querySelector('input, textarea'); el.focus(); el.select(); return true; }})()""",
+                  15, what=f"a field labelled {label!r}")
+        self.send("Input.insertText", text=text)
+        self.js("document.activeElement.blur()")
+
+    def fill_in(self, selector: str, text: str, enter: bool = False) -> None:
+        """Type `text` into the element matching a CSS selector (e.g. a dropdown's search input)."""
+        self.wait(f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+                  " if (!el) return false; el.focus(); el.select && el.select(); return true; })()", 15, what=selector)
+        self.send("Input.insertText", text=text)
+        if enter:
+            for kind in ("keyDown", "keyUp"):
+                self.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+        self.js("document.activeElement.blur()")
+
     def tab(self, name: str) -> None:
         self.click_text(name, "button[role=tab]")
         time.sleep(0.5)
@@ -190,10 +211,22 @@ def test_browser_train_reload_screenshots(tmp_path):
         assert "step 8/8" in browser.js("document.querySelector('#job-status').innerText")
         browser.screenshot(shots / "train.png")
 
+        # Generate with the new LoRA through a prompt tag
         browser.tab("Generate")
+        browser.fill("prompt", "sks, a red circle <lora:browser_lora:1>")
+        browser.fill("steps", "2")
+        browser.fill("width", "64")
+        browser.fill("height", "64")
+        browser.js("document.querySelector('#generate-btn').click()")
+        browser.wait("document.body.innerText.includes('browser_lora x1')", 60, what="the generated image's info")
+        assert browser.js("document.querySelectorAll('img').length") >= 1
         browser.screenshot(shots / "generate.png")
+
         browser.tab("Library")
         browser.wait("document.body.innerText.includes('browser_lora')", 20, what="the trained LoRA in the library")
+        browser.fill_in("#library-name input", "browser_lora", enter=True)
+        browser.click_text("Inspect")
+        browser.wait("document.body.innerText.includes('ss_network_dim')", 20, what="the LoRA's metadata")
         browser.screenshot(shots / "library.png")
     finally:
         browser.close()

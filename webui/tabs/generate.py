@@ -128,7 +128,7 @@ def build(ctx, tab=None) -> None:
                     for i in range(LORA_ROWS):
                         te_rows.append(gr.Number(None, label=f"LoRA {i + 1} TE weight"))
             compare = gr.Checkbox(label="compare grid: base, each LoRA alone, and the stack (same seed)")
-            go = gr.Button("Generate", variant="primary")
+            go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
         with gr.Column(scale=2):
             images = gr.Gallery(label="images", columns=2, height=520)
             info = gr.Markdown()

@@ -17,16 +17,16 @@ BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "
 
 def sample_image(path: Path) -> Path | None:
     """A picture for a LoRA: `<stem>.png` / `<stem>.preview.png` next to it (A1111/Civitai habit), else the
-    newest training sample in `<stem>-samples/`, else the trainer's sample grid."""
-    for cand in (path.with_suffix(".png"), path.with_suffix(".preview.png"), path.parent / f"{path.stem}-samples.png"):
+    newest training sample in `<stem>-samples/`, else a sample grid."""
+    for cand in (path.with_suffix(".png"), path.with_suffix(".preview.png")):
         if cand.is_file():
             return cand
     samples = path.parent / f"{path.stem}-samples"
-    if samples.is_dir():
-        pngs = sorted(samples.glob("*.png"))
-        if pngs:
-            return pngs[-1]
-    return None
+    pngs = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
+    if pngs:
+        return pngs[-1]
+    grid = path.parent / f"{path.stem}-samples.png"
+    return grid if grid.is_file() else None
 
 
 def summary(lora, path: Path) -> dict:
@@ -140,7 +140,7 @@ def build(ctx, tab=None) -> None:
     frame = gr.Dataframe(label="library", interactive=False, wrap=True)
     with gr.Row():
         with gr.Column(scale=3):
-            name = gr.Dropdown([], label="LoRA", allow_custom_value=True)
+            name = gr.Dropdown([], label="LoRA", allow_custom_value=True, elem_id="library-name")
             inspect_btn = gr.Button("Inspect")
             details = gr.JSON(label="metadata")
         with gr.Column(scale=2):

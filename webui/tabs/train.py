@@ -159,17 +159,42 @@ def progress_html(state: dict, p) -> str:
     )
 
 
-def loss_frame(losses: list[tuple[int, float]], smoothing: float):
-    import pandas as pd
-
-    rows, ema = [], None
-    stride = max(1, len(losses) // 1000)  # the smoothing sees every step; the chart gets <= ~1000 points a series
-    for i, (step, loss) in enumerate(losses):
+def loss_svg(losses: list[tuple[int, float]], smoothing: float, width: int = 560, height: int = 240) -> str:
+    """The loss curve (raw and exponentially smoothed) as inline SVG: no chart library, nothing to load,
+    cheap to redraw every second. The smoothing sees every step; each line gets <= ~600 points."""
+    if not losses:
+        return '<div class="sd-loss"><small>loss: no steps yet</small></div>'
+    smooth, ema = [], None
+    for _, loss in losses:
         ema = loss if ema is None else smoothing * ema + (1 - smoothing) * loss
-        if i % stride == 0 or i == len(losses) - 1:
-            rows.append((step, loss, "loss"))
-            rows.append((step, ema, "smoothed"))
-    return pd.DataFrame(rows or [(0, 0.0, "loss")], columns=["step", "loss", "series"])
+        smooth.append(ema)
+    stride = max(1, len(losses) // 600)
+    idx = sorted(set(range(0, len(losses), stride)) | {len(losses) - 1})
+    steps = [losses[i][0] for i in idx]
+    raw = [losses[i][1] for i in idx]
+    sm = [smooth[i] for i in idx]
+    lo, hi = min(raw + sm), max(raw + sm)
+    hi = hi if hi > lo else lo + 1e-6
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    left, right, top, bottom = 52, 10, 10, 26
+
+    def pts(values):
+        return " ".join(
+            f"{left + (st - x0) / (x1 - x0) * (width - left - right):.1f},"
+            f"{top + (hi - v) / (hi - lo) * (height - top - bottom):.1f}" for st, v in zip(steps, values))
+
+    ticks = "".join(
+        f'<text x="{left - 4}" y="{top + f * (height - top - bottom) + 4:.1f}" text-anchor="end">{hi - f * (hi - lo):.4g}</text>'
+        for f in (0, 0.5, 1))
+    return (
+        f'<div class="sd-loss"><svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="loss curve"'
+        f' font-size="11" fill="currentColor">{ticks}'
+        f'<text x="{left}" y="{height - 6}">step {x0}</text><text x="{width - right}" y="{height - 6}" text-anchor="end">step {x1}</text>'
+        f'<polyline points="{pts(raw)}" fill="none" stroke="#9ca3af" stroke-width="1"/>'
+        f'<polyline points="{pts(sm)}" fill="none" stroke="#ea580c" stroke-width="2"/></svg>'
+        f'<small><span style="color:#9ca3af">&#9644; loss</span> &nbsp; <span style="color:#ea580c">&#9644; smoothed</span>'
+        f' &nbsp; last {losses[-1][1]:.4f}, smoothed {smooth[-1]:.4f}</small></div>'
+    )
 
 
 def build(ctx, timer_s: float = 1.0) -> None:
@@ -268,15 +293,15 @@ def build(ctx, timer_s: float = 1.0) -> None:
     def view(job_id: str, smoothing: float):
         job_id = job_id or default_job()
         if not job_id:
-            return gr.update(), "<p>No jobs yet: fill in the form and press Start.</p>", loss_frame([], 0), [], "", _jobs_table()
+            return gr.update(), "<p>No jobs yet: fill in the form and press Start.</p>", loss_svg([], 0), [], "", _jobs_table()
         try:
             st = queue.state(job_id)
         except ValueError:
-            return gr.update(value=None), "<p>That job is gone.</p>", loss_frame([], 0), [], "", _jobs_table()
+            return gr.update(value=None), "<p>That job is gone.</p>", loss_svg([], 0), [], "", _jobs_table()
         p = queue.progress(job_id)
         samples = [(s, Path(s).stem) for s in p.samples if Path(s).is_file()][-24:]
         return (gr.update(choices=job_choices(), value=job_id), progress_html(st, p),
-                loss_frame(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-40:]), _jobs_table())
+                loss_svg(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-12:]), _jobs_table())
 
     def _jobs_table():
         import pandas as pd
@@ -296,10 +321,9 @@ def build(ctx, timer_s: float = 1.0) -> None:
     with gr.Row():
         with gr.Column():
             smoothing = gr.Slider(0, 0.99, value=0.8, step=0.01, label="loss smoothing")
-            plot = gr.LinePlot(loss_frame([], 0), x="step", y="loss", color="series", label="loss", height=260,
-                              color_map={"loss": "#9ca3af", "smoothed": "#ea580c"})
+            plot = gr.HTML(loss_svg([], 0), elem_id="loss-chart")
         samples = gr.Gallery(label="samples", columns=4, height=300, elem_id="samples")
-    log = gr.Textbox(label="log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False)
+    log = gr.Textbox(label="log (last lines)", lines=12, max_lines=12, autoscroll=True, interactive=False)
     jobs_table = gr.Dataframe(label="queue", interactive=False, wrap=True)
     with gr.Accordion("New job", open=True):
         with gr.Row():
