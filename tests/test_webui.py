@@ -242,3 +242,18 @@ def test_loss_chart_draws_raw_and_smoothed(tmp_path):
     assert len(lines) == 2 and lines[0] != lines[1]
     assert 500 <= len(lines[0].split()) <= 700  # 3000 steps drawn with ~600 points
     assert "no steps yet" in loss_svg([], 0.5)
+
+
+def test_library_convert_merge_resize(server):
+    client, ws, _ = server
+    from sd_lora import load_lora
+
+    assert "diffusers format" in client.predict("ink", "diffusers", "ink-diff", api_name="/convert_lora")
+    assert load_lora(ws / "loras" / "ink-diff.safetensors").format == "diffusers"
+    msg = client.predict(["ink", "glow"], "1, 0.5", "inkglow", api_name="/merge_loras")
+    assert "wrote loras/inkglow.safetensors" in msg and "relative error 0.00%" in msg
+    msg = client.predict("inkglow", 2, "", api_name="/resize_lora")
+    assert "wrote loras/inkglow-r2.safetensors" in msg
+    assert {m.rank for m in load_lora(ws / "loras" / "inkglow-r2.safetensors").modules.values()} == {2}
+    with pytest.raises(AppError, match="not a plain name"):
+        client.predict("ink", "kohya", "../../evil", api_name="/convert_lora")

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..security import PathError, safe_name
-from .common import guard, list_loras
+from .common import guard, list_loras, list_models
 
 BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}
 
@@ -53,6 +53,19 @@ def tool(name: str):
     except ImportError:
         return None
     return getattr(mod, name, None)
+
+
+def _error_text(report) -> str:
+    """The approximation error a tool reports (sd_lora.tools.ToolReport), for the status line."""
+    err = getattr(report, "rel_error", None)
+    return "" if err is None else f" (relative delta error {err:.4f})"
+
+
+def _error_note(report) -> str:
+    """The tool's own account of what it changed (relative error of the deltas, size)."""
+    err = getattr(report, "rel_error", None)
+    size = getattr(report, "bytes_after", None)
+    return (f"; relative error {err:.2%}" if isinstance(err, float) else "") + (f", {size / 1e6:.2f} MB" if size else "")
 
 
 def build(ctx, tab=None) -> None:
@@ -104,11 +117,13 @@ def build(ctx, tab=None) -> None:
     def convert(name: str, fmt: str, new_name: str):
         convert_fn = tool("convert_lora")
         if convert_fn is None:
-            raise ValueError("convert: this sd_lora build has no sd_lora.tools.convert_lora yet")
+            raise ValueError("convert: not available in this sd_lora build (sd_lora.tools.convert_lora)")
         src = lora_path(name)
-        dst = ws.child(lib, f"{safe_name(new_name or f'{Path(name).name}-{fmt}', 'new name')}.safetensors", kind="new name")
-        convert_fn(src, dst, fmt)
-        return f"wrote loras/{dst.name}"
+        stem = safe_name(new_name or f"{Path(name).name}-{fmt}", "new name")
+        # PEFT adapters are folders; kohya and diffusers are single .safetensors files
+        dst = ws.child(lib, stem if fmt == "peft" else f"{stem}.safetensors", kind="new name")
+        out = convert_fn(src, dst, fmt)
+        return f"wrote {ws.relative(out)} ({fmt} format)"
 
     @guard
     def merge(names: list[str], weights: str, new_name: str):
@@ -122,8 +137,8 @@ def build(ctx, tab=None) -> None:
         if len(ws_) != len(paths):
             raise ValueError(f"merge: {len(paths)} LoRAs but {len(ws_)} weights; give one weight each, comma-separated")
         dst = ws.child(lib, f"{safe_name(new_name, 'new name')}.safetensors", kind="new name")
-        merge_fn(list(zip(paths, ws_)), dst)
-        return f"wrote loras/{dst.name}"
+        report = merge_fn(list(zip(paths, ws_)), dst)
+        return f"wrote loras/{dst.name}" + _error_text(report)
 
     @guard
     def resize(name: str, rank: int, new_name: str):
@@ -132,8 +147,22 @@ def build(ctx, tab=None) -> None:
             raise ValueError("resize: not available in this sd_lora build (sd_lora.tools.resize_lora)")
         src = lora_path(name)
         dst = ws.child(lib, f"{safe_name(new_name or f'{Path(name).name}-r{int(rank)}', 'new name')}.safetensors", kind="new name")
-        resize_fn(src, dst, int(rank))
-        return f"wrote loras/{dst.name}"
+        report = resize_fn(src, dst, int(rank))
+        return f"wrote loras/{dst.name}" + _error_text(report)
+
+    @guard
+    def extract(base: str, tuned: str, rank: int, new_name: str):
+        extract_fn = tool("extract_lora")
+        if extract_fn is None:
+            raise ValueError("extract: not available in this sd_lora build (sd_lora.tools.extract_lora)")
+        if not base or not tuned:
+            raise ValueError("extract: choose the base model and the fine-tuned model (from models/ in the workspace)")
+        a = ws.path(base, must_exist=True, kind="base model")
+        b = ws.path(tuned, must_exist=True, kind="fine-tuned model")
+        stem = safe_name(new_name or f"{Path(tuned).stem}-extract-r{int(rank)}", "new name")
+        dst = ws.child(lib, f"{stem}.safetensors", kind="new name")
+        report = extract_fn(a, b, dst, rank=int(rank))
+        return f"wrote loras/{dst.name}" + _error_text(report)
 
     gr.Markdown("LoRA files in `loras/` of the workspace (trained ones land there too).")
     refresh = gr.Button("Refresh")
@@ -162,6 +191,13 @@ def build(ctx, tab=None) -> None:
             rank = gr.Number(8, label="new rank", precision=0)
             resize_name = gr.Textbox(label="new name (optional)")
             resize_btn = gr.Button("Resize", interactive=tool("resize_lora") is not None)
+    with gr.Accordion("Extract (a LoRA from a fine-tuned model and its base)", open=False):
+        with gr.Row():
+            ex_base = gr.Dropdown(list_models(ws), label="base model (models/)")
+            ex_tuned = gr.Dropdown(list_models(ws), label="fine-tuned model (models/)")
+            ex_rank = gr.Number(16, label="rank", precision=0)
+            ex_name = gr.Textbox(label="new name (optional)")
+            ex_btn = gr.Button("Extract", interactive=tool("extract_lora") is not None)
     tool_status = gr.Markdown()
 
     def table_and_choices():
@@ -176,3 +212,11 @@ def build(ctx, tab=None) -> None:
     conv_btn.click(convert, [name, fmt, conv_name], tool_status, api_name="convert_lora")
     merge_btn.click(merge, [merge_names, merge_weights, merge_name], tool_status, api_name="merge_loras")
     resize_btn.click(resize, [name, rank, resize_name], tool_status, api_name="resize_lora")
+    ex_btn.click(extract, [ex_base, ex_tuned, ex_rank, ex_name], tool_status, api_name="extract_lora")
+
+    def model_choices():
+        return [gr.update(choices=list_models(ws))] * 2
+
+    refresh.click(model_choices, None, [ex_base, ex_tuned], api_name=False)
+    if tab is not None:
+        tab.select(model_choices, None, [ex_base, ex_tuned], api_name=False)
