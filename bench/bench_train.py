@@ -49,7 +49,7 @@ def prepare(root: Path, resolution: int) -> None:
         (folder / f"{i}.txt").write_text(CAPTION)
 
 
-def run_ours(root: Path, steps: int, resolution: int, rank: int) -> dict:
+def run_ours(root: Path, steps: int, resolution: int, rank: int, gradient_checkpointing: bool = False) -> dict:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.train import train
 
@@ -58,7 +58,7 @@ def run_ours(root: Path, steps: int, resolution: int, rank: int) -> dict:
         model=str(root / "model"), output=str(root / "out" / "ours.safetensors"),
         data=DataConfig(path=str(root / "data"), resolution=resolution, cache_latents="ram"),
         network={"rank": rank, "alpha": rank, "preset": "attention", "train_text_encoder": True},
-        steps=steps, batch_size=1, lr=1e-4, optimizer="adamw", seed=0,
+        steps=steps, batch_size=1, lr=1e-4, optimizer="adamw", seed=0, gradient_checkpointing=gradient_checkpointing,
     )
     train(cfg, on_event=lambda e: times.append(time.perf_counter()) if e["event"] == "step" else None)
     return {"times": times[-steps:]}
@@ -113,8 +113,10 @@ def run_diffusers(root: Path, steps: int, resolution: int, rank: int) -> dict:
 def child(args) -> None:
     root = Path(args.root)
     t0 = time.perf_counter()
-    fn = run_ours if args.side == "ours" else run_diffusers
-    res = fn(root, args.steps, args.resolution, args.rank)
+    if args.side == "ours":
+        res = run_ours(root, args.steps, args.resolution, args.rank, args.gradient_checkpointing)
+    else:
+        res = run_diffusers(root, args.steps, args.resolution, args.rank)
     t = res["times"]
     per_step = (t[-1] - t[0]) / (len(t) - 1)
     print("RESULT " + json.dumps({"side": args.side, "s_per_step": round(per_step, 3), "peak_rss_gib": round(peak_rss_gib(), 2),
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "sd_lora_bench_train"))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="sd-lora side only: trade time for memory")
+    ap.add_argument("--only-ours", action="store_true", help="skip the diffusers baseline (for comparing sd-lora settings)")
     ap.add_argument("--side", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -135,15 +139,19 @@ def main() -> None:
     root = Path(args.root)
     prepare(root, args.resolution)
     results = {}
-    for side in ("diffusers", "ours"):
+    for side in ("ours",) if args.only_ours else ("diffusers", "ours"):
         cmd = [sys.executable, __file__, "--side", side, "--root", str(root), "--steps", str(args.steps),
                "--resolution", str(args.resolution), "--rank", str(args.rank)]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{side} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         results[side] = json.loads(line[len("RESULT "):])
         print(json.dumps(results[side]), flush=True)
+    if args.only_ours:
+        return
     d, o = results["diffusers"], results["ours"]
     print(json.dumps({
         "time_ratio": round(o["s_per_step"] / d["s_per_step"], 3), "goal_time_ratio": 0.7,

@@ -214,10 +214,22 @@ class TrainConfig:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
             e.append(f"resume: {self.resume} is not a checkpoint folder; pass one from {self.checkpoint_root} or 'latest'")
+        if self.resume == "latest" and check_paths and self.output:
+            from .train.checkpoint import latest_checkpoint
+
+            if latest_checkpoint(self.checkpoint_root) is None:
+                e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without --resume, or pass a checkpoint folder")
         if self.sample_every and not self.sample_prompts:
             e.append("sample_prompts: sample_every is set but there are no prompts; pass prompt lines or a prompts file")
         if isinstance(self.sample_prompts, str) and check_paths and "\n" not in self.sample_prompts and not Path(self.sample_prompts).is_file():
             e.append(f"sample_prompts: file {self.sample_prompts} not found; pass a list of prompts or an existing file")
+        elif self.sample_prompts:
+            from .train.sampling import load_prompts
+
+            try:
+                load_prompts(self.sample_prompts)
+            except (ValueError, OSError) as err:
+                e.append(f"sample_prompts: {err}")
 
         # data
         if not isinstance(d.resolution, int) or d.resolution < 64 or d.resolution % 64:

@@ -177,3 +177,17 @@ def test_out_of_memory_gives_advice(models, tmp_path, monkeypatch):
         assert hint in msg
     events = read_events(tmp_path / "o.events.jsonl")
     assert events[-1]["event"] == "error" and "out of memory" in events[-1]["message"]
+
+
+def test_nan_loss_skips_updates_then_stops_with_advice(models, tmp_path, monkeypatch):
+    from sd_lora.train import loop
+
+    make_images(tmp_path / "data", n=1)
+    cfg = TrainConfig(model=models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+                      network={"rank": 4, "train_text_encoder": False}, steps=20)
+    real = loop.diffusion_loss
+    monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    events = []
+    with pytest.raises(ValueError, match="NaN/inf 5 steps in a row"):
+        train(cfg, on_event=events.append)
+    assert sum(e["event"] == "warning" and "update skipped" in e["message"] for e in events) == 5

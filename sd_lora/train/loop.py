@@ -142,6 +142,8 @@ class _Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg, acc = self.cfg, self.acc
+        if self.main:
+            cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
         # 1. data (before the model: a bad dataset fails in seconds)
         self.dataset = scan_dataset(cfg.data)
         for line in self.dataset.report.lines():
