@@ -86,7 +86,7 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
         return ARCH_SDXL
     to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if to_k in shapes or starts("cond_stage_model.") or starts("model.diffusion_model."):
-        ctx = shapes[to_k][-1] if to_k in shapes else None
+        ctx = shapes[to_k][-1] if shapes.get(to_k) else None
         if ctx == 1024 or starts("cond_stage_model.model."):
             return ARCH_SD2_V if "v_pred" in shapes else ARCH_SD2
         if ctx in (768, None):
@@ -96,7 +96,7 @@ def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
     if "add_embedding.linear_1.weight" in shapes:
         return ARCH_SDXL
     for k, shape in shapes.items():
-        if k.endswith("attn2.to_k.weight"):
+        if k.endswith("attn2.to_k.weight") and shape:
             if shape[-1] == 1024:
                 return ARCH_SD2
             if shape[-1] == 768:
@@ -205,7 +205,10 @@ def load_base(
                 raise ModelLoadError(f"{path}: could not load the diffusers folder: {e}") from e
     else:
         shapes = _checkpoint_shapes(path)  # validates the file (truncation, pickle safety) first
-        arch = detect_architecture(shapes)
+        try:
+            arch = detect_architecture(shapes)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from e
         if prediction_type == "v_prediction" and arch == ARCH_SD2:
             arch = ARCH_SD2_V
         config_dir = Path(config_from) if config_from else Path(shipped_config_dir(arch))
@@ -224,7 +227,7 @@ def load_base(
             pipe = cls.from_single_file(
                 str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **kwargs
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - diffusers raises many types (SingleFileComponentError, ...) on a bad file
             raise ModelLoadError(
                 f"{path}: could not assemble a {ARCH_DESCRIPTIONS[arch]} pipeline from this file: {e}. "
                 "If the file is a fine-tune with a different layout, pass config_from= (CLI: --config-from) "

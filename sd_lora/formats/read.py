@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from ..io import read_state_dict
+from ..io import CheckpointError, read_state_dict
 from ..models import ARCH_DESCRIPTIONS, ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL, architecture_of
 from ..network.naming import kohya_module_name, module_index
 from .kohya import KNOWN_PREFIXES, KNOWN_SUFFIXES
@@ -184,6 +185,8 @@ def _peft_alpha_config(path: Path, metadata: dict[str, str]) -> dict[str | None,
             flat = json.loads(raw)
         except json.JSONDecodeError:
             flat = {}
+        if not isinstance(flat, dict):
+            flat = {}
         for key, value in flat.items():
             comp, _, field = key.partition(".")
             if field:
@@ -212,8 +215,26 @@ def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
     strict=True raises on keys that belong to no known format; strict=False logs them as a warning.
     A PEFT folder may hold one sub-folder per component (unet/, text_encoder/, text_encoder_2/), each
     with adapter_model.safetensors + adapter_config.json, as `sd-lora convert --to peft` writes.
+
+    Every problem with the file raises LoraFormatError (or CheckpointError for a damaged
+    .safetensors container) naming the file.
     """
-    root = Path(path)
+    try:
+        return _load_lora(Path(path), strict)
+    except ValueError:  # LoraFormatError, CheckpointError: already say what is wrong
+        if isinstance(sys.exc_info()[1], (LoraFormatError, CheckpointError)):
+            raise
+        raise _damaged(path, sys.exc_info()[1]) from sys.exc_info()[1]
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ZeroDivisionError) as e:
+        # A hostile or damaged file reached code that trusts shapes/metadata: one clear error instead.
+        raise _damaged(path, e) from e
+
+
+def _damaged(path, e: BaseException) -> LoraFormatError:
+    return LoraFormatError(f"{path}: damaged or unsupported LoRA file ({type(e).__name__}: {e}).")
+
+
+def _load_lora(root: Path, strict: bool) -> LoraFile:
     files = _find_weights_files(root)
     kohya_parts: dict[str, dict[str, torch.Tensor]] = {}
     resolved: list[tuple[str, str, dict[str, torch.Tensor]]] = []
@@ -308,11 +329,40 @@ def load_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
         logger.warning("%s. They are skipped.", msg)
     if not modules:
         raise LoraFormatError(f"{root}: no LoRA modules found in this file.")
+    for module in modules.values():
+        _check_module(root, module)
 
     arch = arch_from_modules(modules) or arch_from_metadata(metadata)
     if arch == ARCH_SD2 and arch_from_metadata(metadata) == ARCH_SD2_V:
         arch = ARCH_SD2_V
     return LoraFile(modules=modules, metadata=dict(metadata), format=fmt, arch=arch, path=str(root))
+
+
+def _check_module(root: Path, module: LoraModule) -> None:
+    """Refuse a module whose tensors cannot make a delta (hostile or damaged files), naming the file.
+
+    The delta is computed on the meta device (shapes only, no memory), so a file that loads here
+    also applies later; NaN/inf values are refused because they turn every image black.
+    """
+    t = module.tensors
+    what = f"{root}: module {module.name}"
+    for suffix, tensor in t.items():
+        if not (tensor.is_floating_point() or suffix == "alpha"):
+            raise LoraFormatError(f"{what}: {suffix} has dtype {tensor.dtype}; LoRA weights are floating point. The file is damaged.")
+        if tensor.numel() == 0:
+            raise LoraFormatError(f"{what}: {suffix} is empty (shape {tuple(tensor.shape)}). The file is damaged.")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraFormatError(f"{what}: {suffix} holds NaN or inf values; it would break every image. Use another copy of the file.")
+    if "alpha" in t and t["alpha"].numel() != 1:
+        raise LoraFormatError(f"{what}: alpha must be a single number, found shape {tuple(t['alpha'].shape)}.")
+    try:
+        out, numel = delta_shape_numel(module)
+        meta = {k: torch.empty(v.shape, device="meta") for k, v in t.items() if k != "dora_scale"}
+        delta = LoraModule(module.name, module.kind, meta).delta((out, numel // out), device="meta")
+        if "dora_scale" in t and t["dora_scale"].numel() not in delta.shape[:2]:
+            raise ValueError(f"dora_scale has {t['dora_scale'].numel()} values for a {tuple(delta.shape)} delta")
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise LoraFormatError(f"{what}: its tensor shapes do not fit together ({e}). The file is damaged.") from e
 
 
 def _component_of(module_path: str, tensors: dict[str, torch.Tensor]) -> str | None:
