@@ -131,8 +131,18 @@ def test_epoch_batches_deterministic_and_never_mix_buckets(tmp_path):
 
 
 def test_disk_latent_cache_reused_and_invalidated(tmp_path):
-    from sd_lora.data.cache import LatentCache
     from sd_lora.testing import tiny_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny VAE: extra threads only wait on each other on a busy machine
+    try:
+        _disk_cache_checks(tmp_path, tiny_pipeline)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _disk_cache_checks(tmp_path, tiny_pipeline):
+    from sd_lora.data.cache import LatentCache
 
     vae = tiny_pipeline("sd1").vae
     root = tmp_path / "data"

@@ -25,6 +25,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,7 +416,11 @@ class _Trainer:
                 self.optimizer.step()
                 self.network.update_ranks(step)
                 self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # After a skipped (NaN) update torch warns that the schedule steps before the optimizer;
+                # the schedule follows the step count on purpose.
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             step += 1
             n_done += 1
             self.losses.append((step, mean_loss))
