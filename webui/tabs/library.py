@@ -61,13 +61,6 @@ def _error_text(report) -> str:
     return "" if err is None else f" (relative delta error {err:.4f})"
 
 
-def _error_note(report) -> str:
-    """The tool's own account of what it changed (relative error of the deltas, size)."""
-    err = getattr(report, "rel_error", None)
-    size = getattr(report, "bytes_after", None)
-    return (f"; relative error {err:.2%}" if isinstance(err, float) else "") + (f", {size / 1e6:.2f} MB" if size else "")
-
-
 def build(ctx, tab=None) -> None:
     ws = ctx.workspace
     lib = ws.root / "loras"
