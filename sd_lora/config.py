@@ -323,6 +323,12 @@ def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConf
             # a section key written at top level is a common slip: say where it belongs
             home = next((s for s in SECTIONS if key in known[s]), None)
             errors.append(f"{key}: unknown key" + (f"; it belongs in the [{home}] table" if home else _suggest(key, top)))
+    for section, cls, items in ((None, TrainConfig, flat_top), ("data", DataConfig, nested["data"]), ("network", NetworkConfig, nested["network"])):
+        annotations = {f.name: f.type for f in fields(cls)}
+        for k, v in items.items():
+            problem = _type_problem(annotations.get(k), v)
+            if problem:
+                errors.append(f"{section + '.' if section else ''}{k}: {problem}")
     if errors:
         raise ConfigError(errors)
     cfg = base or TrainConfig()
@@ -333,6 +339,35 @@ def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConf
     for k, v in nested["network"].items():
         setattr(cfg.network, k, v)
     return cfg
+
+
+_TYPE_NAMES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,), "dict": (dict,), "None": ()}
+
+
+def _type_problem(annotation, value) -> str | None:
+    """'must be ...' when a TOML value has the wrong type for the field's annotation, else None."""
+    parts = [p.strip().split("[")[0] for p in str(annotation or "Any").split("|")]
+    if any(p not in _TYPE_NAMES for p in parts):
+        return None  # Any / types we do not check
+    allowed = tuple(t for p in parts for t in _TYPE_NAMES[p])
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False  # TOML true is not the number 1
+    else:
+        ok = isinstance(value, allowed)
+    if ok and isinstance(value, float) and value != value:
+        return "must be a number, not nan"
+    if ok and isinstance(value, (list, dict)):  # element types: list[str], dict[str, int] ...
+        inner = str(annotation).split("list[" if isinstance(value, list) else "dict[str,", 1)
+        inner_type = _TYPE_NAMES.get(inner[1].split("]")[0].strip(), ()) if len(inner) == 2 else ()
+        items = value if isinstance(value, list) else list(value.values())
+        bad = [x for x in items if inner_type and (not isinstance(x, inner_type) or (isinstance(x, bool) and bool not in inner_type))]
+        if bad:
+            return f"has an element of the wrong type ({bad[0]!r})"
+    if ok:
+        return None
+    names = " or ".join({"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false",
+                         "list": "a list", "dict": "a table"}[p] for p in parts if p != "None")
+    return f"must be {names} (got {value!r})"
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -346,6 +381,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise ConfigError([f"config file {path} not found"]) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML ({e})"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); save it as UTF-8"]) from e
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file ({e.strerror or e})"]) from e
     cfg = config_from_dict(values)
     base = path.parent
     for obj, key in ((cfg, "model"), (cfg, "output"), (cfg, "checkpoint_dir"), (cfg.data, "path"), (cfg.data, "reg_path"), (cfg.data, "cache_dir")):

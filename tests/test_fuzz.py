@@ -39,7 +39,7 @@ from sd_lora.models import ModelLoadError, load_base
 from sd_lora.data.images import ImageProblem, open_image
 
 REPO = Path(__file__).resolve().parents[1]
-N = {"header": 2500, "lora": 2500, "ckpt": 400, "base": 600, "toml": 2000, "caption": 600, "image": 1500}
+N = {"header": 2500, "lora": 1500, "ckpt": 600, "base": 300, "toml": 2500, "caption": 1000, "image": 1800}  # 10,200 cases
 FUZZ = dict(derandomize=True, deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
 

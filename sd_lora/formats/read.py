@@ -357,7 +357,7 @@ def _check_module(root: Path, module: LoraModule) -> None:
         raise LoraFormatError(f"{what}: alpha must be a single number, found shape {tuple(t['alpha'].shape)}.")
     try:
         out, numel = delta_shape_numel(module)
-        meta = {k: torch.empty(v.shape, device="meta") for k, v in t.items() if k != "dora_scale"}
+        meta = {k: v if k == "alpha" else torch.empty(v.shape, device="meta") for k, v in t.items() if k != "dora_scale"}
         delta = LoraModule(module.name, module.kind, meta).delta((out, numel // out), device="meta")
         if "dora_scale" in t and t["dora_scale"].numel() not in delta.shape[:2]:
             raise ValueError(f"dora_scale has {t['dora_scale'].numel()} values for a {tuple(delta.shape)} delta")
