@@ -281,6 +281,7 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
 def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], files: dict[tuple, LoraFile]) -> None:
     """Set target `t` to backup + its contributions (or back to the backup when there are none)."""
     target = st.targets.get(t)
+    fresh = target is None  # the weight still holds exactly its backup's bits
     if target is None:
         if not contributions:
             return
@@ -311,12 +312,12 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
 
     rows = param.shape[0]
     if param.dtype == torch.float32 and device.type == "cpu" and param.is_contiguous():
-        # fp32 on the CPU: write backup + U @ D straight into the weight, one pass over memory.
+        # fp32 on the CPU: backup + U @ D straight into the weight (no copy when it holds the backup).
         out2d = param.view(rows, -1)
-        if ups:  # all plain LoRA factors on this layer as one rank-(sum of ranks) update
-            torch.addmm(backup.view(rows, -1), torch.cat(ups, 1), torch.cat(downs, 0), out=out2d)
-        else:
+        if not fresh:
             out2d.copy_(backup.view(rows, -1))
+        if ups:  # all plain LoRA factors on this layer as one rank-(sum of ranks) update
+            out2d.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
         for d in dense:
             param.add_(d.reshape(param.shape))
         return
