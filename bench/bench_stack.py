@@ -13,7 +13,7 @@ Measured, each side in the same process on the same pipeline (median of repeats)
        diff  (all 20 loaded) unfuse_lora + set_adapters + fuse_lora
   3. one image (2 steps at 128 px by default) bare / with our fused stack / with diffusers'
      adapters active and not fused (the usual way to keep switching cheap in diffusers).
-  4. 100 switches: RSS growth and the file cache's bytes against its bound.
+  4. 100 switches (--memory-switches): RSS growth and the file cache's bytes against its bound.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--images", type=int, default=3, help="timed images per configuration")
+    ap.add_argument("--memory-switches", type=int, default=100, help="switches in the RSS / cache-bound part")
     args = ap.parse_args()
 
     import logging
@@ -210,7 +211,7 @@ def main() -> None:
     before = rss()
     t = time.perf_counter()
     peak = before
-    for _ in range(100):
+    for _ in range(args.memory_switches):
         s = rng.sample(range(len(pool)), 3)
         apply_loras(pipe, [(pool[j], w) for j, w in zip(s, weights)], cache=cache)
         assert cache.num_bytes <= cache.max_bytes
@@ -220,7 +221,7 @@ def main() -> None:
     growth = rss() - before
     remove_loras(pipe)
     assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, base_q)
-    print(f"100 switches in {took:.1f} s: RSS growth {growth / 1e6:+.1f} MB (peak {(peak - before) / 1e6:+.1f} MB); cache {cache.num_bytes / 1e6:.0f} MB "
+    print(f"{args.memory_switches} switches in {took:.1f} s: RSS growth {growth / 1e6:+.1f} MB (peak {(peak - before) / 1e6:+.1f} MB); cache {cache.num_bytes / 1e6:.0f} MB "
           f"of {cache.max_bytes / 1e6:.0f} MB bound ({cache.hits} hits, {cache.misses} misses); base restored bitwise")
 
 
