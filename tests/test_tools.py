@@ -125,14 +125,14 @@ def test_svd_merge_reports_its_error_and_it_falls_with_rank(sd1, files, tmp_path
     base = weights(sd1)
     want = applied_weights(sd1, _stack(files))
     errors = []
-    for rank in (1, 2, 4, 8):
+    for rank in (1, 3, 8):
         report = merge_loras(_stack(files), tmp_path / f"r{rank}.safetensors", rank=rank, dtype="fp32")
         got = applied_weights(sd1, [tmp_path / f"r{rank}.safetensors"])
         measured = rel_diff(got, want, base)
         assert abs(measured - report.rel_error) < 1e-4, (rank, measured, report.rel_error)
         assert load_lora(tmp_path / f"r{rank}.safetensors").metadata["ss_network_dim"] == str(min(rank, 8)) or rank == 8
         errors.append(report.rel_error)
-    assert errors[0] > errors[1] > errors[2] > 0.05 and errors[3] < 1e-5  # rank 8 = 4 + 4 holds it all
+    assert errors[0] > errors[1] > 0.05 and errors[2] < 1e-5  # rank 8 = 4 + 4 holds it all
     per_module = {m.name: m for m in report.modules}
     assert all(0 <= m.rel_error <= 1 and abs(m.kept_energy + m.rel_error ** 2 - 1) < 1e-9 for m in per_module.values())
 
@@ -243,13 +243,15 @@ def test_merged_checkpoint_loads_and_renders_like_the_stack(arch, tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]
 
     want_w = applied_weights(pipe, stack)
-    apply_loras(pipe, stack)
-    want = render(pipe)
-    remove_loras(pipe)
+    if arch == "sd1":
+        apply_loras(pipe, stack)
+        want = render(pipe)
+        remove_loras(pipe)
     for p in loaded:
         got_w = weights(p)
         assert set(got_w) == set(want_w) and all(torch.equal(got_w[k], want_w[k]) for k in want_w)
-        assert (render(p) == want).all()
+        if arch == "sd1":  # equal weights give equal images; render once per layout to show it end to end
+            assert (render(p) == want).all()
 
 
 def test_merge_refusals(sd1, files, tmp_path):

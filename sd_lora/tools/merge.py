@@ -35,7 +35,7 @@ from ..formats.read import ARCH_FAMILY, load_lora
 from ..stack.spec import LoraSpec, normalize_stack
 from .svd import (
     ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, is_plain_lora, lora_factors,
-    module_report, split_factors, svd_of_dense, svd_of_product, weight_shape,
+    module_report, single_thread, split_factors, svd_of_dense, svd_of_product, weight_shape,
 )
 
 logger = logging.getLogger(__name__)
@@ -185,39 +185,11 @@ def merge_loras(
 
     modules: dict[str, LoraModule] = {}
     report = ToolReport("merge" if rank is None else f"merge (SVD to rank {rank})")
-    for name, contribs in contributions.items():
-        if not contribs:
-            continue  # weight 0 everywhere: the module adds nothing
-        shape = _common_shape(name, contribs)
-        conv = len(shape) == 4 and shape[2:] != (1, 1)
-        target = (conv_rank or rank) if conv else rank
-        old_rank = sum(m.rank or 0 for m, _ in contribs) or None
-        if target is None and len(contribs) == 1 and not is_plain_lora(contribs[0][0]):
-            module, w = contribs[0]
-            modules[name] = _weighted_copy(module, w)
-            norm = 0.0 if module.has_dora else float(dense_delta(module, w).norm())
-            report.modules.append(ModuleReport(name, module.rank, module.rank or 0, 1.0, 0.0, norm))
-            continue
-        if all(is_plain_lora(m) for m, _ in contribs):
-            ups, downs = zip(*(lora_factors(m, w) for m, w in contribs))
-            up, down = torch.cat(ups, 1), torch.cat(downs, 0)
-            if target is None:  # exact: the concatenated factors are the weighted sum
-                modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=down.shape[0]))
-                s = svd_of_product(up, down)[1]
-                report.modules.append(module_report(name, s, len(s), old_rank))
-                continue
-            u, s, vh = svd_of_product(up, down)
-        else:
-            total = sum(dense_delta(m, w) for m, w in contribs)
-            u, s, vh = svd_of_dense(total)
-        if target is None:
-            keep = max(1, int((s > s[0] * EXACT_SV_CUTOFF).sum())) if s[0] > 0 else 1
-        else:
-            keep = choose_rank(s, target)
-        up, down = split_factors(u, s, vh, keep)
-        modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=keep))
-        report.modules.append(module_report(name, s, keep, old_rank))
-
+    with single_thread():  # many small QRs / SVDs: one thread is fastest (see tools/svd.py)
+        for name, contribs in contributions.items():
+            if not contribs:
+                continue  # weight 0 everywhere: the module adds nothing
+            _merge_module(name, contribs, rank, conv_rank, modules, report)
     if not modules:
         raise ValueError("nothing to merge: every LoRA in the stack has weight 0.")
     arch = next((lo.arch for _, lo in loaded if lo.arch), None)
@@ -231,6 +203,39 @@ def merge_loras(
     merged = LoraFile(modules=modules, metadata=lora_metadata(arch, modules, out, comment, extra, keep=keep),
                       format="kohya", arch=arch, path=str(out) if out else None)
     return write_report(report, merged, out, dtype, started)
+
+
+def _merge_module(name, contribs, rank, conv_rank, modules: dict, report: ToolReport) -> None:
+    """Merge one module's weighted contributions into `modules[name]` and report its error."""
+    shape = _common_shape(name, contribs)
+    conv = len(shape) == 4 and shape[2:] != (1, 1)
+    target = (conv_rank or rank) if conv else rank
+    old_rank = sum(m.rank or 0 for m, _ in contribs) or None
+    if target is None and len(contribs) == 1 and not is_plain_lora(contribs[0][0]):
+        module, w = contribs[0]
+        modules[name] = _weighted_copy(module, w)
+        norm = 0.0 if module.has_dora else float(dense_delta(module, w).norm())
+        report.modules.append(ModuleReport(name, module.rank, module.rank or 0, 1.0, 0.0, norm))
+        return
+    if all(is_plain_lora(m) for m, _ in contribs):
+        ups, downs = zip(*(lora_factors(m, w) for m, w in contribs))
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+        if target is None:  # exact: the concatenated factors are the weighted sum
+            modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=down.shape[0]))
+            s = svd_of_product(up, down)[1]
+            report.modules.append(module_report(name, s, len(s), old_rank))
+            return
+        u, s, vh = svd_of_product(up, down)
+    else:
+        total = sum(dense_delta(m, w) for m, w in contribs)
+        u, s, vh = svd_of_dense(total)
+    if target is None:
+        keep = max(1, int((s > s[0] * EXACT_SV_CUTOFF).sum())) if s[0] > 0 else 1
+    else:
+        keep = choose_rank(s, target)
+    up, down = split_factors(u, s, vh, keep)
+    modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=keep))
+    report.modules.append(module_report(name, s, keep, old_rank))
 
 
 def _common_shape(name: str, contribs: list[tuple[LoraModule, float]]) -> tuple[int, ...]:

@@ -27,8 +27,8 @@ from ..formats.metadata import data_sha256
 from ..formats.read import load_lora
 from .merge import lora_metadata, write_report
 from .svd import (
-    DYNAMIC_METHODS, ToolReport, choose_rank, dense_delta, factors_to_tensors, module_report, split_factors,
-    svd_of_dense, svd_of_product, weight_shape,
+    DYNAMIC_METHODS, ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, module_report,
+    single_thread, split_factors, svd_of_dense, svd_of_product, weight_shape,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,36 +75,13 @@ def resize_lora(
     report = ToolReport("resize" + (f" ({dynamic} {param:g})" if dynamic else ""))
     modules: dict[str, LoraModule] = {}
     converted: list[str] = []
-    for name, module in source.modules.items():
-        shape = weight_shape(module)
-        conv = len(shape) == 4 and shape[2:] != (1, 1)
-        limit = (conv_rank or rank) if conv else rank
-        old_rank = module.rank
-        if module.kind == KIND_LORA and "lora_mid.weight" not in module.tensors:
-            # kohya: SVD of up @ down without the scale, alpha follows the rank so the scale stays.
-            scale = module.scale
-            up = module.tensors["lora_up.weight"].float().flatten(1)
-            down = module.tensors["lora_down.weight"].float().flatten(1)
-            u, s, vh = svd_of_product(up, down)
-            new = choose_rank(s, limit, dynamic, param)
-            if dynamic is None and old_rank is not None and old_rank <= new:
-                modules[name] = LoraModule(name, module.kind, dict(module.tensors))  # nothing to reduce
-                report.modules.append(module_report(name, s, len(s), old_rank, scale))
-                continue
-            new_up, new_down = split_factors(u, s, vh, new)
-            tensors = factors_to_tensors(new_up, new_down, shape, alpha=scale * new)
-            if module.has_dora:
-                tensors["dora_scale"] = module.tensors["dora_scale"]
-            modules[name] = LoraModule(name, KIND_LORA, tensors)
-            report.modules.append(module_report(name, s, new, old_rank, scale))
-        else:
-            u, s, vh = svd_of_dense(dense_delta(module))  # LoHa / LoKr / CP-LoCon / full -> LoRA
-            new = choose_rank(s, limit if limit is not None else old_rank, dynamic, param)
-            new_up, new_down = split_factors(u, s, vh, new)
-            modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(new_up, new_down, shape, alpha=new))
-            report.modules.append(module_report(name, s, new, old_rank))
-            converted.append(f"{name} ({module.kind})")
-
+    with single_thread():  # hundreds of small QRs and SVDs: one thread is fastest (see tools/svd.py)
+        for name, module in source.modules.items():
+            new_module, module_rep = _resize_module(module, rank, dynamic, param, conv_rank)
+            modules[name] = new_module
+            report.modules.append(module_rep)
+            if module.kind != KIND_LORA or "lora_mid.weight" in module.tensors:
+                converted.append(f"{name} ({module.kind})")
     if converted:
         report.notes.append(f"{len(converted)} LyCORIS/CP modules became plain LoRA modules: {', '.join(converted[:3])}"
                             + (" ..." if len(converted) > 3 else ""))
@@ -123,6 +100,33 @@ def resize_lora(
     metadata = lora_metadata(source.arch, modules, out, comment, extra, keep=source.metadata)
     resized = LoraFile(modules=modules, metadata=metadata, format="kohya", arch=source.arch, path=str(out) if out else None)
     return write_report(report, resized, out, dtype, started, bytes_before)
+
+
+def _resize_module(module: LoraModule, rank, dynamic, param, conv_rank) -> tuple[LoraModule, ModuleReport]:
+    name = module.name
+    shape = weight_shape(module)
+    conv = len(shape) == 4 and shape[2:] != (1, 1)
+    limit = (conv_rank or rank) if conv else rank
+    old_rank = module.rank
+    if module.kind == KIND_LORA and "lora_mid.weight" not in module.tensors:
+        # kohya: SVD of up @ down without the scale; alpha follows the rank, so the scale stays.
+        scale = module.scale
+        up = module.tensors["lora_up.weight"].float().flatten(1)
+        down = module.tensors["lora_down.weight"].float().flatten(1)
+        u, s, vh = svd_of_product(up, down)
+        new = choose_rank(s, limit, dynamic, param)
+        if dynamic is None and old_rank is not None and old_rank <= new:
+            # nothing to reduce: the module is copied as it is
+            return LoraModule(name, module.kind, dict(module.tensors)), module_report(name, s, len(s), old_rank, scale)
+        new_up, new_down = split_factors(u, s, vh, new)
+        tensors = factors_to_tensors(new_up, new_down, shape, alpha=scale * new)
+        if module.has_dora:
+            tensors["dora_scale"] = module.tensors["dora_scale"]
+        return LoraModule(name, KIND_LORA, tensors), module_report(name, s, new, old_rank, scale)
+    u, s, vh = svd_of_dense(dense_delta(module))  # LoHa / LoKr / CP-LoCon / full -> LoRA
+    new = choose_rank(s, limit if limit is not None else old_rank, dynamic, param)
+    new_up, new_down = split_factors(u, s, vh, new)
+    return LoraModule(name, KIND_LORA, factors_to_tensors(new_up, new_down, shape, alpha=new)), module_report(name, s, new, old_rank)
 
 
 def _source_hash(source: LoraFile, path: Path | None) -> str:
