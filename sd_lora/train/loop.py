@@ -405,9 +405,16 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.events.emit("warning", message=f"step {step + 1}: loss is {mean_loss}; update skipped")
                 if nan_streak >= 5:
+                    # The last checkpoint saved before the streak began (steps are counted from 1 here).
+                    from .checkpoint import list_checkpoints
+
+                    good = [c for c in list_checkpoints(cfg.checkpoint_root) if int(c.name.split("-")[1]) < step - 3]
+                    last = good[-1] if good else None
                     raise ValueError(
-                        "the loss was NaN/inf 5 steps in a row. Lower lr, use bf16 instead of fp16, set "
-                        "max_grad_norm = 1.0, or check the base model for NaN weights"
+                        f"step {step + 1}: the loss was NaN/inf 5 steps in a row (since step {step - 3}). Lower lr, use "
+                        "bf16 instead of fp16, set max_grad_norm = 1.0, or check the base model for NaN weights. "
+                        + (f"The last good checkpoint is {last}: continue from it with resume = \"{last}\"."
+                           if last else "No checkpoint was saved before this; start again with the changes.")
                     )
             else:
                 nan_streak = 0
