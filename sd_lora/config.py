@@ -90,6 +90,9 @@ class TrainConfig:
     lr_warmup_steps: int = field(default=0, metadata=_help("learning-rate warm-up steps"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
     mixed_precision: str = field(default="no", metadata=_help("no | fp16 | bf16"))
+    base_precision: str | None = field(default=None, metadata=_help(
+        "storage of the frozen UNet/text-encoder weights: fp32 | fp16 | bf16 | fp8 | nf4 | int8 (nf4/int8: CUDA + "
+        "bitsandbytes); upcast per layer to the mixed-precision dtype. Default: the mixed-precision dtype"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for memory"))
     min_snr_gamma: float | None = field(default=None, metadata=_help("min-SNR loss weighting gamma (5 is usual)"))
     noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 helps very dark/bright images)"))
@@ -202,6 +205,10 @@ class TrainConfig:
             e.append(f"mixed_precision: unknown {self.mixed_precision!r}; choose no, fp16 or bf16")
         elif self.mixed_precision == "fp16" and not _cuda_available():
             e.append("mixed_precision: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
+        if self.base_precision is not None:
+            from .train.base_precision import precision_problems
+
+            e += precision_problems(self.base_precision, cuda=_cuda_available())
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             e.append(f"prediction_type: must be epsilon or v_prediction (got {self.prediction_type!r}); leave it unset to use the model's")
         if self.min_snr_gamma is not None and not _positive(self.min_snr_gamma):

@@ -195,6 +195,12 @@ class _Trainer:
         self.network = inject_network(pipe, cfg.network)
         self.train_te = bool(self.network.text_encoder_parameters()) and cfg.te_lr > 0
         self.train_unet = bool(self.network.unet_parameters())
+        # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
+        from .base_precision import apply_base_precision
+
+        applied = apply_base_precision(pipe, cfg.base_precision, self.weight_dtype)
+        if applied["layers"]:
+            self.log(f"base_precision {cfg.base_precision}: {applied['layers']} frozen layers stored small")
         # Frozen base weights in the mixed-precision dtype (half the memory); adapters stay fp32.
         device = acc.device
         for name in ("unet", "text_encoder", "text_encoder_2"):
