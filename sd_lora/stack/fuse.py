@@ -65,7 +65,7 @@ class _State:
     index: dict | None = None  # kohya name -> (component, path, module), both UNet layouts
     modules: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)  # (component, path) -> module
     arch: str | None = None
-    resolved: dict[tuple, dict[str, TargetKey]] = field(default_factory=dict)  # file key -> name -> target
+    resolved: dict[tuple, dict[str, TargetKey]] = field(default_factory=dict)  # (file key, strict) -> name -> target
     block_of: dict[str, str | None] = field(default_factory=dict)  # unet module path -> block id
 
 
@@ -136,8 +136,8 @@ def _load(spec: LoraSpec, cache: LoraCache) -> tuple[tuple, LoraFile]:
 
 def _resolve(pipe, st: _State, key: tuple, lora: LoraFile, label: str, strict: bool) -> dict[str, TargetKey]:
     """kohya module name -> target key, for every module of `lora` (checked against the pipeline)."""
-    if key in st.resolved:
-        return st.resolved[key]
+    if (key, strict) in st.resolved:
+        return st.resolved[(key, strict)]
     from ..formats.read import match_lora
 
     try:
@@ -155,7 +155,7 @@ def _resolve(pipe, st: _State, key: tuple, lora: LoraFile, label: str, strict: b
     if key[0] != "memory":  # in-memory LoraFiles may be edited between calls: match them each time
         if len(st.resolved) > 256:
             st.resolved.pop(next(iter(st.resolved)))
-        st.resolved[key] = out
+        st.resolved[(key, strict)] = out
     return out
 
 
