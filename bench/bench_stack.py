@@ -204,6 +204,8 @@ def main() -> None:
           f"({100 * (best['diffusers'][1] / b - 1):+.1f} %)   [wall: {best['bare'][0]:.2f} / {best['ours'][0]:.2f} / {best['diffusers'][0]:.2f}]")
 
     # 4. 100 switches: memory --------------------------------------------------------------------
+    # (diffusers' unfuse_lora above left rounding residue in the weights: take the base from here on)
+    base_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
     cache = LoraCache(max_bytes=128 * 1024 * 1024)  # holds ~14 of the 20 files: evicts as it goes
     for s in stacks[:5]:
         apply_loras(pipe, [(pool[j], w) for j, w in zip(s, weights)], cache=cache)
