@@ -86,6 +86,7 @@ def test_apply_fp8_under_peft_adapters(method):
         # (the tiny text encoder is mostly token embedding, which stays in the compute dtype)
         assert model_bytes(model) < (0.6 if name == "unet" else 0.8) * before[name]
     assert all(p.dtype == torch.float32 and p.requires_grad for p in network.parameters())
+    assert any(n.endswith("stored_weight") for n in pipe.unet._ddp_params_and_buffers_to_ignore)  # no DDP broadcast per step
     # gradients reach the adapters of both models through the fp8 base layers
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     hidden = pipe.text_encoder(ids)[0]
@@ -168,7 +169,7 @@ def test_fp8_base_trains_tiny_sd1_and_the_file_works_on_the_fp32_base(tmp_path):
     out = tmp_path / "out" / "fp8.safetensors"
     net = {"rank": 8, "alpha": 8, "preset": "attention"}
     cfg = TrainConfig(model=str(tmp_path / "model"), output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
-                      network=net, steps=30, batch_size=4, lr=1e-2, seed=1, mixed_precision="bf16", base_precision="fp8")
+                      network=net, steps=20, batch_size=4, lr=1e-2, seed=1, mixed_precision="bf16", base_precision="fp8")
     train(cfg)
     losses = [e["loss"] for e in read_events(out.parent / "fp8.events.jsonl") if e["event"] == "step"]
     assert sum(losses[-5:]) < sum(losses[:5]), losses
@@ -185,4 +186,4 @@ def test_fp8_base_trains_tiny_sd1_and_the_file_works_on_the_fp32_base(tmp_path):
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.endswith(".weight"))
     network.load_kohya_state_dict({k: v.float() for k, v in tensors.items()})
     after = _fixed_noise_loss(pipe, latents, hidden)
-    assert after < before * 0.97, (before, after)
+    assert after < before * 0.97, (before, after)  # measured: 1.088 -> 1.045

@@ -236,7 +236,20 @@ def apply_base_precision(pipe, precision: str | None, compute_dtype: torch.dtype
                     new = UpcastLinear(layer, STORAGE_DTYPES[precision], compute_dtype)
                 setattr(parent, attr, new)
                 replaced += 1
+            _ddp_skip_stored_weights(model)
     return {"layers": replaced, "bytes": sum(model_bytes(getattr(pipe, n)) for n in COMPONENTS if getattr(pipe, n, None) is not None)}
+
+
+def _ddp_skip_stored_weights(model: nn.Module) -> None:
+    """Keep DistributedDataParallel from broadcasting the stored weights at every forward.
+
+    DDP syncs buffers (broadcast_buffers=True) at the start of each forward: that would send the whole
+    frozen base every step. Every process quantizes the same weights the same way, so there is
+    nothing to sync; this is what DistributedDataParallel._set_params_and_buffers_to_ignore_for_model
+    records, set directly so that no process group is needed here.
+    """
+    names = [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("stored_weight", "weight_scale")]
+    model._ddp_params_and_buffers_to_ignore = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", [])) | set(names))
 
 
 def model_bytes(model: nn.Module) -> int:
