@@ -187,3 +187,21 @@ def test_fp8_base_trains_tiny_sd1_and_the_file_works_on_the_fp32_base(tmp_path):
     network.load_kohya_state_dict({k: v.float() for k, v in tensors.items()})
     after = _fixed_noise_loss(pipe, latents, hidden)
     assert after < before * 0.97, (before, after)  # measured: 1.088 -> 1.045
+
+
+def test_nf4_int8_refused_without_cuda_and_bitsandbytes_layers_build(monkeypatch):
+    import bitsandbytes as bnb
+
+    from sd_lora.train import base_precision
+
+    pipe, _ = _inject()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU.*fp8"):
+        apply_base_precision(pipe, "nf4", torch.bfloat16)
+    # the layers the CUDA path puts in place (quantized by bitsandbytes on the move to the GPU)
+    lin = nn.Linear(64, 32)
+    four = base_precision._bnb_layer(lin, "nf4", torch.bfloat16)
+    eight = base_precision._bnb_layer(lin, "int8", torch.bfloat16)
+    assert isinstance(four, bnb.nn.Linear4bit) and four.weight.quant_type == "nf4" and not four.weight.requires_grad
+    assert isinstance(eight, bnb.nn.Linear8bitLt) and not eight.weight.requires_grad
+    torch.testing.assert_close(four.bias, lin.bias.detach().bfloat16())
