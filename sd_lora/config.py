@@ -109,6 +109,7 @@ class TrainConfig:
     sample_prompts: list[str] | str | None = field(default=None, metadata=_help("prompt lines, or a file of them; kohya options --n --w --h --s --d --l"))
     sample_steps: int = field(default=20, metadata=_help("default sampler steps for sample prompts"))
 
+    cpu_threads: int | None = field(default=None, metadata=_help("torch CPU threads for this run (default: torch's choice); 1 is much faster for tiny models on a busy machine"))
     log_every: int = field(default=1, metadata=_help("write a step event every N steps"))
     tensorboard: bool = field(default=False, metadata=_help("also log to TensorBoard (needs the tensorboard package)"))
     comment: str = field(default="", metadata=_help("ss_training_comment stored in the file"))
@@ -187,6 +188,8 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 e.append(f"{key}: must be a whole number >= 1 (got {v!r})")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            e.append(f"cpu_threads: must be a whole number >= 1 (got {self.cpu_threads!r}), or unset")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 0:
             e.append(f"keep_checkpoints: must be >= 0 (0 keeps all), got {self.keep_checkpoints!r}")
         if not _positive(self.lr):

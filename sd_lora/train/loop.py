@@ -115,6 +115,9 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
         on_event if main else None,
         tensorboard_dir=config.output_path.parent / f"{config.output_path.stem}-tensorboard" if (config.tensorboard and main) else None,
     )
+    threads = torch.get_num_threads()
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     try:
         return _Trainer(config, accelerator, events, stop_event).run()
     except TrainingStopped as e:
@@ -125,6 +128,7 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
         raise
     finally:
         events.close()
+        torch.set_num_threads(threads)
 
 
 class _Trainer:
