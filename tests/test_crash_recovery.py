@@ -198,6 +198,7 @@ def _phase(out: Path) -> str:
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
+    assert not list((out / "lora-checkpoints").glob(".step-*")), "temporary checkpoint folders of killed runs are left"
     a, _ = load_safetensors(ref / "lora.safetensors")
     b, _ = load_safetensors(out / "lora.safetensors")
     assert a.keys() == b.keys()
