@@ -57,6 +57,22 @@ def resize_lora(
     Returns a ToolReport: per-module kept energy and relative error, the overall error, the file
     size before and after (`.bytes_before`, `.bytes_after`), `.lora` (the resized LoraFile).
     """
+    # Reading, checking and writing a LoRA are many small tensor operations: one thread is fastest
+    # (see tools/svd.py; on a busy 2-core machine 2 threads made a full SD1.5 resize 15x slower).
+    with single_thread():
+        return _resize_lora(lora, out, rank, dynamic, param, conv_rank, dtype, strict)
+
+
+def _resize_lora(
+    lora,
+    out: str | os.PathLike | None = None,
+    rank: int | None = None,
+    dynamic: str | None = None,
+    param: float | None = None,
+    conv_rank: int | None = None,
+    dtype="fp16",
+    strict: bool = True,
+) -> ToolReport:
     started = time.perf_counter()
     if rank is None and dynamic is None:
         raise ValueError("resize needs a new rank (rank=R / --rank R) or a dynamic method (--dynamic sv_fro --param 0.9).")
@@ -75,13 +91,12 @@ def resize_lora(
     report = ToolReport("resize" + (f" ({dynamic} {param:g})" if dynamic else ""))
     modules: dict[str, LoraModule] = {}
     converted: list[str] = []
-    with single_thread():  # hundreds of small QRs and SVDs: one thread is fastest (see tools/svd.py)
-        for name, module in source.modules.items():
-            new_module, module_rep = _resize_module(module, rank, dynamic, param, conv_rank)
-            modules[name] = new_module
-            report.modules.append(module_rep)
-            if module.kind != KIND_LORA or "lora_mid.weight" in module.tensors:
-                converted.append(f"{name} ({module.kind})")
+    for name, module in source.modules.items():
+        new_module, module_rep = _resize_module(module, rank, dynamic, param, conv_rank)
+        modules[name] = new_module
+        report.modules.append(module_rep)
+        if module.kind != KIND_LORA or "lora_mid.weight" in module.tensors:
+            converted.append(f"{name} ({module.kind})")
     if converted:
         report.notes.append(f"{len(converted)} LyCORIS/CP modules became plain LoRA modules: {', '.join(converted[:3])}"
                             + (" ..." if len(converted) > 3 else ""))
