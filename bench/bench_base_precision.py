@@ -132,7 +132,10 @@ def cpu_train(steps: int, size: int) -> list[dict]:
     rows = []
     for precision in ("bf16", "fp8"):
         cmd = [sys.executable, __file__, "--cpu-child", precision, "--cpu-steps", str(steps), "--size", str(size)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps freed
+        # tensors in its heap, so RSS would show the allocator's history rather than live tensors.
+        env = dict(os.environ, PYTHONPATH=str(REPO), MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"cpu {precision} failed:\n{out.stderr[-3000:]}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -43,8 +44,10 @@ def test_fp8_scale_keeps_sd_sized_weights_precise():
 def test_upcast_layers_match_a_plain_layer_with_the_stored_weight_forward_and_backward(compute):
     torch.manual_seed(0)
     for layer, x in ((nn.Linear(16, 24), torch.randn(2, 5, 16)), (nn.Conv2d(8, 12, 3, padding=1, stride=2), torch.randn(2, 8, 9, 9))):
-        wrapped = UpcastLinear(layer, torch.float8_e4m3fn, compute) if isinstance(layer, nn.Linear) else UpcastConv2d(layer, torch.float8_e4m3fn, compute)
+        cls = UpcastLinear if isinstance(layer, nn.Linear) else UpcastConv2d
+        wrapped = cls.convert(copy.deepcopy(layer), torch.float8_e4m3fn, compute)
         assert isinstance(wrapped, type(layer)) and wrapped.stored_weight.dtype == torch.float8_e4m3fn
+        assert "weight" not in wrapped._parameters  # the full-precision weight is gone
         assert not list(wrapped.parameters()) or not any(p.requires_grad for p in wrapped.parameters())
         # the reference: an ordinary layer holding the same (dequantized) weight
         ref = type(layer).__new__(type(layer))
@@ -87,6 +90,8 @@ def test_apply_fp8_under_peft_adapters(method):
         assert model_bytes(model) < (0.6 if name == "unet" else 0.8) * before[name]
     assert all(p.dtype == torch.float32 and p.requires_grad for p in network.parameters())
     assert any(n.endswith("stored_weight") for n in pipe.unet._ddp_params_and_buffers_to_ignore)  # no DDP broadcast per step
+    # converted in place: the network's own references see fp8 too (no full-precision copy kept alive)
+    assert all("weight" not in t.module._parameters for t in network.targets)
     # gradients reach the adapters of both models through the fp8 base layers
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     hidden = pipe.text_encoder(ids)[0]

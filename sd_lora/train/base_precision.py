@@ -125,6 +125,20 @@ class _UpcastConv2dFn(torch.autograd.Function):
 class _Upcast:
     """Shared parts of UpcastLinear / UpcastConv2d: the stored weight, its scale and `.weight`."""
 
+    @classmethod
+    def convert(cls, layer: nn.Module, storage: torch.dtype, compute: torch.dtype):
+        """Turn `layer` (an nn.Linear / nn.Conv2d) into this class in place and return it.
+
+        In place, not a new module: other holders of the layer (the network's target list, PEFT's
+        wrapper) then see the small weight, and the full-precision one is really freed.
+        """
+        weight, bias = layer.weight, layer.bias
+        del layer._parameters["weight"]
+        layer._parameters.pop("bias", None)
+        layer.__class__ = cls  # what torch.nn.utils.parametrize does too; all other attributes stay
+        layer._store(weight, bias, storage, compute)
+        return layer
+
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype, compute: torch.dtype):
         stored, scale = quantize(weight, storage)
         self.register_buffer("stored_weight", stored)
@@ -145,11 +159,6 @@ class _Upcast:
 class UpcastLinear(_Upcast, nn.Linear):
     """A frozen nn.Linear whose weight is stored in fp8/fp16/bf16 and upcast to `compute` in forward."""
 
-    def __init__(self, linear: nn.Linear, storage: torch.dtype, compute: torch.dtype):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a full-precision weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._store(linear.weight, linear.bias, storage, compute)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _UpcastLinearFn.apply(x, self.stored_weight, self.weight_scale, self.bias, self.compute_dtype)
 
@@ -159,15 +168,6 @@ class UpcastLinear(_Upcast, nn.Linear):
 
 class UpcastConv2d(_Upcast, nn.Conv2d):
     """A frozen nn.Conv2d (zero padding) whose weight is stored small and upcast in forward."""
-
-    _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                   "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice")
-
-    def __init__(self, conv: nn.Conv2d, storage: torch.dtype, compute: torch.dtype):
-        nn.Module.__init__(self)
-        for a in self._CONV_ATTRS:
-            setattr(self, a, getattr(conv, a))
-        self._store(conv.weight, conv.bias, storage, compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _UpcastConv2dFn.apply(x, self.stored_weight, self.weight_scale, self.bias, self.compute_dtype,
@@ -227,14 +227,16 @@ def apply_base_precision(pipe, precision: str | None, compute_dtype: torch.dtype
                 continue
             for parent, attr, layer in _frozen_layers(model, classes):
                 if precision in ("nf4", "int8"):
-                    new = _bnb_layer(layer, precision, compute_dtype)
+                    setattr(parent, attr, _bnb_layer(layer, precision, compute_dtype))
+                    # The replaced layer may still be referenced (the network's target list): drop
+                    # its weight so the full-precision copy is freed; its shape attributes stay.
+                    layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
                 elif isinstance(layer, nn.Conv2d):
                     if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                         continue  # not in SD models; left as it is rather than guessed at
-                    new = UpcastConv2d(layer, STORAGE_DTYPES[precision], compute_dtype)
+                    UpcastConv2d.convert(layer, STORAGE_DTYPES[precision], compute_dtype)
                 else:
-                    new = UpcastLinear(layer, STORAGE_DTYPES[precision], compute_dtype)
-                setattr(parent, attr, new)
+                    UpcastLinear.convert(layer, STORAGE_DTYPES[precision], compute_dtype)
                 replaced += 1
             _ddp_skip_stored_weights(model)
     return {"layers": replaced, "bytes": sum(model_bytes(getattr(pipe, n)) for n in COMPONENTS if getattr(pipe, n, None) is not None)}
