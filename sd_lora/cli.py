@@ -21,6 +21,7 @@ COMMANDS = [
     "inspect",
     "convert",
     "merge", "resize", "extract",
+    "demo",
 ]
 # Command modules add themselves to this list (one line each).
 
