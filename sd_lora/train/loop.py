@@ -102,6 +102,12 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
     # Several processes but no GPU (`accelerate launch --multi_gpu` / `torchrun` on CPUs): accelerate
     # only picks the gloo CPU backend when told it is on the CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with other
+    # settings (e.g. a bf16 run after an fp32 run in the same Python session): start from a clean
+    # state each run. The PartialState (process group of a distributed launch) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=multi_cpu,
         mixed_precision=config.mixed_precision,
