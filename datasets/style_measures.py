@@ -29,10 +29,6 @@ def as_array(img) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _luminance(arr: np.ndarray) -> np.ndarray:
-    return arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
 # -- stripes ----------------------------------------------------------------------------------------
 
 def stripe_energy(img, period: float = STRIPE_PERIOD) -> float:
