@@ -144,6 +144,9 @@ def write_report(report: ToolReport, lora: LoraFile, out, dtype, started: float,
 # --------------------------------------------------------------------------------------------------
 # LoRA + LoRA -> LoRA
 # --------------------------------------------------------------------------------------------------
+# Reading, checking and writing a LoRA are many small tensor operations: one thread is fastest
+# (see tools/svd.py; on a busy 2-core machine 2 threads made a full SD1.5 resize 15x slower).
+@single_thread()
 def merge_loras(
     stack,
     out: str | os.PathLike | None = None,
@@ -165,20 +168,6 @@ def merge_loras(
     Returns a ToolReport: `.rel_error` (overall relative Frobenius error of the deltas, 0 for an exact
     merge), `.modules` (per module), `.lora` (the merged LoraFile), `.path`, `.bytes_after`.
     """
-    # Reading, checking and writing a LoRA are many small tensor operations: one thread is fastest
-    # (see tools/svd.py; on a busy 2-core machine 2 threads made a full SD1.5 resize 15x slower).
-    with single_thread():
-        return _merge_loras(stack, out, rank, conv_rank, dtype, strict)
-
-
-def _merge_loras(
-    stack,
-    out: str | os.PathLike | None = None,
-    rank: int | None = None,
-    conv_rank: int | None = None,
-    dtype="fp16",
-    strict: bool = True,
-) -> ToolReport:
     started = time.perf_counter()
     if rank is not None and int(rank) < 1:
         raise ValueError(f"rank must be at least 1 (got {rank}); leave it out for an exact merge.")

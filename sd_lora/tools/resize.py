@@ -34,6 +34,9 @@ from .svd import (
 logger = logging.getLogger(__name__)
 
 
+# Reading, checking and writing a LoRA are many small tensor operations: one thread is fastest
+# (see tools/svd.py; on a busy 2-core machine 2 threads made a full SD1.5 resize 15x slower).
+@single_thread()
 def resize_lora(
     lora,
     out: str | os.PathLike | None = None,
@@ -57,22 +60,6 @@ def resize_lora(
     Returns a ToolReport: per-module kept energy and relative error, the overall error, the file
     size before and after (`.bytes_before`, `.bytes_after`), `.lora` (the resized LoraFile).
     """
-    # Reading, checking and writing a LoRA are many small tensor operations: one thread is fastest
-    # (see tools/svd.py; on a busy 2-core machine 2 threads made a full SD1.5 resize 15x slower).
-    with single_thread():
-        return _resize_lora(lora, out, rank, dynamic, param, conv_rank, dtype, strict)
-
-
-def _resize_lora(
-    lora,
-    out: str | os.PathLike | None = None,
-    rank: int | None = None,
-    dynamic: str | None = None,
-    param: float | None = None,
-    conv_rank: int | None = None,
-    dtype="fp16",
-    strict: bool = True,
-) -> ToolReport:
     started = time.perf_counter()
     if rank is None and dynamic is None:
         raise ValueError("resize needs a new rank (rank=R / --rank R) or a dynamic method (--dynamic sv_fro --param 0.9).")
