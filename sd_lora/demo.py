@@ -114,7 +114,7 @@ def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, 
             images, labels = [], []
             remove_loras(pipe)
             base_image = draw(styled_prompt)
-            record("base", prompt, base_image)
+            record(f"{style} base", prompt, base_image)  # the base on this row's own prompt
             images.append(base_image)
             labels.append("base")
             for w in WEIGHTS:

@@ -20,7 +20,7 @@ def run(args) -> int:
     for style, path in result.loras.items():
         m = result.measures[style]
         sweep = "  ".join(f"{m[f'{style} {w:g}']:.3f}" for w in (0.0, 0.25, 0.5, 0.75, 1.0))
-        print(f"  {style:8s} {STYLES[style][1]}: base {m['base']:.3f} | weights 0..1: {sweep} | stack {m['stack']:.3f}   {path}")
+        print(f"  {style:8s} {STYLES[style][1]}: base {m[f'{style} base']:.3f} | weights 0..1: {sweep} | stack {m['stack']:.3f}   {path}")
     print(f"Grid: {result.grid}")
     print(f"Measures: {result.grid.parent / 'measures.json'}")
     return 0
