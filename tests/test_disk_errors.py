@@ -15,10 +15,8 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sd_lora.formats.kohya import save_lora
 from sd_lora.io import atomic_write, load_safetensors, save_safetensors_atomic
@@ -123,21 +121,7 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path):
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("disk")
-    tiny_pipeline("sd1").save_pretrained(root / "model")
-    folder = root / "data" / "1_thing"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def test_training_on_a_full_disk_stops_with_the_error_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+def test_training_on_a_full_disk_stops_with_the_error_and_keeps_the_last_checkpoint(tiny_training_root, tmp_path, monkeypatch):
     """The disk fills up at the step-4 save: the run fails there with ENOSPC, and the step-2
     checkpoint and LoRA are whole, so `--resume` continues once space is freed."""
     from sd_lora.config import DataConfig, TrainConfig
@@ -146,8 +130,8 @@ def test_training_on_a_full_disk_stops_with_the_error_and_keeps_the_last_checkpo
     loop = importlib.import_module("sd_lora.train.loop")  # sd_lora.train is also the train() function
 
     def cfg(**kw):
-        return TrainConfig(model=str(setup / "model"), output=str(tmp_path / "lora.safetensors"),
-                           data=DataConfig(path=str(setup / "data"), resolution=64), steps=6, save_every=2, seed=1,
+        return TrainConfig(model=str(tiny_training_root / "model"), output=str(tmp_path / "lora.safetensors"),
+                           data=DataConfig(path=str(tiny_training_root / "data"), resolution=64), steps=6, save_every=2, seed=1,
                            network={"rank": 2, "preset": "attention", "train_text_encoder": False}, **kw)
 
     real = loop._Trainer._save_lora

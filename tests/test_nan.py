@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
@@ -26,22 +24,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("nan")
-    tiny_pipeline("sd1").save_pretrained(root / "model")
-    folder = root / "data" / "1_thing"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def _cfg(setup, out, **kw):
-    return TrainConfig(model=str(setup / "model"), output=str(out), data=DataConfig(path=str(setup / "data"), resolution=64),
+def _cfg(tiny_training_root, out, **kw):
+    return TrainConfig(model=str(tiny_training_root / "model"), output=str(out), data=DataConfig(path=str(tiny_training_root / "data"), resolution=64),
                        seed=3, network={"rank": 2, "preset": "attention", "train_text_encoder": False}, **kw)
 
 
@@ -55,18 +39,18 @@ def _nan_at(monkeypatch, bad_steps):
     monkeypatch.setattr(loop._Trainer, "_loss", loss)
 
 
-def test_a_nan_step_is_skipped_and_named(setup, tmp_path, monkeypatch):
+def test_a_nan_step_is_skipped_and_named(tiny_training_root, tmp_path, monkeypatch):
     _nan_at(monkeypatch, {3})
-    out = train(_cfg(setup, tmp_path / "lora.safetensors", steps=5))
+    out = train(_cfg(tiny_training_root, tmp_path / "lora.safetensors", steps=5))
     warnings = [e["message"] for e in read_events(tmp_path / "lora.events.jsonl") if e["event"] == "warning"]
     assert warnings == ["step 3: loss is nan; update skipped"]
     tensors, _ = load_safetensors(out)
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
 
 
-def test_persistent_nan_stops_with_step_cause_and_last_good_checkpoint(setup, tmp_path, monkeypatch):
+def test_persistent_nan_stops_with_step_cause_and_last_good_checkpoint(tiny_training_root, tmp_path, monkeypatch):
     _nan_at(monkeypatch, set(range(5, 100)))
-    cfg = _cfg(setup, tmp_path / "lora.safetensors", steps=10, save_every=2)
+    cfg = _cfg(tiny_training_root, tmp_path / "lora.safetensors", steps=10, save_every=2)
     with pytest.raises(ValueError) as err:
         train(cfg)
     msg = str(err.value)
