@@ -1,6 +1,6 @@
 """Weighted LoRA stacks vs diffusers on full-size SD1.5 (random weights, CPU). Prints ratios.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_stack.py [--files 20] [--switches 6] [--size 128] [--steps 2]
+    PYTHONPATH=. .venv/bin/python bench/bench_stack.py [--files 20] [--switches 6] [--size 128] [--steps 2] [--malloc retain|default]
 
 Setup: `sd_lora.testing.full_size_pipeline("sd1")` (fp32, random weights) and 20 kohya LoRA files,
 r16 on attention (UNet to_q/k/v/out + CLIP q/k/v/out_proj), fp16, written with `save_lora`.
@@ -92,7 +92,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--images", type=int, default=3, help="timed images per configuration")
     ap.add_argument("--memory-switches", type=int, default=100, help="switches in the RSS / cache-bound part")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="retain: glibc keeps freed memory (steady-state timings, see bench/malloc.py); default: as is")
     args = ap.parse_args()
+    if args.malloc == "retain":
+        from malloc import retain_freed_memory
+
+        print(f"glibc keeps freed memory (bench/malloc.py): {retain_freed_memory()}")
 
     import logging
     import warnings
@@ -146,6 +152,8 @@ def main() -> None:
     print(f"diffusers unfuse_lora + unload: max |W - W_base| left on a touched weight: {drift:.2e} (ours: exactly 0)")
     base_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach().clone()
     report("cold apply, 3 new files", ours_cold, diff_cold)
+    print(f"  (ours, first apply in this process, which maps its backup memory: {ours_cold[0][0]:.3f} s wall; "
+          f"later applies back up into the memory remove_loras kept)")
 
     # 2. Switching -------------------------------------------------------------------------------
     pool = files[: args.files]

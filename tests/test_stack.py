@@ -113,6 +113,28 @@ def test_weight_zero_is_base_and_remove_restores_bitwise(pipe, files):
     assert applied_stack(pipe) == []
 
 
+def test_backup_memory_is_reused_and_never_restores_a_stale_base(pipe, files):
+    """remove_loras keeps the backup memory; the next apply backs up the weights as they are then."""
+    import sd_lora.stack.fuse as fuse
+
+    name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    apply_loras(pipe, [(files[0], 0.8)])
+    remove_loras(pipe)
+    st = fuse._state(pipe)
+    assert st.spare and not st.targets
+    spare_ptrs = {b.data_ptr() for b in st.spare.values()}
+    with torch.no_grad():  # the user edits the base between two stacks
+        pipe.unet.get_parameter(name.removeprefix("unet.")).add_(1.0)
+    edited = weights(pipe)
+    apply_loras(pipe, [(files[0], 0.8)])
+    assert {t.backup.data_ptr() for t in st.targets.values()} <= spare_ptrs  # same memory, no new block
+    remove_loras(pipe, free_memory=True)
+    assert_bitwise(weights(pipe), edited)  # the edit survives: the backup was taken afresh
+    assert not st.spare and not st.targets
+    with torch.no_grad():
+        pipe.unet.get_parameter(name.removeprefix("unet.")).sub_(1.0)
+
+
 def test_stack_is_the_sum_of_its_parts(pipe, files):
     """W = base + sum_i w_i * delta_i, with separate UNet / text-encoder weights."""
     base = weights(pipe)
@@ -352,7 +374,24 @@ def test_failure_while_writing_puts_back_the_previous_stack(pipe, files, monkeyp
         apply_loras(pipe, [(files[1], 1.0), (files[2], 0.5)])
     monkeypatch.setattr(fuse, "_write", real)
     assert_bitwise(weights(pipe), before)
+    st = fuse._state(pipe)
+    assert set(st.targets) == set(st.applied)  # no backups of weights the failed call never kept
     assert apply_loras(pipe, [(files[0], 0.8)]).changed == 0  # the state agrees with the weights
+
+
+def test_failure_while_backing_up_changes_nothing(pipe, files, monkeypatch):
+    import sd_lora.stack.fuse as fuse
+
+    apply_loras(pipe, [(files[0], 0.8)])
+    before = weights(pipe)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (_ for _ in ()).throw(MemoryError("simulated")))
+    with pytest.raises(MemoryError) as info:
+        apply_loras(pipe, [(files[0], 0.8), (files[1], 1.0)])
+    monkeypatch.undo()
+    assert any(entry.name == "_back_up" for entry in info.traceback)  # (the file was read and matched before)
+    assert_bitwise(weights(pipe), before)
+    assert apply_loras(pipe, [(files[0], 0.8)]).changed == 0
+    remove_loras(pipe)
 
 
 def test_trigger_words_of_the_applied_stack(pipe):

@@ -18,8 +18,7 @@ def inspect_lora(path, strict: bool = True) -> dict:
     from collections import Counter
     from pathlib import Path
 
-    import torch
-
+    from ..formats.lora_file import is_finite
     from ..formats.read import load_lora
 
     lora = load_lora(path, strict=strict)
@@ -32,7 +31,7 @@ def inspect_lora(path, strict: bool = True) -> dict:
             if name.startswith(prefix):
                 targets[label] += 1
                 break
-    non_finite = [n for n, m in lora.modules.items() if any(t.is_floating_point() and not torch.isfinite(t).all() for t in m.tensors.values())]
+    non_finite = [n for n, m in lora.modules.items() if any(t.is_floating_point() and not is_finite(t) for t in m.tensors.values())]
     p = Path(path)
     size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return {

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path
-from .lora_file import LoraFile
+from .lora_file import LoraFile, is_finite
 from .metadata import compute_sshs_hashes
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -63,7 +63,7 @@ def _check_keys(sd: dict[str, torch.Tensor]) -> None:
 
 
 def _check_finite(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not is_finite(v)]
     if bad:
         raise NonFiniteWeightsError(
             f"refusing to save: {len(bad)} tensors contain NaN or inf (first: {', '.join(bad[:3])}). The training "

@@ -45,7 +45,8 @@ Contribution = tuple[tuple, str, float]
 class _Target:
     module: torch.nn.Module
     param: str  # "weight" or "bias"
-    backup: torch.Tensor | None = None
+    backup: torch.Tensor  # the original bits, on the CPU (a view into a block shared with other targets)
+    fused: bool = False  # the weight differs from its backup
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -59,6 +60,9 @@ class _State:
 
     models: dict[str, int] = field(default_factory=dict)  # component -> id(model) the state refers to
     targets: dict[TargetKey, _Target] = field(default_factory=dict)
+    # Backup memory of weights that went back to the base, kept to back them up into again: fresh
+    # memory is slow to fault in on small VMs, and a server applies and removes stacks all day.
+    spare: dict[TargetKey, torch.Tensor] = field(default_factory=dict)
     applied: dict[TargetKey, tuple[Contribution, ...]] = field(default_factory=dict)
     files: dict[tuple, LoraFile] = field(default_factory=dict)  # files of the applied stack (kept alive)
     specs: list[LoraSpec] = field(default_factory=list)
@@ -120,6 +124,7 @@ def _sync_state(pipe, st: _State) -> None:
         for t in dropped:
             st.targets.pop(t, None)
             st.applied.pop(t, None)
+        st.spare = {t: b for t, b in st.spare.items() if t[0] not in stale}
         st.index, st.resolved, st.block_of = None, {}, {}
     st.models = ids
     if st.index is None:
@@ -251,11 +256,13 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
                     "Apply LoRAs before enabling sequential offload, or use enable_model_cpu_offload."
                 )
 
-    # 2. Write. Any failure here (e.g. out of memory) puts back what this call changed.
+    # 2. Back up the weights changed for the first time (an allocation failure here changes nothing),
+    #    then write. Any failure while writing (e.g. out of memory) puts back what this call changed.
     all_files = {**st.files, **files}
     done: list[TargetKey] = []
     try:
         with torch.no_grad():
+            _back_up(st, [t for t in changed if t not in st.targets and new.get(t)])
             for t in changed:
                 done.append(t)  # before writing: a write that fails half-way is put back too
                 _write(st, t, new.get(t, ()), all_files)
@@ -267,6 +274,8 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
                 except BaseException:  # pragma: no cover - last resort: back to the base weight
                     _write(st, t, (), all_files)
                     st.applied.pop(t, None)
+        for t in [t for t in st.targets if t not in st.applied]:
+            _release(st, t)  # backed up by this call, never written or written back: holds the base
         raise
     for t in changed:
         if new.get(t):
@@ -278,22 +287,50 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
     return AppliedStack(specs=specs, files=loaded, modules=len(st.applied), changed=len(changed))
 
 
+def _back_up(st: _State, keys: list[TargetKey]) -> None:
+    """Copy the exact original bits of these weights into CPU memory (on a GPU this keeps VRAM free,
+    as A1111 does), one block per dtype for all of them.
+
+    One block rather than a tensor per weight: on small VMs each fresh allocation above glibc's mmap
+    threshold is mapped, page-faulted and unmapped on its own, which made a cold apply of an SD1.5
+    attention stack (176 weights, 490 MB) 3x slower, and the holes the backups left in the heap
+    slowed every later image by up to 30 % (bench/bench_stack.py, bench/malloc.py). A block is
+    faulted in one sweep and given back whole when the last of its weights returns to the base.
+    """
+    by_dtype: dict[torch.dtype, list[TargetKey]] = {}
+    for t in keys:
+        param = getattr(st.modules[t[:2]], t[2])
+        spare = st.spare.pop(t, None)
+        if spare is not None and spare.shape == param.shape and spare.dtype == param.dtype:
+            spare.copy_(param.detach())  # the weight as it is now: the base may have been changed since
+            st.targets[t] = _Target(module=st.modules[t[:2]], param=t[2], backup=spare)
+        else:
+            by_dtype.setdefault(param.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        params = [getattr(st.modules[t[:2]], t[2]).detach() for t in group]
+        block = torch.empty(sum(p.numel() for p in params), dtype=dtype, device="cpu")
+        offset = 0
+        for t, p in zip(group, params):
+            backup = block[offset : offset + p.numel()].view(p.shape)
+            backup.copy_(p)
+            offset += p.numel()
+            st.targets[t] = _Target(module=st.modules[t[:2]], param=t[2], backup=backup)
+
+
+def _release(st: _State, t: TargetKey) -> None:
+    """Forget the backup of a weight that holds the base again, keeping its memory as a spare."""
+    st.spare[t] = st.targets.pop(t).backup
+
+
 def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], files: dict[tuple, LoraFile]) -> None:
     """Set target `t` to backup + its contributions (or back to the backup when there are none)."""
     target = st.targets.get(t)
-    fresh = target is None  # the weight still holds exactly its backup's bits
     if target is None:
-        if not contributions:
-            return
-        module = st.modules[t[:2]]
-        target = _Target(module=module, param=t[2])
-        # The exact original bits, in CPU memory (on a GPU this keeps VRAM free, as A1111 does).
-        target.backup = target.tensor.detach().to("cpu", copy=True).contiguous()
-        st.targets[t] = target
+        return  # not backed up, so never changed: it holds the base already
     param = target.tensor
     if not contributions:
         param.copy_(target.backup)
-        del st.targets[t]  # back to the base: the backup is not needed any more
+        _release(st, t)  # back to the base
         return
 
     device = param.device
@@ -314,8 +351,9 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
     if param.dtype == torch.float32 and device.type == "cpu" and param.is_contiguous():
         # fp32 on the CPU: backup + U @ D straight into the weight (no copy when it holds the backup).
         out2d = param.view(rows, -1)
-        if not fresh:
+        if target.fused:  # (a weight that still holds its backup's bits needs no copy)
             out2d.copy_(backup.view(rows, -1))
+        target.fused = True  # from here on the weight may differ from the backup
         if ups:  # all plain LoRA factors on this layer as one rank-(sum of ranks) update
             out2d.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
         for d in dense:
@@ -327,20 +365,28 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
         acc.view(rows, -1).addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
     for d in dense:
         acc.add_(d.reshape(acc.shape))
+    target.fused = True
     param.copy_(acc)
 
 
-def remove_loras(pipe) -> None:
-    """Restore every weight a stack changed to its original bits, and forget the stack."""
+def remove_loras(pipe, *, free_memory: bool = False) -> None:
+    """Restore every weight a stack changed to its original bits, and forget the stack.
+
+    The backup memory (the size of the weights the stack touched, on the CPU) is kept for the next
+    `apply_loras`, which then backs up into memory that is already mapped; `free_memory=True`
+    gives it back.
+    """
     st = _state(pipe)
     if st is None:
         return
     with torch.no_grad():
-        for target in st.targets.values():
+        for t, target in list(st.targets.items()):
             target.tensor.copy_(target.backup)
-    st.targets.clear()
+            _release(st, t)
     st.applied.clear()
     st.files, st.specs = {}, []
+    if free_memory:
+        st.spare.clear()
 
 
 def applied_stack(pipe) -> list[LoraSpec]:
