@@ -24,8 +24,13 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
+# Benchmarks print ratios against the reference tool; minutes each, not tests (see bench/README.md).
 bench: setup
-	$(PY) bench/run_all.py
+	PYTHONPATH=. $(PY) bench/bench_stack.py
+	PYTHONPATH=. $(PY) bench/bench_train.py --steps 5
+	PYTHONPATH=. $(PY) bench/bench_tools.py
+	PYTHONPATH=. $(PY) bench/bench_base_precision.py
+	PYTHONPATH=. $(PY) bench/bench_train_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
