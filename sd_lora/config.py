@@ -97,6 +97,12 @@ class TrainConfig:
     min_snr_gamma: float | None = field(default=None, metadata=_help("min-SNR loss weighting gamma (5 is usual)"))
     noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 helps very dark/bright images)"))
     prediction_type: str | None = field(default=None, metadata=_help("override the model's prediction type: epsilon | v_prediction"))
+    zero_terminal_snr: bool = field(default=False, metadata=_help(
+        "rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2024; kohya --zero_terminal_snr): the "
+        "model learns to start from pure noise. Needs a v-prediction model (or prediction_type = \"v_prediction\")"))
+    vae: str | None = field(default=None, metadata=_help(
+        "replacement VAE for latent caching and samples: a diffusers VAE folder (or a model folder with vae/) or a "
+        "single .safetensors VAE file, e.g. madebyollin's sdxl-vae-fp16-fix for fp16 SDXL. Default: the base model's"))
     seed: int = field(default=42, metadata=_help("random seed (data order, noise, timesteps)"))
 
     save_every: int | None = field(default=None, metadata=_help("save a LoRA file + resumable checkpoint every N steps"))
@@ -108,6 +114,9 @@ class TrainConfig:
     sample_every: int | None = field(default=None, metadata=_help("render sample images every N steps"))
     sample_prompts: list[str] | str | None = field(default=None, metadata=_help("prompt lines, or a file of them; kohya options --n --w --h --s --d --l"))
     sample_steps: int = field(default=20, metadata=_help("default sampler steps for sample prompts"))
+    sample_guidance_rescale: float | None = field(default=None, metadata=_help(
+        "guidance rescale (0-1) for sample images; keeps high CFG from over-exposing zero-terminal-SNR models. "
+        "Default: 0.7 with zero_terminal_snr, else 0"))
 
     cpu_threads: int | None = field(default=None, metadata=_help("torch CPU threads for this run (default: torch's choice); 1 is much faster for tiny models on a busy machine"))
     log_every: int = field(default=1, metadata=_help("write a step event every N steps"))
@@ -146,6 +155,13 @@ class TrainConfig:
     @property
     def te_lr(self) -> float:
         return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
+    def guidance_rescale(self) -> float:
+        """The guidance rescale of sample images (0.7 is the paper's value for zero-terminal-SNR models)."""
+        if self.sample_guidance_rescale is not None:
+            return self.sample_guidance_rescale
+        return 0.7 if self.zero_terminal_snr else 0.0
 
     def to_dict(self) -> dict:
         out = {}
@@ -214,6 +230,12 @@ class TrainConfig:
             e += precision_problems(self.base_precision, cuda=_cuda_available())
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             e.append(f"prediction_type: must be epsilon or v_prediction (got {self.prediction_type!r}); leave it unset to use the model's")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            e.append("zero_terminal_snr: needs v-prediction (at zero SNR an epsilon model's image estimate divides by zero), but "
+                     "prediction_type = \"epsilon\"; set prediction_type = \"v_prediction\" or leave it unset with a "
+                     "v-prediction model, or set zero_terminal_snr = false")
+        if self.vae and check_paths:
+            e += _check_vae_path(self.vae)
         if self.min_snr_gamma is not None and not _positive(self.min_snr_gamma):
             e.append(f"min_snr_gamma: must be > 0 (got {self.min_snr_gamma!r}); 5 is usual, or leave it unset")
         if not (_number(self.noise_offset) and 0 <= self.noise_offset <= 1):
@@ -229,6 +251,9 @@ class TrainConfig:
 
             if latest_checkpoint(self.checkpoint_root) is None:
                 e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without --resume, or pass a checkpoint folder")
+        if self.sample_guidance_rescale is not None and not (_number(self.sample_guidance_rescale) and 0 <= self.sample_guidance_rescale <= 1):
+            e.append(f"sample_guidance_rescale: must be between 0 and 1 (got {self.sample_guidance_rescale!r}); 0.7 is usual, "
+                     "or leave it unset")
         if self.sample_every and not self.sample_prompts:
             e.append("sample_prompts: sample_every is set but there are no prompts; pass prompt lines or a prompts file")
         if isinstance(self.sample_prompts, str) and check_paths and "\n" not in self.sample_prompts and not Path(self.sample_prompts).is_file():
@@ -289,6 +314,21 @@ def _cuda_available() -> bool:
 def _suggest(value, choices) -> str:
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _check_vae_path(path: str) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        return [f"vae: {path} does not exist; pass a diffusers VAE folder (config.json + weights) or a .safetensors VAE file"]
+    if p.is_file() and p.suffix.lower() not in VAE_FILE_SUFFIXES:
+        return [f"vae: {path} is not a weights file; pass a .safetensors VAE file or a diffusers VAE folder"]
+    if p.is_dir() and not ((p / "config.json").is_file() or (p / "vae" / "config.json").is_file()):
+        return [f"vae: {path} has no config.json (nor vae/config.json); pass a diffusers VAE folder, a model folder "
+                "with a vae/ subfolder, or a single .safetensors VAE file"]
+    return []
 
 
 def _check_image_folder(key: str, path: str) -> list[str]:
@@ -397,7 +437,8 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise ConfigError([f"{path}: cannot read the config file ({e.strerror or e})"]) from e
     cfg = config_from_dict(values)
     base = path.parent
-    for obj, key in ((cfg, "model"), (cfg, "output"), (cfg, "checkpoint_dir"), (cfg.data, "path"), (cfg.data, "reg_path"), (cfg.data, "cache_dir")):
+    for obj, key in ((cfg, "model"), (cfg, "output"), (cfg, "checkpoint_dir"), (cfg, "vae"), (cfg.data, "path"), (cfg.data, "reg_path"),
+                     (cfg.data, "cache_dir")):
         v = getattr(obj, key)
         if isinstance(v, str) and v and not Path(v).is_absolute():
             setattr(obj, key, str(base / v))

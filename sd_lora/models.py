@@ -247,6 +247,97 @@ def load_base(
     return pipe
 
 
+def load_vae(path: str | os.PathLike, base, dtype: torch.dtype = torch.float32):
+    """Load a replacement VAE for the pipeline `base` (from load_base), offline, and check that it fits it.
+
+    `path` is a diffusers VAE folder (config.json + weights), a model folder with a vae/ subfolder,
+    or a single VAE file (.safetensors, or .ckpt/.pt read with weights_only) in the original or the
+    diffusers key layout, e.g. madebyollin's sdxl-vae-fp16-fix. A single file carries no config: it
+    is built from the config we ship for the base's architecture, with the base VAE's shape and
+    scaling factor (a drop-in VAE must match them), so nothing is fetched from a hub.
+    Put it in place with `pipe.vae = load_vae(path, pipe)`.
+    """
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from .io import read_state_dict
+
+    path = Path(path)
+    base_vae = base.vae
+    if path.is_dir():
+        sub = None if (path / "config.json").is_file() else "vae"
+        config_file = path / (sub or "") / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"VAE {path}: no config.json (nor vae/config.json); pass a diffusers VAE folder, "
+                                 "a model folder with a vae/ subfolder, or a single .safetensors VAE file")
+        kind = json.loads(config_file.read_text()).get("_class_name")
+        if kind != "AutoencoderKL":
+            raise ModelLoadError(f"VAE {config_file}: this is a {kind or 'non-diffusers'} config, not a VAE (AutoencoderKL); "
+                                 "pass the VAE's folder")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"VAE {path}: could not load the diffusers VAE folder: {e}") from e
+    elif path.is_file():
+        state_dict, _ = read_state_dict(path)  # validated; a pickle is read with weights_only
+        init_keys = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+        shape = {k: v for k, v in dict(base_vae.config).items() if k in init_keys}
+        try:
+            vae = AutoencoderKL.from_single_file(state_dict, config=shipped_config_dir(architecture_of(base).arch), subfolder="vae",
+                                                 local_files_only=True, dtype=dtype, **shape)
+        except Exception as e:  # noqa: BLE001 - diffusers raises many types on keys or shapes that do not fit
+            raise ModelLoadError(
+                f"VAE {path}: does not fit the base model's VAE (latent_channels {base_vae.config.latent_channels}, "
+                f"block_out_channels {list(base_vae.config.block_out_channels)}): {e}. Pass a VAE made for this base."
+            ) from e
+    else:
+        raise ModelLoadError(f"VAE {path}: no such file or folder; pass a diffusers VAE folder or a .safetensors VAE file")
+    want = (base_vae.config.latent_channels, len(base_vae.config.block_out_channels))
+    got = (vae.config.latent_channels, len(vae.config.block_out_channels))
+    if got != want:
+        raise ModelLoadError(
+            f"VAE {path}: does not fit the base model: it has latent_channels {got[0]} and a {2 ** (got[1] - 1)}x "
+            f"downscale, the base's VAE {want[0]} and {2 ** (want[1] - 1)}x. Pass a VAE made for this base "
+            "(SD1/SD2/SDXL VAEs have 4 latent channels)."
+        )
+    vae.requires_grad_(False)
+    return vae
+
+
+def zero_terminal_snr_scheduler(scheduler):
+    """`scheduler`'s class set up for a zero-terminal-SNR model (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed"): betas rescaled so the last timestep is pure noise, and
+    "trailing" timestep spacing so that sampling starts from that last timestep."""
+    import inspect
+
+    cls = type(scheduler)
+    if scheduler.config.get("prediction_type", "epsilon") != "v_prediction":
+        # At zero SNR an epsilon sampler's image estimate divides by sqrt(alphas_cumprod[-1]) = 0.
+        raise ValueError(
+            f"zero terminal SNR needs a v-prediction model; this pipeline's scheduler predicts "
+            f"{scheduler.config.get('prediction_type', 'epsilon')}. Load the model with prediction_type=\"v_prediction\" "
+            "if it is a v-prediction model, or sample without zero terminal SNR."
+        )
+    params = inspect.signature(cls.__init__).parameters
+    if "rescale_betas_zero_snr" not in params or "timestep_spacing" not in params:
+        raise ValueError(
+            f"{cls.__name__} has no rescale_betas_zero_snr option, so it cannot sample a zero-terminal-SNR model. "
+            "Switch the pipeline to DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+            "DPMSolverMultistepScheduler or UniPCMultistepScheduler first, e.g. "
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+        )
+    return cls.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+def use_zero_terminal_snr(pipe):
+    """Swap `pipe.scheduler` for the same class set up for zero terminal SNR; returns the scheduler it
+    replaced (put it back with `pipe.scheduler = old`). Pair it with `guidance_rescale=0.7` in the call."""
+    old = pipe.scheduler
+    pipe.scheduler = zero_terminal_snr_scheduler(old)
+    return old
+
+
 def _is_sd1_or_sd2(path: Path) -> bool:
     spec = json.loads((path / "model_index.json").read_text())
     return spec.get("_class_name", "").startswith("StableDiffusionPipeline") or "safety_checker" in spec

@@ -173,7 +173,7 @@ def test_out_of_memory_gives_advice(models, tmp_path, monkeypatch):
         train(cfg)
     msg = str(err.value)
     for hint in ("batch_size = 1 with gradient_accumulation = 4", "gradient_checkpointing = true", "adamw8bit",
-                 "train_text_encoder = false"):
+                 "train_text_encoder = false", 'base_precision = "fp8"'):
         assert hint in msg
     events = read_events(tmp_path / "o.events.jsonl")
     assert events[-1]["event"] == "error" and "out of memory" in events[-1]["message"]
@@ -191,3 +191,30 @@ def test_nan_loss_skips_updates_then_stops_with_advice(models, tmp_path, monkeyp
     with pytest.raises(ValueError, match="NaN/inf 5 steps in a row"):
         train(cfg, on_event=events.append)
     assert sum(e["event"] == "warning" and "update skipped" in e["message"] for e in events) == 5
+
+
+def test_save_every_epochs_and_tensorboard_log(models, tmp_path):
+    """Epoch saves land after epochs 2 and 4 (not at the end: the final file is the output), and
+    TensorBoard holds the same loss curve as the events file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_images(tmp_path / "data" / "1_circle", n=4)
+    out = tmp_path / "o.safetensors"
+    cfg = TrainConfig(model=models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+                      network={"rank": 4}, epochs=5, batch_size=2, save_every_epochs=2, tensorboard=True, lr=1e-3)
+    assert train(cfg) == out and out.is_file()
+    # 4 images / batch 2 = 2 steps per epoch: epochs 2 and 4 end at steps 4 and 8.
+    assert sorted(p.name for p in tmp_path.glob("o-step*.safetensors")) == ["o-step000004.safetensors", "o-step000008.safetensors"]
+    assert load_safetensors(tmp_path / "o-step000004.safetensors")[0].keys() == load_safetensors(out)[0].keys()
+    assert len(list((tmp_path / "o-checkpoints").iterdir())) == 2
+
+    steps = {e["step"]: e["loss"] for e in read_events(tmp_path / "o.events.jsonl") if e["event"] == "step"}
+    logs = list((tmp_path / "o-tensorboard").glob("events.out.tfevents.*"))
+    assert len(logs) == 1
+    acc = EventAccumulator(str(logs[0]))
+    acc.Reload()
+    assert {"loss", "lr"} <= set(acc.Tags()["scalars"])
+    tb = {s.step: s.value for s in acc.Scalars("loss")}
+    assert sorted(tb) == sorted(steps) == list(range(1, 11))
+    for step, loss in steps.items():
+        assert tb[step] == pytest.approx(loss, rel=1e-6)

@@ -1,5 +1,5 @@
 """The web UI driven through its API with gradio_client, on the tiny SD1 model: caption a folder, train,
-stop and resume, generate with a two-LoRA stack, inspect the library.
+stop and resume, generate with a two-LoRA stack, inspect the library; then train and generate on the tiny SDXL model.
 
 One server for the module (starting Gradio and the training processes is the slow part); the tests run
 in file order, and the job tests use only their own jobs."""
@@ -189,6 +189,30 @@ def test_generate_with_two_lora_stack(server):
     # and the pipeline is back to the base afterwards (exact restore)
     base_again, _ = client.predict(*common, False, *(["", 1.0, None] * 4), api_name="/generate")
     assert np.array_equal(np.asarray(Image.open(base_again[0]["image"])), arrays[0])
+
+
+def test_sdxl_train_and_generate(server):
+    """The same UI calls on the tiny SDXL model: a short training job, then its LoRA in a generate call
+    (with guidance rescale, the sampler option that rides at the end of the generate inputs)."""
+    from sd_lora.testing import tiny_pipeline
+
+    client, ws, _ = server
+    tiny_pipeline("sdxl").save_pretrained(ws / "models" / "tiny-sdxl")
+    toml = toml_for(ws, "xl", 2, "lr = 0.01").replace('model = "models/tiny"', 'model = "models/tiny-sdxl"')
+    job_id = value(client.predict(toml, api_name="/start_job")[0])
+    st = wait_status(client, job_id, lambda st: st["status"] in ("done", "failed", "stopped"))
+    assert st["status"] == "done" and st["step"] == 2, st
+    details = client.predict("xl", api_name="/inspect_lora")[0]
+    assert details["summary"]["modules"] > 0 and "XL" in details["summary"]["base_model"]
+    rows = ["xl", 1.0, None] + ["", 1.0, None] * 3
+    images, info = client.predict("models/tiny-sdxl", "a red circle", "", 3, 2, 64, 64, 5.0, True, *rows, 0.7, False,
+                                  api_name="/generate")
+    assert [im["caption"] for im in images] == ["base", "xl"] and "xl x1" in info
+    base, lora = (np.asarray(Image.open(im["image"])) for im in images)
+    assert base.shape == (64, 64, 3) and not np.array_equal(base, lora), "the trained SDXL LoRA must change the image"
+    # zero terminal SNR is for v-prediction models: this epsilon model is refused with the reason
+    with pytest.raises(AppError, match="needs a v-prediction model"):
+        client.predict("models/tiny-sdxl", "a red circle", "", 3, 1, 64, 64, 5.0, False, *rows, 0.7, True, api_name="/generate")
 
 
 def test_presets_and_toml_round_trip(server):

@@ -127,7 +127,7 @@ def test_every_entry_point_refuses_escapes(app):
     with pytest.raises(AppError, match="not a plain name"):
         client.predict("datasets/cats", "../../evil", [], api_name="/upload_images")
     # training configs: every path key is checked before anything runs
-    for toml in ('model = "/etc"', 'output = "../../x.safetensors"', 'checkpoint_dir = "/tmp/x"',
+    for toml in ('model = "/etc"', 'output = "../../x.safetensors"', 'checkpoint_dir = "/tmp/x"', 'vae = "../outside"',
                  'steps = 1\n[data]\npath = "datasets/escape"', 'steps = 1\n[data]\ncache_dir = "../.."'):
         msg = client.predict(toml, api_name="/validate_config")
         assert "outside the workspace" in msg, (key, msg)

@@ -26,6 +26,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance-rescale", type=float, default=None, metavar="X",
+                   help="rescale the guided prediction (0-1) so high CFG does not over-expose; default 0.7 with "
+                        "--zero-terminal-snr, else 0")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="sample a zero-terminal-SNR (v-prediction) model: rescaled betas, trailing timesteps")
+    p.add_argument("--vae", metavar="PATH", help="replacement VAE: a diffusers VAE folder or a single .safetensors VAE file")
     p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--grid", metavar="W1,W2,...",
@@ -64,7 +70,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..models import load_base
+    from ..models import load_base, load_vae, use_zero_terminal_snr
     from ..stack import LoraSpec, apply_loras, prompt_to_stack
     from ..stack.grid import label_grid, save_png
 
@@ -74,6 +80,9 @@ def run(args) -> int:
             raise ValueError(f"width/height {dim} must be a positive multiple of 8")
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
+    rescale = args.guidance_rescale if args.guidance_rescale is not None else (0.7 if args.zero_terminal_snr else 0.0)
+    if not 0 <= rescale <= 1:
+        raise ValueError(f"--guidance-rescale {rescale:g}: must be between 0 and 1 (0.7 is usual)")
 
     specs = []
     for text in args.lora:
@@ -95,6 +104,10 @@ def run(args) -> int:
         args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     ]
     pipe = load_base(args.model, dtype=dtype, device="cpu" if args.cpu_offload else device)
+    if args.vae:
+        pipe.vae = load_vae(args.vae, pipe, dtype=dtype).to("cpu" if args.cpu_offload else device)
+    if args.zero_terminal_snr:
+        use_zero_terminal_snr(pipe)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
     pipe.set_progress_bar_config(disable=True)
@@ -107,7 +120,7 @@ def run(args) -> int:
         gen = torch.Generator("cpu").manual_seed(args.seed)  # CPU generator: same image on any device
         image = pipe(
             prompt=full, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, width=args.width, height=args.height, generator=gen,
+            guidance_scale=args.guidance, guidance_rescale=rescale, width=args.width, height=args.height, generator=gen,
         ).images[0]
         return image, info, full
 
@@ -115,6 +128,9 @@ def run(args) -> int:
     params = (
         f"{args.prompt}\nNegative prompt: {args.negative_prompt}\nSteps: {args.steps}, CFG scale: {args.guidance}, "
         f"Seed: {args.seed}, Model: {Path(args.model).name}, LoRAs: {loras_text or 'none'}"
+        + (f", Guidance rescale: {rescale:g}" if rescale else "")
+        + (", Zero terminal SNR: True" if args.zero_terminal_snr else "")
+        + (f", VAE: {Path(args.vae).name}" if args.vae else "")
     )
     if sweep is None:
         image, info, full = render(specs, prompt)

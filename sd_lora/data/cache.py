@@ -34,10 +34,18 @@ CACHE_VERSION = "1"
 
 
 def vae_fingerprint(vae) -> str:
-    """A short hash of the VAE's config and a sample of its weights (cache entries from another VAE are not reused)."""
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    for _, p in list(vae.named_parameters())[:3]:
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    """A short hash of the VAE's config and of every weight that shapes a latent (encoder, quant_conv),
+    so cache entries made by another VAE (e.g. a `vae =` replacement, a fine-tune that changed only
+    deeper layers) are never reused. Each tensor contributes ~1024 values spread over all of it (bit
+    exact, unlike a sum whose rounding depends on the thread count); a fine-tune changes them all."""
+    # "_name_or_path", "_diffusers_version" ... say where the VAE was loaded from, not what it computes
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, p in vae.named_parameters():
+        if name.startswith(("encoder.", "quant_conv.")):
+            values = p.detach().flatten()
+            h.update(name.encode())
+            h.update(values[:: max(1, values.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

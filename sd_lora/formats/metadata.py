@@ -59,6 +59,7 @@ _SS_FIELDS = {
     "clip_skip": "ss_clip_skip",
     "noise_offset": "ss_noise_offset",
     "min_snr_gamma": "ss_min_snr_gamma",
+    "zero_terminal_snr": "ss_zero_terminal_snr",
     "max_grad_norm": "ss_max_grad_norm",
     "caption_dropout_rate": "ss_caption_dropout_rate",
     "cache_latents": "ss_cache_latents",

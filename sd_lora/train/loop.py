@@ -187,7 +187,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> None:
-        from ..models import architecture_of, load_base
+        from ..models import architecture_of, load_base, load_vae, zero_terminal_snr_scheduler
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
@@ -195,6 +195,18 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         self.arch = architecture_of(pipe)
         self.log(f"model: {self.arch.description}, {self.arch.prediction_type}")
+        if cfg.zero_terminal_snr:
+            if self.arch.prediction_type != "v_prediction":
+                raise ValueError(
+                    f"zero_terminal_snr: {cfg.model} is an epsilon-prediction model, and zero terminal SNR needs "
+                    "v-prediction. Use a v-prediction model (e.g. SD 2.x 768-v), or set prediction_type = "
+                    "\"v_prediction\" to train this one into v-prediction, or set zero_terminal_snr = false."
+                )
+            if cfg.sample_prompts:
+                zero_terminal_snr_scheduler(pipe.scheduler)  # a sampler that cannot do it fails now, not at the first sample
+        if cfg.vae:
+            pipe.vae = load_vae(cfg.vae, pipe)
+            self.log(f"vae: {cfg.vae} (replaces the base model's)")
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             m = getattr(pipe, name, None)
             if m is not None:
@@ -232,7 +244,10 @@ class _Trainer:
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # zero_terminal_snr: betas rescaled so that the last timestep is pure noise (alphas_cumprod[-1] = 0).
+        # Off, the base's own scheduler config decides (a zero-SNR fine-tune may already say so).
+        self.noise_scheduler = DDPMScheduler.from_config(
+            pipe.scheduler.config, **({"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}))
         self.conditioner = TextConditioner(pipe, self.arch.is_sdxl)
 
     def _build_caches(self) -> None:
@@ -530,6 +545,8 @@ class _Trainer:
             mixed_precision=cfg.mixed_precision,
             min_snr_gamma=cfg.min_snr_gamma,
             noise_offset=cfg.noise_offset,
+            zero_terminal_snr=cfg.zero_terminal_snr,
+            vae_name=Path(cfg.vae).name if cfg.vae else None,
             max_grad_norm=cfg.max_grad_norm,
             caption_dropout_rate=cfg.data.caption_dropout,
             cache_latents=cfg.data.cache_latents != "none",
@@ -554,7 +571,8 @@ class _Trainer:
             prompts = load_prompts(self.cfg.sample_prompts)
             out_dir = self.cfg.output_path.parent / f"{self.cfg.output_path.stem}-samples"
             paths = render_samples(self.pipe, prompts, out_dir, step, self.cfg.data.resolution, self.cfg.sample_steps,
-                                   self.cfg.seed, autocast=self.acc.autocast)
+                                   self.cfg.seed, autocast=self.acc.autocast, guidance_rescale=self.cfg.guidance_rescale,
+                                   zero_terminal_snr=self.cfg.zero_terminal_snr)
             self.sample_paths += paths
             self.events.emit("sample", step=step, paths=[str(p) for p in paths])
         self.acc.wait_for_everyone()
@@ -586,6 +604,9 @@ def oom_advice(cfg: TrainConfig, train_te: bool) -> str:
         tips.append("gradient_checkpointing = true (much less activation memory, ~30 % slower)")
     if cfg.mixed_precision == "no":
         tips.append("mixed_precision = \"bf16\" (or \"fp16\" on older GPUs): half-size base weights")
+    if cfg.base_precision not in ("fp8", "nf4", "int8"):
+        tips.append("base_precision = \"fp8\" (frozen base weights in 8 bits, about half of bf16; any device), "
+                    "or \"nf4\" on CUDA (4 bits)")
     if cfg.optimizer == "adamw":
         tips.append("optimizer = \"adamw8bit\" (optimizer state in 8 bits)")
     if cfg.data.cache_latents == "none":

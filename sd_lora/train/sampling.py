@@ -5,7 +5,8 @@
 --n negative prompt, --w/--h width/height, --s sampler steps, --d seed, --l guidance (CFG) scale.
 Lines starting with # and empty lines are ignored. Images are rendered with the pipeline being
 trained (adapters active), with a seeded generator, so the same line gives comparable images across
-steps.
+steps. Runs with zero_terminal_snr sample with a zero-SNR, trailing-spacing scheduler and guidance
+rescale (sample_guidance_rescale, 0.7 by default for them).
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ def load_prompts(source) -> list[SamplePrompt]:
 
 @torch.no_grad()
 def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, resolution: int,
-                   default_steps: int, default_seed: int, autocast=None) -> list[Path]:
-    """Render every prompt; returns the PNG paths (<out_dir>/step-000100-0.png ...)."""
+                   default_steps: int, default_seed: int, autocast=None, guidance_rescale: float = 0.0,
+                   zero_terminal_snr: bool = False) -> list[Path]:
+    """Render every prompt; returns the PNG paths (<out_dir>/step-000100-0.png ...).
+
+    zero_terminal_snr: sample with the pipeline's scheduler class set up for it (rescaled betas,
+    trailing timesteps) and put the original scheduler back afterwards.
+    """
     from contextlib import nullcontext
 
     from ..io import atomic_path
+    from ..models import use_zero_terminal_snr
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = use_zero_terminal_snr(pipe) if zero_terminal_snr else pipe.scheduler  # the original, put back below
     modules = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
     was_training = [m.training for m in modules]
     for m in modules:
@@ -88,13 +96,15 @@ def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, 
             with autocast() if autocast else nullcontext():
                 image = pipe(
                     sp.prompt, negative_prompt=sp.negative or None, width=w, height=h,
-                    num_inference_steps=sp.steps or default_steps, guidance_scale=sp.guidance, generator=generator,
+                    num_inference_steps=sp.steps or default_steps, guidance_scale=sp.guidance,
+                    guidance_rescale=guidance_rescale, generator=generator,
                 ).images[0]
             path = out_dir / f"step-{step:06d}-{i}.png"
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             paths.append(path)
     finally:
+        pipe.scheduler = scheduler
         for m, t in zip(modules, was_training):
             m.train(t)
     return paths

@@ -47,7 +47,7 @@ def build(ctx, tab=None) -> None:
         return p
 
     @guard
-    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare, *rows):
+    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare, *rest):
         import torch
 
         import sd_lora
@@ -65,6 +65,11 @@ def build(ctx, tab=None) -> None:
                 raise ValueError(f"width/height {dim}: use a multiple of 8, at least 64 (0 = the model's size)")
         if not 1 <= steps <= 150:
             raise ValueError("steps: between 1 and 150")
+        # the LoRA rows (name, weight, TE weight), then the sampler options (last: older API calls still work)
+        rows, (rescale, zero_snr) = rest[: 3 * LORA_ROWS], rest[3 * LORA_ROWS:]
+        rescale = float(rescale or 0.0)
+        if not 0 <= rescale <= 1:
+            raise ValueError("guidance rescale: between 0 and 1 (0.7 for zero-terminal-SNR models)")
         specs = []
         for i in range(LORA_ROWS):
             name, weight, te_weight = rows[3 * i: 3 * i + 3]
@@ -81,18 +86,23 @@ def build(ctx, tab=None) -> None:
                 variants = [("base", [])] + [(Path(str(s.path)).stem, [s]) for s in specs] + ([("stack", specs)] if len(specs) > 1 else [])
             out, triggers = [], []
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            for i, (label, stack) in enumerate(variants):
-                info = sd_lora.apply_loras(pipe, stack)
-                triggers = triggers or list(getattr(info, "trigger_words", []) or [])
-                gen = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: same image on any device
-                image = pipe(prompt=clean_prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                             guidance_scale=float(guidance), width=w, height=h, generator=gen).images[0]
-                path = ws.root / "outputs" / f"{stamp}-{seed}-{i}-{label.replace('/', '_')}.png"
-                from sd_lora.io import atomic_path
+            # the kept pipeline keeps its scheduler: the zero-SNR one is for this click only
+            scheduler = sd_lora.use_zero_terminal_snr(pipe) if zero_snr else pipe.scheduler
+            try:
+                for i, (label, stack) in enumerate(variants):
+                    info = sd_lora.apply_loras(pipe, stack)
+                    triggers = triggers or list(getattr(info, "trigger_words", []) or [])
+                    gen = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: same image on any device
+                    image = pipe(prompt=clean_prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                                 guidance_scale=float(guidance), guidance_rescale=rescale, width=w, height=h, generator=gen).images[0]
+                    path = ws.root / "outputs" / f"{stamp}-{seed}-{i}-{label.replace('/', '_')}.png"
+                    from sd_lora.io import atomic_path
 
-                with atomic_path(path) as tmp:
-                    image.save(tmp, format="PNG")
-                out.append((str(path), label))
+                    with atomic_path(path) as tmp:
+                        image.save(tmp, format="PNG")
+                    out.append((str(path), label))
+            finally:
+                pipe.scheduler = scheduler
             sd_lora.remove_loras(pipe)
         stack_text = ", ".join(f"{Path(str(s.path)).stem} x{s.unet_weight:g} (TE x{s.text_encoder_weight:g})" for s in specs) or "none"
         info_md = f"LoRAs: {stack_text}" + (f"\n\nTrigger words: {', '.join(triggers)}" if triggers else "")
@@ -115,6 +125,10 @@ def build(ctx, tab=None) -> None:
                 width = gr.Number(0, label="width (0: model's)", precision=0)
                 height = gr.Number(0, label="height (0: model's)", precision=0)
                 guidance = gr.Number(7.0, label="guidance")
+            with gr.Accordion("Advanced: v-prediction / zero-terminal-SNR models", open=False):
+                with gr.Row():
+                    rescale = gr.Number(0.0, label="guidance rescale (0-1; 0.7 for zero-terminal-SNR models)", minimum=0, maximum=1)
+                    zero_snr = gr.Checkbox(label="zero terminal SNR (rescaled betas, trailing timesteps)")
             rows, names, te_rows = [], [], []
             gr.Markdown("**LoRA stack** (from loras/ of the workspace)")
             for i in range(LORA_ROWS):
@@ -135,6 +149,7 @@ def build(ctx, tab=None) -> None:
     inputs = [model, prompt, negative, seed, steps, width, height, guidance, compare]
     for i in range(LORA_ROWS):
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
+    inputs += [rescale, zero_snr]
     go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1)
     refresh_btn.click(refresh, None, [model, *names], api_name=False)
     if tab is not None:

@@ -53,7 +53,7 @@ FORM_KEYS = [
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed",
 ]
 # Paths in a config from the browser: each must resolve inside the workspace.
-PATH_KEYS = ["model", "output", "checkpoint_dir", "data.path", "data.reg_path", "data.cache_dir"]
+PATH_KEYS = ["model", "output", "checkpoint_dir", "vae", "data.path", "data.reg_path", "data.cache_dir"]
 
 
 def _get(cfg: TrainConfig, key: str):
