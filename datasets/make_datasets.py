@@ -81,8 +81,10 @@ class Scene:
 
     def caption(self, trigger: str | None = None) -> str:
         text = f"a {self.size} {self.colour} {self.shape} on a {self.background} background"
-        # Trigger word first, as kohya's keep_tokens=1 expects.
-        return f"{trigger}, {text}" if trigger else text
+        # Trigger word last (real datasets often put it first, for kohya's keep_tokens): the tiny
+        # base's text encoder is a frozen random network that tells words apart by position, so a
+        # leading trigger would move every content word to a position the base never learned it at.
+        return f"{text}, {trigger}" if trigger else text
 
 
 def _seeded_rng(seed: int, name: str) -> np.random.Generator:

@@ -81,6 +81,15 @@ def train_style_loras(out_dir: Path, base: Path, steps: int, styles=tuple(STYLES
 
 def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, seed: int = 0) -> DemoResult:
     """Rows = prompts x (each LoRA's weight sweep, then the stack); measure every picture."""
+    from .tools.svd import single_thread
+
+    # A 64 px model is many tiny ops: one thread is as fast on an idle machine and several times
+    # faster on a busy one (as for training, see cpu_threads above).
+    with single_thread():
+        return _render_grid(base, loras, out, steps, seed)
+
+
+def _render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int, seed: int) -> DemoResult:
     import torch
     from PIL import Image
 
@@ -110,7 +119,7 @@ def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, 
     for prompt in PROMPTS:
         for style, path in loras.items():
             trigger = STYLES[style][0]
-            styled_prompt = f"{trigger}, {prompt}"
+            styled_prompt = f"{prompt}, {trigger}"  # trigger last, as in the style sets' captions
             images, labels = [], []
             remove_loras(pipe)
             base_image = draw(styled_prompt)
@@ -125,7 +134,7 @@ def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, 
                 labels.append(f"{style} {w:g}")
             rows.append(label_grid(images, labels, title=styled_prompt))
         # Both styles at once: the stack, prompted with both trigger words.
-        stacked_prompt = ", ".join(STYLES[s][0] for s in loras) + ", " + prompt
+        stacked_prompt = prompt + ", " + ", ".join(STYLES[s][0] for s in loras)
         apply_loras(pipe, [(p, 1.0) for p in loras.values()])
         image = draw(stacked_prompt)
         record("stack", prompt, image)
