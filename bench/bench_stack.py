@@ -14,6 +14,8 @@ Measured, each side in the same process on the same pipeline (median of repeats)
   3. one image (2 steps at 128 px by default) bare / with our fused stack / with diffusers'
      adapters active and not fused (the usual way to keep switching cheap in diffusers).
   4. 100 switches (--memory-switches): RSS growth and the file cache's bytes against its bound.
+  5. (--loha N) switching between stacks of N LoHa files (r8 on attention), without and with the
+     dense-delta cache (LoraCache(dense_bytes=...)); ours only.
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
     return paths
 
 
+def make_loha_files(pipe, directory: Path, n: int, rank: int = 8) -> list[Path]:
+    from sd_lora.formats.kohya import save_lora
+    from sd_lora.network.naming import kohya_module_name, module_index
+
+    layers, seen = [], set()
+    for c, p, m in module_index(pipe, "sd1").values():
+        if (c, p) not in seen and p.endswith(ATTN):
+            seen.add((c, p))
+            layers.append((kohya_module_name(c, p, "sd1"), m.weight.shape))
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(1000 + i)
+        sd = {}
+        for name, (out_f, in_f) in layers:
+            for k in ("1", "2"):
+                sd[f"{name}.hada_w{k}_a"] = torch.randn(out_f, rank, generator=g) * 0.05
+                sd[f"{name}.hada_w{k}_b"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+            sd[f"{name}.alpha"] = torch.tensor(float(rank))
+        paths.append(save_lora(directory / f"loha{i:02d}.safetensors", sd, metadata={"ss_network_dim": str(rank)}))
+    return paths
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process). CPU time is what the work costs even when other
     processes share the cores; wall time is what a user waits on an otherwise idle machine."""
@@ -92,6 +116,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--images", type=int, default=3, help="timed images per configuration")
     ap.add_argument("--memory-switches", type=int, default=100, help="switches in the RSS / cache-bound part")
+    ap.add_argument("--loha", type=int, default=0, help="also time LoHa stack switches with/without the dense-delta cache (N files)")
     ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
                     help="retain: glibc keeps freed memory (steady-state timings, see bench/malloc.py); default: as is")
     args = ap.parse_args()
@@ -233,6 +258,22 @@ def main() -> None:
     assert torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, base_q)
     print(f"{args.memory_switches} switches in {took:.1f} s: RSS growth {growth / 1e6:+.1f} MB (peak {(peak - before) / 1e6:+.1f} MB); cache {cache.num_bytes / 1e6:.0f} MB "
           f"of {cache.max_bytes / 1e6:.0f} MB bound ({cache.hits} hits, {cache.misses} misses); base restored bitwise")
+
+    # 5. LoHa switching: the dense-delta cache ---------------------------------------------------
+    if args.loha:
+        lohas = make_loha_files(pipe, tmp, args.loha)
+        pairs = [[(lohas[j], w) for j, w in zip(rng.sample(range(len(lohas)), 2), (0.8, 0.5))] for _ in range(args.switches)]
+        results = {}
+        for label, dense_bytes in (("factors only", 0), ("dense cache", 4 << 30)):
+            cache = LoraCache(dense_bytes=dense_bytes)
+            for f in lohas:  # every file used once before (read, and densified when allowed)
+                apply_loras(pipe, [(f, 1.0)], cache=cache)
+            results[label] = [timed(lambda s=s: apply_loras(pipe, s, cache=cache)) for s in pairs]
+            remove_loras(pipe)
+            extra = f", dense cache {cache.dense_num_bytes / 1e6:.0f} MB" if dense_bytes else ""
+            print(f"LoHa switch ({len(lohas)} files, r8 attention, 2 per stack), {label}: "
+                  f"{med(results[label])[0]:.3f} s wall / {med(results[label])[1]:.3f} s CPU{extra}")
+        print(f"  dense-delta cache speed-up: {med(results['factors only'])[0] / med(results['dense cache'])[0]:.1f}x wall")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,38 @@ def test_loha_lokr_dora_deltas_match_direct_reference(pipe):
         assert torch.equal(idx[m.name][2].weight.detach(), base[m.name])
 
 
+def test_dense_delta_cache_for_lycoris_files(pipe, tmp_path):
+    """With dense_bytes, LoHa/LoKr deltas are kept and reused (same bits), within their bound; DoRA never."""
+    from sd_lora.formats.kohya import save_lora
+
+    paths = []
+    for seed in (0, 1):
+        cases, _ = _ref_modules(pipe, seed)
+        sd = {f"{m.name}.{k}": v for m, _, _ in cases for k, v in m.tensors.items()}
+        paths.append(save_lora(tmp_path / f"ly{seed}.safetensors", sd, dtype=torch.float32))
+    stack = [(paths[0], 0.7), (paths[1], -0.4)]
+    apply_loras(pipe, stack, cache=LoraCache())
+    expected = weights(pipe)
+    remove_loras(pipe)
+
+    cache = LoraCache(dense_bytes=10 * 2**20)
+    for _ in range(2):  # the second round finds every dense delta in the cache
+        apply_loras(pipe, stack, cache=cache)
+        assert_bitwise(weights(pipe), expected)
+        apply_loras(pipe, [(paths[1], 1.0)], cache=cache)
+    # LoHa (64x64), LoKr (64x32) and the LoHa conv (64x128x3x3) of each file, fp32; not the DoRA module
+    assert len(cache._dense) == 6 and cache.dense_num_bytes == 2 * 4 * (64 * 64 + 64 * 32 + 64 * 128 * 9)
+    assert cache.dense_hits >= 6
+    remove_loras(pipe)
+
+    small = LoraCache(dense_bytes=30_000)  # fits the two linear deltas of one file, never a conv delta
+    for stack in ([(paths[0], 1.0)], [(paths[1], 1.0)], stack):
+        apply_loras(pipe, stack, cache=small)
+        assert 0 < small.dense_num_bytes <= 30_000
+    assert_bitwise(weights(pipe), expected)
+    remove_loras(pipe)
+
+
 def test_block_weights_and_text_encoder_weight(pipe, files):
     base = weights(pipe)
     # 26-value list: BASE, IN00..IN11, M00, OUT00..OUT11. Only OUT03-05 on: in the tiny UNet that is
@@ -363,11 +395,11 @@ def test_failure_while_writing_puts_back_the_previous_stack(pipe, files, monkeyp
     before = weights(pipe)
     real, calls = fuse._write, []
 
-    def flaky(st, t, contributions, all_files):
+    def flaky(st, t, contributions, all_files, *rest):
         calls.append(t)
         if len(calls) == 10 and contributions:
             raise MemoryError("simulated out of memory")
-        return real(st, t, contributions, all_files)
+        return real(st, t, contributions, all_files, *rest)
 
     monkeypatch.setattr(fuse, "_write", flaky)
     with pytest.raises(MemoryError):

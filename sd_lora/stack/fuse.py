@@ -265,12 +265,12 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
             _back_up(st, [t for t in changed if t not in st.targets and new.get(t)])
             for t in changed:
                 done.append(t)  # before writing: a write that fails half-way is put back too
-                _write(st, t, new.get(t, ()), all_files)
+                _write(st, t, new.get(t, ()), all_files, cache)
     except BaseException:
         with torch.no_grad():
             for t in done:
                 try:
-                    _write(st, t, st.applied.get(t, ()), all_files)
+                    _write(st, t, st.applied.get(t, ()), all_files, cache)
                 except BaseException:  # pragma: no cover - last resort: back to the base weight
                     _write(st, t, (), all_files)
                     st.applied.pop(t, None)
@@ -322,7 +322,8 @@ def _release(st: _State, t: TargetKey) -> None:
     st.spare[t] = st.targets.pop(t).backup
 
 
-def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], files: dict[tuple, LoraFile]) -> None:
+def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], files: dict[tuple, LoraFile],
+           cache: LoraCache | None = None) -> None:
     """Set target `t` to backup + its contributions (or back to the backup when there are none)."""
     target = st.targets.get(t)
     if target is None:
@@ -344,8 +345,12 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
             up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1)
             ups.append(up * (mod.scale * w))
             downs.append(mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1))
-        else:
+        elif mod.has_dora or cache is None or key[0] == "memory":  # (in-memory files may change between calls)
             dense.append(mod.delta(param.shape, base_weight=backup, device=device).mul_(w))
+        else:
+            d = cache.dense_delta((key, name, tuple(param.shape), str(device)),
+                                  lambda mod=mod: mod.delta(param.shape, device=device))
+            dense.append(d * w)  # (not in place: d may be the cache's)
 
     rows = param.shape[0]
     if param.dtype == torch.float32 and device.type == "cpu" and param.is_contiguous():
