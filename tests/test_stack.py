@@ -283,6 +283,34 @@ def test_dense_delta_cache_for_lycoris_files(pipe, tmp_path):
     remove_loras(pipe)
 
 
+def _image(pipe, seed=0):
+    return pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def test_model_cpu_offload_pipeline_gets_the_same_stack(files):
+    """enable_model_cpu_offload (accelerate hooks; device="cpu" stands in for CUDA here): the stack is
+    fused into the hooked modules, images equal the plain pipeline's, remove restores bitwise."""
+    plain, offloaded = tiny_pipeline("sd1"), tiny_pipeline("sd1")
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert hasattr(offloaded.unet, "_hf_hook")
+    base = weights(offloaded)
+    stack = [(files[0], 0.8), (files[1], 0.5, 0.3)]
+    apply_loras(plain, stack)
+    apply_loras(offloaded, stack)
+    assert_bitwise(weights(offloaded), weights(plain))
+    assert (_image(offloaded) == _image(plain)).all()
+    remove_loras(offloaded)
+    assert_bitwise(weights(offloaded), base)
+
+
+def test_sequential_offload_is_refused_with_advice(files):
+    pipe = tiny_pipeline("sd1")
+    pipe.enable_sequential_cpu_offload(device="cpu")  # weights live on the meta device between calls
+    with pytest.raises(ValueError, match="enable_model_cpu_offload"):
+        apply_loras(pipe, [(files[0], 1.0)])
+
+
 def test_block_weights_and_text_encoder_weight(pipe, files):
     base = weights(pipe)
     # 26-value list: BASE, IN00..IN11, M00, OUT00..OUT11. Only OUT03-05 on: in the tiny UNet that is
