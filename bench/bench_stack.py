@@ -41,8 +41,8 @@ def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
-    from sd_lora.formats.kohya import save_lora
+def attention_layers(pipe) -> list[tuple[str, torch.Size]]:
+    """(kohya module name, weight shape) of every UNet / text-encoder attention projection, once each."""
     from sd_lora.network.naming import kohya_module_name, module_index
 
     layers, seen = [], set()
@@ -50,6 +50,13 @@ def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
         if (c, p) not in seen and p.endswith(ATTN):
             seen.add((c, p))
             layers.append((kohya_module_name(c, p, "sd1"), m.weight.shape))
+    return layers
+
+
+def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
+    from sd_lora.formats.kohya import save_lora
+
+    layers = attention_layers(pipe)
     paths = []
     for i in range(n):
         g = torch.Generator().manual_seed(i)
@@ -64,13 +71,8 @@ def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:
 
 def make_loha_files(pipe, directory: Path, n: int, rank: int = 8) -> list[Path]:
     from sd_lora.formats.kohya import save_lora
-    from sd_lora.network.naming import kohya_module_name, module_index
 
-    layers, seen = [], set()
-    for c, p, m in module_index(pipe, "sd1").values():
-        if (c, p) not in seen and p.endswith(ATTN):
-            seen.add((c, p))
-            layers.append((kohya_module_name(c, p, "sd1"), m.weight.shape))
+    layers = attention_layers(pipe)
     paths = []
     for i in range(n):
         g = torch.Generator().manual_seed(1000 + i)

@@ -2,7 +2,31 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures(...)`):
+    on a busy 2-core machine OpenMP threads only wait on each other, making steps several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Saved tiny pipelines, arch -> folder: sd1, sd2-v and sdxl (seeded random weights)."""
+    from sd_lora.testing import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for arch in ("sd1", "sd2-v", "sdxl"):
+        tiny_pipeline(arch).save_pretrained(root / arch)
+        out[arch] = str(root / arch)
+    return out
 
 
 @pytest.fixture(scope="module")

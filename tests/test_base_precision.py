@@ -20,12 +20,7 @@ from sd_lora.train.base_precision import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: OpenMP threads only wait on each other on a busy 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fp8_scale_keeps_sd_sized_weights_precise():

@@ -26,12 +26,7 @@ SD = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.one
       "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _enospc(*_a, **_k):

@@ -16,12 +16,7 @@ from sd_lora.train.events import read_events
 loop = importlib.import_module("sd_lora.train.loop")  # sd_lora.train is also the train() function
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_training_root, out, **kw):

@@ -1,5 +1,5 @@
 """SD2-v and SDXL extras (issue 11): zero terminal SNR in training and sampling, rescaled guidance,
-and a replacement VAE for latent caching, samples and `sd-lora generate`. Tiny models, CPU, fixed seeds."""
+and a replacement VAE for latent caching, samples and `sd-lora generate`. Tiny tiny_models, CPU, fixed seeds."""
 
 from __future__ import annotations
 
@@ -16,25 +16,7 @@ from test_train import make_images
 SAMPLE = "a red circle --w 64 --h 64 --s 2 --d 3 --l 4"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a busy machine: one thread is faster (see test_train.py)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for arch in ("sd1", "sd2-v"):
-        tiny_pipeline(arch).save_pretrained(root / arch)
-        out[arch] = str(root / arch)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +60,18 @@ class PipelineCalls:
             monkeypatch.setattr(cls, "__call__", call)
 
 
-def _cfg(models, tmp_path, arch="sd2-v", **kw) -> TrainConfig:
+def _cfg(tiny_models, tmp_path, arch="sd2-v", **kw) -> TrainConfig:
     if not (tmp_path / "data").is_dir():
         make_images(tmp_path / "data" / "1_circle", n=2)
     kw.setdefault("network", {"rank": 4, "alpha": 4, "preset": "attention"})
-    return TrainConfig(model=models[arch], output=str(tmp_path / "out" / "z.safetensors"),
+    return TrainConfig(model=tiny_models[arch], output=str(tmp_path / "out" / "z.safetensors"),
                        data=DataConfig(path=str(tmp_path / "data"), resolution=64), seed=1, **kw)
 
 
 # ---- zero terminal SNR ---------------------------------------------------------------------------------
 
 
-def test_sd2v_trains_with_zero_terminal_snr(models, tmp_path, monkeypatch):
+def test_sd2v_trains_with_zero_terminal_snr(tiny_models, tmp_path, monkeypatch):
     from sd_lora.train import loop
 
     seen = {"schedulers": set(), "timesteps": []}
@@ -102,7 +84,7 @@ def test_sd2v_trains_with_zero_terminal_snr(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "diffusion_loss", spy)
     calls = PipelineCalls(monkeypatch)
-    cfg = _cfg(models, tmp_path, zero_terminal_snr=True, min_snr_gamma=5.0, steps=3, batch_size=2,
+    cfg = _cfg(tiny_models, tmp_path, zero_terminal_snr=True, min_snr_gamma=5.0, steps=3, batch_size=2,
                sample_prompts=[SAMPLE])
     events = []
     out = train(cfg, on_event=events.append)
@@ -141,12 +123,12 @@ def test_min_snr_weights_finite_at_zero_snr():
         assert torch.isfinite(loss) and loss > 0, prediction
 
 
-def test_zero_terminal_snr_refuses_epsilon(models, tmp_path):
-    cfg = _cfg(models, tmp_path, arch="sd1", zero_terminal_snr=True, steps=1)
+def test_zero_terminal_snr_refuses_epsilon(tiny_models, tmp_path):
+    cfg = _cfg(tiny_models, tmp_path, arch="sd1", zero_terminal_snr=True, steps=1)
     with pytest.raises(ValueError, match=r"epsilon-prediction model.*prediction_type = \"v_prediction\""):
         train(cfg)
     # said by validate() already when the config itself asks for epsilon
-    cfg = _cfg(models, tmp_path, zero_terminal_snr=True, prediction_type="epsilon", steps=1, sample_guidance_rescale=1.5)
+    cfg = _cfg(tiny_models, tmp_path, zero_terminal_snr=True, prediction_type="epsilon", steps=1, sample_guidance_rescale=1.5)
     errors = cfg.validate()
     assert any(e.startswith("zero_terminal_snr: needs v-prediction") for e in errors)
     assert any(e.startswith("sample_guidance_rescale: must be between 0 and 1") for e in errors)
@@ -184,12 +166,12 @@ def test_train_cli_flags(tmp_path):
     assert any(e.startswith("vae: ") and "does not exist" in e for e in cfg.validate())
 
 
-def test_generate_cli_zero_terminal_snr(models, tmp_path, monkeypatch):
+def test_generate_cli_zero_terminal_snr(tiny_models, tmp_path, monkeypatch):
     from sd_lora.cli import main
 
     calls = PipelineCalls(monkeypatch)
     out = tmp_path / "z.png"
-    assert main(["generate", "--model", models["sd2-v"], "--prompt", "a red circle", "--steps", "2", "--width", "64",
+    assert main(["generate", "--model", tiny_models["sd2-v"], "--prompt", "a red circle", "--steps", "2", "--width", "64",
                  "--height", "64", "--zero-terminal-snr", "--guidance-rescale", "0.7", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
     (call,) = calls.calls
@@ -197,7 +179,7 @@ def test_generate_cli_zero_terminal_snr(models, tmp_path, monkeypatch):
     assert call["scheduler"].config.rescale_betas_zero_snr and call["scheduler"].config.timestep_spacing == "trailing"
     assert "Guidance rescale: 0.7, Zero terminal SNR: True" in Image.open(out).info["parameters"]
     # an epsilon model is refused with the reason (exit status 1, no image)
-    assert main(["generate", "--model", models["sd1"], "--prompt", "x", "--steps", "1", "--width", "64", "--height", "64",
+    assert main(["generate", "--model", tiny_models["sd1"], "--prompt", "x", "--steps", "1", "--width", "64", "--height", "64",
                  "--zero-terminal-snr", "--out", str(tmp_path / "e.png")]) == 1
     assert not (tmp_path / "e.png").exists()
 
@@ -210,35 +192,35 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_load_vae_folder_and_single_files(models, other_vae):
+def test_load_vae_folder_and_single_files(tiny_models, other_vae):
     from sd_lora.models import ModelLoadError, load_base, load_vae
 
-    pipe = load_base(models["sd2-v"])
+    pipe = load_base(tiny_models["sd2-v"])
     root = other_vae["root"]
     for path in (root / "folder", root / "diffusers_keys.safetensors", root / "original_keys.safetensors"):
         vae = load_vae(path, pipe)
         assert _same_weights(vae, other_vae["vae"]), path
         assert vae.config.scaling_factor == pipe.vae.config.scaling_factor
     # a model folder: its vae/ subfolder
-    assert _same_weights(load_vae(models["sd1"], pipe), load_base(models["sd1"]).vae)
+    assert _same_weights(load_vae(tiny_models["sd1"], pipe), load_base(tiny_models["sd1"]).vae)
     for wrong in (root / "wide", root / "wide.safetensors"):
         with pytest.raises(ModelLoadError, match=rf"VAE {wrong}: does not fit the base model"):
             load_vae(wrong, pipe)
 
 
-def test_replacement_vae_caches_latents_and_samples(models, other_vae, tmp_path, monkeypatch):
+def test_replacement_vae_caches_latents_and_samples(tiny_models, other_vae, tmp_path, monkeypatch):
     from sd_lora.data.cache import LatentCache, encode_pixels, item_pixels
     from sd_lora.data.dataset import scan_dataset
 
     cache = tmp_path / "cache"
-    base_cfg = _cfg(models, tmp_path, steps=1)
+    base_cfg = _cfg(tiny_models, tmp_path, steps=1)
     base_cfg.data.cache_latents, base_cfg.data.cache_dir = "disk", str(cache)
     train(base_cfg)
     base_entries = set(cache.iterdir())
     assert len(base_entries) == 2
 
     calls = PipelineCalls(monkeypatch)
-    cfg = _cfg(models, tmp_path, steps=1, vae=str(other_vae["root"] / "diffusers_keys.safetensors"), sample_prompts=[SAMPLE])
+    cfg = _cfg(tiny_models, tmp_path, steps=1, vae=str(other_vae["root"] / "diffusers_keys.safetensors"), sample_prompts=[SAMPLE])
     cfg.data.cache_latents, cfg.data.cache_dir = "disk", str(cache)
     out = train(cfg)
     new_entries = set(cache.iterdir()) - base_entries
@@ -259,11 +241,11 @@ def test_replacement_vae_caches_latents_and_samples(models, other_vae, tmp_path,
     assert load_safetensors(out)[1]["ss_vae_name"] == "diffusers_keys.safetensors"
 
 
-def test_generate_cli_vae(models, other_vae, tmp_path, monkeypatch):
+def test_generate_cli_vae(tiny_models, other_vae, tmp_path, monkeypatch):
     from sd_lora.cli import main
 
     calls = PipelineCalls(monkeypatch)
-    common = ["generate", "--model", models["sd2-v"], "--prompt", "a red circle", "--steps", "1", "--width", "64", "--height", "64"]
+    common = ["generate", "--model", tiny_models["sd2-v"], "--prompt", "a red circle", "--steps", "1", "--width", "64", "--height", "64"]
     assert main(common + ["--vae", str(other_vae["root"] / "original_keys.safetensors"), "--out", str(tmp_path / "v.png")]) == 0
     assert _same_weights(calls.calls[0]["vae"], other_vae["vae"])
     assert main(common + ["--out", str(tmp_path / "b.png")]) == 0

@@ -31,26 +31,7 @@ def make_images(folder, n=4, size=(64, 64), caption=CAPTION):
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second thread buys little, and on a busy 2-core machine OpenMP threads that
-    # wait on each other make a step 10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for arch in ("sd1", "sd2-v", "sdxl"):
-        tiny_pipeline(arch).save_pretrained(root / arch)
-        out[arch] = str(root / arch)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @torch.no_grad()
@@ -67,7 +48,7 @@ def _fixed_noise_loss(pipe, latents, hidden):
     return total / 5
 
 
-def test_loss_falls_file_keys_metadata_events_report(models, tmp_path):
+def test_loss_falls_file_keys_metadata_events_report(tiny_models, tmp_path):
     from sd_lora.data.cache import encode_pixels, item_pixels
     from sd_lora.data.dataset import scan_dataset
     from sd_lora.models import load_base
@@ -78,7 +59,7 @@ def test_loss_falls_file_keys_metadata_events_report(models, tmp_path):
     out = tmp_path / "out" / "circle.safetensors"
     seen = []
     cfg = TrainConfig(
-        model=models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+        model=tiny_models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
         network={"rank": 8, "alpha": 8, "preset": "attention", "train_text_encoder": True},
         steps=30, batch_size=4, lr=1e-2, text_encoder_lr=1e-3, seed=1, save_every=20,
         sample_every=30, sample_prompts=["a red circle --w 64 --h 64 --s 2 --d 3 --l 1"],
@@ -86,7 +67,7 @@ def test_loss_falls_file_keys_metadata_events_report(models, tmp_path):
     assert train(cfg, on_event=seen.append) == out
 
     # the trained LoRA lowers the denoising loss on the training images at fixed noise
-    pipe = load_base(models["sd1"])
+    pipe = load_base(tiny_models["sd1"])
     ds = scan_dataset(cfg.data)
     latents = torch.cat([encode_pixels(pipe.vae, item_pixels(i, False, 10**8)[None]) for i in ds.items])
     network = inject_network(pipe, NetworkConfig(rank=8, alpha=8, preset="attention", train_text_encoder=True))
@@ -131,7 +112,7 @@ def test_loss_falls_file_keys_metadata_events_report(models, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["sd2-v", "sdxl"])
-def test_sd2v_and_sdxl_train(models, tmp_path, arch):
+def test_sd2v_and_sdxl_train(tiny_models, tmp_path, arch):
     from sd_lora.models import architecture_of, load_base
 
     # Square and wide images: two buckets (so SDXL's add_time_ids differ per bucket)
@@ -139,12 +120,12 @@ def test_sd2v_and_sdxl_train(models, tmp_path, arch):
     make_images(tmp_path / "data" / "2_b", n=2, size=(64, 32))
     out = tmp_path / f"{arch}.safetensors"
     data = DataConfig(path=str(tmp_path / "data"), resolution=64, bucket_step=32, flip=True)
-    cfg = TrainConfig(model=models[arch], output=str(out), data=data,
+    cfg = TrainConfig(model=tiny_models[arch], output=str(out), data=data,
                       network={"rank": 4, "alpha": 4, "train_text_encoder": arch == "sdxl"}, steps=3, batch_size=2,
                       min_snr_gamma=5.0, noise_offset=0.05)
     events = []
     train(cfg, on_event=events.append)
-    assert architecture_of(load_base(models[arch])).prediction_type == ("v_prediction" if arch == "sd2-v" else "epsilon")
+    assert architecture_of(load_base(tiny_models[arch])).prediction_type == ("v_prediction" if arch == "sd2-v" else "epsilon")
     tensors, metadata = load_safetensors(out)
     losses = [e["loss"] for e in events if e["event"] == "step"]
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -158,11 +139,11 @@ def test_sd2v_and_sdxl_train(models, tmp_path, arch):
         assert metadata.get("ss_v_parameterization") == "True" and metadata["ss_v2"] == "True"
 
 
-def test_out_of_memory_gives_advice(models, tmp_path, monkeypatch):
+def test_out_of_memory_gives_advice(tiny_models, tmp_path, monkeypatch):
     from sd_lora.train import loop
 
     make_images(tmp_path / "data", n=1)
-    cfg = TrainConfig(model=models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+    cfg = TrainConfig(model=tiny_models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
                       network={"rank": 4, "train_text_encoder": True}, steps=2, batch_size=4)
 
     def oom(*a, **k):
@@ -179,11 +160,11 @@ def test_out_of_memory_gives_advice(models, tmp_path, monkeypatch):
     assert events[-1]["event"] == "error" and "out of memory" in events[-1]["message"]
 
 
-def test_nan_loss_skips_updates_then_stops_with_advice(models, tmp_path, monkeypatch):
+def test_nan_loss_skips_updates_then_stops_with_advice(tiny_models, tmp_path, monkeypatch):
     from sd_lora.train import loop
 
     make_images(tmp_path / "data", n=1)
-    cfg = TrainConfig(model=models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+    cfg = TrainConfig(model=tiny_models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
                       network={"rank": 4, "train_text_encoder": False}, steps=20)
     real = loop.diffusion_loss
     monkeypatch.setattr(loop, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -193,14 +174,14 @@ def test_nan_loss_skips_updates_then_stops_with_advice(models, tmp_path, monkeyp
     assert sum(e["event"] == "warning" and "update skipped" in e["message"] for e in events) == 5
 
 
-def test_save_every_epochs_and_tensorboard_log(models, tmp_path):
+def test_save_every_epochs_and_tensorboard_log(tiny_models, tmp_path):
     """Epoch saves land after epochs 2 and 4 (not at the end: the final file is the output), and
     TensorBoard holds the same loss curve as the events file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     make_images(tmp_path / "data" / "1_circle", n=4)
     out = tmp_path / "o.safetensors"
-    cfg = TrainConfig(model=models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
+    cfg = TrainConfig(model=tiny_models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
                       network={"rank": 4}, epochs=5, batch_size=2, save_every_epochs=2, tensorboard=True, lr=1e-3)
     assert train(cfg) == out and out.is_file()
     # 4 images / batch 2 = 2 steps per epoch: epochs 2 and 4 end at steps 4 and 8.
