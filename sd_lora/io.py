@@ -89,6 +89,43 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     return header, metadata
 
 
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def stream_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Yield (name, tensor) of a validated .safetensors file one tensor at a time, read with plain file
+    reads (no memory map); floating-point tensors are converted to `dtype` when given.
+
+    Why not safetensors' own reader: it memory-maps the file, and every page a tensor touched stays
+    resident, and counted in the process's memory, until the whole file is unmapped. Converting an
+    fp32 SD1.5 UNet to bf16 that way peaks at the 3.4 GB of fp32 pages plus the 1.7 GB bf16 copy;
+    reading tensor by tensor peaks at the converted weights plus one fp32 tensor.
+    """
+    header, _ = read_safetensors_header(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                source = _TORCH_DTYPES.get(info["dtype"])
+                if source is None:
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold.")
+                start, end = info["data_offsets"]
+                buf = bytearray(end - start)
+                f.seek(8 + n + start)
+                if f.readinto(buf) != len(buf):
+                    raise CheckpointError(f"{path}: the file ended inside tensor {name!r}. Copy the file again.")
+                tensor = (torch.frombuffer(buf, dtype=source) if buf else torch.empty(0, dtype=source)).reshape(info["shape"])
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                yield name, tensor
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a validated .safetensors file: (tensors, metadata)."""
     from safetensors import safe_open

@@ -247,6 +247,36 @@ def load_base(
     return pipe
 
 
+def reload_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Give `model` (a component from `load_base` on a diffusers folder) its floating-point weights in
+    `dtype`, read tensor by tensor from its safetensors files instead of converted from the loaded ones.
+
+    `load_base` memory-maps the fp32 files and leaves the pages untouched until used; converting the
+    loaded weights touches every page, so a bf16 or fp8 training run peaked at the full fp32 UNet
+    plus its converted copy (see `io.stream_safetensors`). Returns False, changing nothing, when the
+    weights cannot be matched one to one (a single-file checkpoint, .bin files, other key names);
+    the caller then converts the usual way.
+    """
+    folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    state = model.state_dict(keep_vars=True)
+    if not files or any(f.with_suffix(".bin").exists() for f in files):
+        return False
+    from .io import read_safetensors_header, stream_safetensors
+
+    names = {}
+    for f in files:
+        header, _ = read_safetensors_header(f)
+        names.update({k: (f, v["shape"]) for k, v in header.items()})
+    if set(names) != set(state) or any(list(state[k].shape) != shape for k, (_, shape) in names.items()):
+        return False
+    for f in files:
+        for name, tensor in stream_safetensors(f, dtype):
+            target = state[name]
+            target.data = tensor if target.is_floating_point() else tensor.to(target.dtype)
+    return True
+
+
 def load_vae(path: str | os.PathLike, base, dtype: torch.dtype = torch.float32):
     """Load a replacement VAE for the pipeline `base` (from load_base), offline, and check that it fits it.
 

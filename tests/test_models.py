@@ -379,3 +379,30 @@ def test_single_file_refuses_pipelines_with_injected_adapters(tmp_path):
     with pytest.raises(ValueError, match="fuse them"):
         save_single_file(pipe, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_reload_in_dtype_reads_each_weight_once_in_the_new_dtype(saved, tmp_path):
+    """Frozen weights read straight into bf16 equal the loaded fp32 weights converted; a single-file
+    model (other key names) is left as it was; a truncated file is an error naming it."""
+    from sd_lora.io import CheckpointError, stream_safetensors
+    from sd_lora.models import reload_in_dtype
+
+    _, folder, single = saved("sdxl")
+    pipe, reference = load_base(folder), load_base(folder)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert reload_in_dtype(getattr(pipe, name), torch.bfloat16), name
+        got, want = getattr(pipe, name).state_dict(), getattr(reference, name).state_dict()
+        assert got.keys() == want.keys()
+        for k in got:
+            expected = want[k].to(torch.bfloat16) if want[k].is_floating_point() else want[k]
+            assert got[k].dtype == expected.dtype and torch.equal(got[k], expected), (name, k)
+
+    from_file = load_base(single, config_from=folder)
+    assert not reload_in_dtype(from_file.unet, torch.bfloat16)
+    assert from_file.unet.conv_in.weight.dtype == torch.float32
+
+    weights = next((folder / "unet").glob("*.safetensors"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        list(stream_safetensors(cut))

@@ -187,7 +187,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> None:
-        from ..models import architecture_of, load_base, load_vae, zero_terminal_snr_scheduler
+        from ..models import architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
@@ -211,6 +211,13 @@ class _Trainer:
             m = getattr(pipe, name, None)
             if m is not None:
                 m.requires_grad_(False)
+        if self.weight_dtype != torch.float32:
+            # Read the frozen weights straight into the mixed-precision dtype: converting the loaded
+            # fp32 ones would first page in the whole fp32 file (SD1.5 bf16: 5.3 -> 3.4 GiB peak).
+            for name in ("unet", "text_encoder", "text_encoder_2"):
+                m = getattr(pipe, name, None)
+                if m is not None:
+                    reload_in_dtype(m, self.weight_dtype)
         if cfg.network.method == "adalora" and cfg.network.adalora_total_steps is None:
             cfg.network.adalora_total_steps = self.plan.total_steps
         torch.manual_seed(cfg.seed)  # adapter initialisation
