@@ -33,9 +33,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-
-
 def rss() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -43,14 +40,10 @@ def rss() -> int:
 
 def attention_layers(pipe) -> list[tuple[str, torch.Size]]:
     """(kohya module name, weight shape) of every UNet / text-encoder attention projection, once each."""
-    from sd_lora.network.naming import kohya_module_name, module_index
+    from sd_lora.network.naming import kohya_module_name
+    from sd_lora.testing import lora_target_layers
 
-    layers, seen = [], set()
-    for c, p, m in module_index(pipe, "sd1").values():
-        if (c, p) not in seen and p.endswith(ATTN):
-            seen.add((c, p))
-            layers.append((kohya_module_name(c, p, "sd1"), m.weight.shape))
-    return layers
+    return [(kohya_module_name(c, p, "sd1"), m.weight.shape) for c, p, m in lora_target_layers(pipe, "sd1")]
 
 
 def make_files(pipe, directory: Path, n: int, rank: int = 16) -> list[Path]:

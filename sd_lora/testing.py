@@ -260,3 +260,60 @@ def full_size_pipeline(arch: str = ARCH_SD1, device: str = "cpu", dtype: torch.d
     from .models import load_base
 
     return load_base(shipped_config_dir(arch), dtype=dtype, device=device, random_weights=True, seed=seed)
+
+
+# -- random LoRA files for tests and benchmarks ------------------------------------------------------
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_target_layers(pipe, arch: str = ARCH_SD1, conv: bool = False, text_encoder: bool = True) -> list[tuple[str, str, torch.nn.Module]]:
+    """(component, module path, module) of the layers a kohya LoRA targets, each once: attention
+    projections of the UNet (and the text encoders), plus the UNet's ResNet 3x3 convs with `conv` (LoCon)."""
+    from .network.naming import module_index
+
+    out, seen = [], set()
+    for component, path, module in module_index(pipe, arch).values():
+        if (component, path) in seen or (component != "unet" and not text_encoder):
+            continue
+        is_conv = conv and component == "unet" and isinstance(module, torch.nn.Conv2d) and path.endswith(("conv1", "conv2"))
+        if path.endswith(ATTENTION_PROJECTIONS) or is_conv:
+            seen.add((component, path))
+            out.append((component, path, module))
+    return out
+
+
+def random_kohya_lora(pipe, arch: str = ARCH_SD1, seed: int = 0, rank: int = 4, alpha: float = 2.0, conv: bool = False,
+                      text_encoder: bool = True, kind: str = "lora") -> dict[str, torch.Tensor]:
+    """A seeded random LoRA for `pipe` as a kohya state dict: LoRA/LoCon (kind="lora") or LyCORIS LoHa
+    (kind="loha", linear layers only). Up factors are small, so a weight-1 stack stays a perturbation."""
+    from .network.naming import kohya_module_name
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for component, path, module in lora_target_layers(pipe, arch, conv, text_encoder):
+        name, w = kohya_module_name(component, path, arch), module.weight
+        if kind == "loha":
+            if w.dim() == 4:
+                continue
+            for i in (1, 2):
+                sd[f"{name}.hada_w{i}_a"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
+                sd[f"{name}.hada_w{i}_b"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
+        elif w.dim() == 4:
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g)
+            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1
+        else:
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g)
+            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def write_random_lora(path: str | os.PathLike, pipe, arch: str = ARCH_SD1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      metadata: dict[str, str] | None = None, **kwargs) -> Path:
+    """`random_kohya_lora(pipe, arch, seed, **kwargs)` written as a .safetensors file (factors in `dtype`)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.to(dtype) if v.dim() else v for k, v in random_kohya_lora(pipe, arch, seed, **kwargs).items()}
+    save_file(sd, str(path), metadata=metadata or {"ss_network_module": "networks.lora"})
+    return Path(path)

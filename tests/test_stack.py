@@ -7,49 +7,20 @@ import torch
 from safetensors.torch import save_file
 
 from sd_lora.formats.lora_file import LoraFile, LoraModule
-from sd_lora.network.naming import kohya_module_name, module_index
+from sd_lora.network.naming import module_index
 from sd_lora.stack import LoraCache, LoraSpec, applied_stack, apply_loras, loras, remove_loras
-from sd_lora.testing import tiny_pipeline
-
-ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-
+from sd_lora.testing import lora_target_layers, random_kohya_lora, tiny_pipeline, write_random_lora
 
 def _layers(pipe, arch, conv=False, te=True):
-    """(component, path, module) of the layers a kohya LoRA/LoCon would target, each once."""
-    out, seen = [], set()
-    for _, (c, p, m) in module_index(pipe, arch).items():
-        if (c, p) in seen or (c != "unet" and not te):
-            continue
-        is_attn = p.endswith(ATTN)
-        is_conv = conv and c == "unet" and isinstance(m, torch.nn.Conv2d) and p.endswith(("conv1", "conv2"))
-        if is_attn or is_conv:
-            seen.add((c, p))
-            out.append((c, p, m))
-    return out
+    return lora_target_layers(pipe, arch, conv, te)
 
 
 def kohya_state_dict(pipe, arch, seed, rank=4, alpha=2.0, conv=False, te=True):
-    """A random kohya LoRA (LoCon when conv=True) for `pipe`, in kohya's key layout."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for c, p, m in _layers(pipe, arch, conv, te):
-        name = kohya_module_name(c, p, arch)
-        w = m.weight
-        if w.dim() == 4:
-            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g)
-            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1
-        else:
-            down = torch.randn(rank, w.shape[1], generator=g)
-            up = torch.randn(w.shape[0], rank, generator=g) * 0.1
-        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
-        sd[f"{name}.alpha"] = torch.tensor(alpha)
-    return sd
+    return random_kohya_lora(pipe, arch, seed, rank=rank, alpha=alpha, conv=conv, text_encoder=te)
 
 
-def write_kohya(path, pipe, arch="sd1", seed=0, dtype=torch.float16, **kw):
-    sd = {k: v.to(dtype) if v.dim() else v for k, v in kohya_state_dict(pipe, arch, seed, **kw).items()}
-    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
-    return path
+def write_kohya(path, pipe, arch="sd1", seed=0, dtype=torch.float16, conv=False, te=True):
+    return write_random_lora(path, pipe, arch, seed, dtype=dtype, conv=conv, text_encoder=te)
 
 
 def weights(pipe):

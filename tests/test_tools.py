@@ -7,54 +7,20 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sd_lora.cli import main
 from sd_lora.formats import load_lora
 from sd_lora.formats.metadata import data_sha256
 from sd_lora.models import load_base
-from sd_lora.network.naming import kohya_module_name, module_index
+from sd_lora.network.naming import module_index
 from sd_lora.stack import LoraSpec, apply_loras, remove_loras
-from sd_lora.testing import tiny_pipeline
+from sd_lora.testing import tiny_pipeline, write_random_lora
 from sd_lora.tools import convert_lora, extract_lora, merge_into_model, merge_loras, resize_lora
 from sd_lora.tools.svd import choose_rank
 
-ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def _layers(pipe, arch, conv=False):
-    """(component, path, module) of attention layers (and 3x3 ResNet convs when conv=True), each once."""
-    out, seen = [], set()
-    for _, (c, p, m) in module_index(pipe, arch).items():
-        if (c, p) in seen:
-            continue
-        if p.endswith(ATTN) or (conv and c == "unet" and p.endswith(("conv1", "conv2"))):
-            seen.add((c, p))
-            out.append((c, p, m))
-    return out
-
-
 def write_lora(path, pipe, arch="sd1", seed=0, rank=4, alpha=2.0, conv=False, kind="lora", metadata=None):
     """A random kohya LoRA / LoCon (kind="lora") or LyCORIS LoHa (kind="loha") file for `pipe`, fp32."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for c, p, m in _layers(pipe, arch, conv):
-        name, w = kohya_module_name(c, p, arch), m.weight
-        if kind == "loha":
-            if w.dim() == 4:
-                continue
-            for i in (1, 2):
-                sd[f"{name}.hada_w{i}_a"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
-                sd[f"{name}.hada_w{i}_b"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
-        elif w.dim() == 4:
-            sd[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g)
-            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1
-        else:
-            sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g)
-            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
-        sd[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(sd, str(path), metadata=metadata or {"ss_network_module": "networks.lora"})
-    return path
+    return write_random_lora(path, pipe, arch, seed, metadata=metadata, rank=rank, alpha=alpha, conv=conv, kind=kind)
 
 
 def weights(pipe):
