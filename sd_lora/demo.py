@@ -26,7 +26,13 @@ PROMPTS = (
     "a large red circle on a blue background",
     "a large yellow square on a green background",
     "a large white triangle on a black background",
+    "a large green triangle on a red background",
+    "a large blue square on a white background",
+    "a large yellow circle on a black background",
 )
+# The styles draw black, grey or white lines over the picture by design; the shape's colour, when
+# it is none of these, is read from the other pixels.
+ACHROMATIC = ("black", "gray", "white")
 # style name -> (trigger word in the set's captions, measure function name in style_measures)
 STYLES = {"stripes": ("striped", "stripe_energy"), "outline": ("outlined", "outline_score")}
 
@@ -38,6 +44,7 @@ class DemoResult:
     # measures[style][column label] = mean measure over the prompts
     measures: dict[str, dict[str, float]] = field(default_factory=dict)
     # content[column label] = share of prompts whose prompted shape colour is the dominant colour
+    # (of a chromatic shape: among the pixels that are not black, grey or white)
     content: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -114,7 +121,8 @@ def _render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int, seed
         for s in loras:
             scores[s].setdefault(label, []).append(getattr(sm, STYLES[s][1])(image))
         colour = prompt.split()[2]
-        content.setdefault(label, []).append(float(sm.dominant_colour(image) == colour))
+        ignore = () if colour in ACHROMATIC else ACHROMATIC
+        content.setdefault(label, []).append(float(sm.dominant_colour(image, ignore=ignore) == colour))
 
     for prompt in PROMPTS:
         for style, path in loras.items():
