@@ -108,22 +108,35 @@ def stream_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None
     header, _ = read_safetensors_header(path)
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                source = _TORCH_DTYPES.get(info["dtype"])
-                if source is None:
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold.")
-                start, end = info["data_offsets"]
-                buf = bytearray(end - start)
-                f.seek(8 + n + start)
-                if f.readinto(buf) != len(buf):
-                    raise CheckpointError(f"{path}: the file ended inside tensor {name!r}. Copy the file again.")
-                tensor = (torch.frombuffer(buf, dtype=source) if buf else torch.empty(0, dtype=source)).reshape(info["shape"])
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                yield name, tensor
+                yield name, _read_tensor(f, path, name, info, dtype)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+def read_safetensors_tensor(path: str | os.PathLike, name: str, info: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of a .safetensors file (`info`: its entry of `read_safetensors_header`), read with plain
+    file reads like `stream_safetensors`, for code that wants the weights of one layer at a time."""
+    try:
+        with open(path, "rb") as f:
+            return _read_tensor(f, path, name, info, dtype)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+def _read_tensor(f, path, name: str, info: dict, dtype: torch.dtype | None) -> torch.Tensor:
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    source = _TORCH_DTYPES.get(info["dtype"])
+    if source is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold.")
+    start, end = info["data_offsets"]
+    buf = bytearray(end - start)
+    f.seek(8 + n + start)
+    if f.readinto(buf) != len(buf):
+        raise CheckpointError(f"{path}: the file ended inside tensor {name!r}. Copy the file again.")
+    tensor = (torch.frombuffer(buf, dtype=source) if buf else torch.empty(0, dtype=source)).reshape(info["shape"])
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -257,24 +257,55 @@ def reload_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     weights cannot be matched one to one (a single-file checkpoint, .bin files, other key names);
     the caller then converts the usual way.
     """
-    folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    reader = WeightReader.for_model(model)
+    if reader is None:
+        return False
     state = model.state_dict(keep_vars=True)
-    if not files or any(f.with_suffix(".bin").exists() for f in files):
-        return False
-    from .io import read_safetensors_header, stream_safetensors
+    from .io import stream_safetensors
 
-    names = {}
-    for f in files:
-        header, _ = read_safetensors_header(f)
-        names.update({k: (f, v["shape"]) for k, v in header.items()})
-    if set(names) != set(state) or any(list(state[k].shape) != shape for k, (_, shape) in names.items()):
-        return False
-    for f in files:
+    for f in reader.files:
         for name, tensor in stream_safetensors(f, dtype):
             target = state[name]
             target.data = tensor if target.is_floating_point() else tensor.to(target.dtype)
     return True
+
+
+class WeightReader:
+    """Reads single weights of a component (from `load_base` on a diffusers folder) straight from its
+    safetensors files, by the component's own state-dict names, without touching the loaded,
+    memory-mapped ones (see `io.stream_safetensors` for why that matters)."""
+
+    def __init__(self, entries: dict[str, tuple[Path, dict]]):
+        self.entries = entries
+        self.files = sorted({f for f, _ in entries.values()})
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> WeightReader | None:
+        """None when the weights cannot be matched one to one (a single-file checkpoint, .bin files,
+        other key names, other shapes)."""
+        from .io import read_safetensors_header
+
+        folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not files or any(f.with_suffix(".bin").exists() for f in files):
+            return None
+        entries = {}
+        for f in files:
+            header, _ = read_safetensors_header(f)
+            entries.update({k: (f, v) for k, v in header.items()})
+        state = model.state_dict()
+        if set(entries) != set(state) or any(list(state[k].shape) != info["shape"] for k, (_, info) in entries.items()):
+            return None
+        return cls(entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from .io import read_safetensors_tensor
+
+        path, info = self.entries[name]
+        return read_safetensors_tensor(path, name, info, dtype)
 
 
 def load_vae(path: str | os.PathLike, base, dtype: torch.dtype = torch.float32):

@@ -70,6 +70,35 @@ def _inject(arch="sd1", method="lora"):
     return pipe, network
 
 
+def test_fp8_from_the_files_equals_fp8_from_the_loaded_weights(tmp_path):
+    """With readers, each layer's weight is read from the safetensors file just before it is stored in
+    fp8 (the loaded, memory-mapped fp32 weights are never paged in): the same bits as converting the
+    loaded weights."""
+    from sd_lora.models import WeightReader, load_base
+    from sd_lora.network import NetworkConfig, inject_network
+    from sd_lora.testing import tiny_pipeline
+
+    tiny_pipeline("sdxl").save_pretrained(tmp_path / "m")
+    stored = []
+    for use_files in (False, True):
+        pipe = load_base(tmp_path / "m")
+        readers = {n: WeightReader.for_model(getattr(pipe, n)) for n in ("unet", "text_encoder", "text_encoder_2")} if use_files else None
+        reads = []
+        if readers:
+            assert all(readers.values())
+            for r in readers.values():
+                r.read = lambda name, dtype=None, _read=r.read: reads.append(name) or _read(name, dtype)
+        inject_network(pipe, NetworkConfig(rank=4, alpha=4, train_text_encoder=True))
+        layers = apply_base_precision(pipe, "fp8", torch.bfloat16, readers)["layers"]
+        assert layers > 50 and len(reads) == (layers if use_files else 0)  # every layer read from its file
+        stored.append({f"{c}.{k}": v for c in ("unet", "text_encoder", "text_encoder_2")
+                       for k, v in getattr(pipe, c).state_dict().items() if k.endswith(("stored_weight", "weight_scale"))})
+    assert stored[0].keys() == stored[1].keys() and len(stored[0]) > 100
+    for k in stored[0]:
+        assert torch.equal(stored[0][k].view(torch.uint8) if stored[0][k].dtype == torch.float8_e4m3fn else stored[0][k],
+                           stored[1][k].view(torch.uint8) if stored[1][k].dtype == torch.float8_e4m3fn else stored[1][k]), k
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "loha"])
 def test_apply_fp8_under_peft_adapters(method):
     pipe, network = _inject("sd1", method)

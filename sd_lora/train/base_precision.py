@@ -207,12 +207,15 @@ def _bnb_layer(linear: nn.Linear, precision: str, compute: torch.dtype) -> nn.Mo
     return layer  # quantized by bitsandbytes when moved to the GPU
 
 
-def apply_base_precision(pipe, precision: str | None, compute_dtype: torch.dtype) -> dict[str, int]:
+def apply_base_precision(pipe, precision: str | None, compute_dtype: torch.dtype, readers: dict | None = None) -> dict[str, int]:
     """Store the frozen Linear/Conv2d weights of pipe's UNet and text encoders in `precision`, in place.
 
     Call after the adapters are injected (they stay trainable and fp32) and before moving the models
     to the device (nf4/int8 quantize on that move). `compute_dtype` is what each layer upcasts to.
     precision None, or a dtype equal to compute_dtype, changes nothing (plain casting is the caller's).
+    `readers` ({component: sd_lora.models.WeightReader}) give each layer's weight read from the file
+    just before it is converted, so the loaded (memory-mapped) full-precision weights are never paged
+    in: peak memory is the small weights plus one layer, not the whole full-precision model.
     Returns {"layers": replaced layers, "bytes": weight bytes of the UNet + text encoders afterwards}.
     """
     problems = precision_problems(precision)
@@ -225,7 +228,12 @@ def apply_base_precision(pipe, precision: str | None, compute_dtype: torch.dtype
             model = getattr(pipe, name, None)
             if model is None:
                 continue
+            reader = (readers or {}).get(name)
+            path_of = {id(m): p for p, m in model.named_modules()} if reader is not None else {}
             for parent, attr, layer in _frozen_layers(model, classes):
+                key = path_of.get(id(layer), "").replace(".base_layer", "") + ".weight"  # PEFT wraps the layer
+                if reader is not None and key in reader:
+                    layer.weight.data = reader.read(key)
                 if precision in ("nf4", "int8"):
                     setattr(parent, attr, _bnb_layer(layer, precision, compute_dtype))
                     # The replaced layer may still be referenced (the network's target list): drop

@@ -187,7 +187,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> None:
-        from ..models import architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
+        from ..models import WeightReader, architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
@@ -211,13 +211,21 @@ class _Trainer:
             m = getattr(pipe, name, None)
             if m is not None:
                 m.requires_grad_(False)
-        if self.weight_dtype != torch.float32:
-            # Read the frozen weights straight into the mixed-precision dtype: converting the loaded
-            # fp32 ones would first page in the whole fp32 file (SD1.5 bf16: 5.3 -> 3.4 GiB peak).
-            for name in ("unet", "text_encoder", "text_encoder_2"):
-                m = getattr(pipe, name, None)
-                if m is not None:
-                    reload_in_dtype(m, self.weight_dtype)
+        # Read frozen weights from the files in the dtype they will be kept in: converting the loaded
+        # fp32 ones would first page in the whole fp32 file (SD1.5 bf16: 5.3 -> 3.0 GiB peak). A
+        # smaller base precision converts layer by layer from the files (readers, below) instead.
+        from .base_precision import STORAGE_DTYPES, apply_base_precision
+
+        stored_small = cfg.base_precision is not None and STORAGE_DTYPES.get(cfg.base_precision) != self.weight_dtype
+        readers = {}
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            if m is None:
+                continue
+            if stored_small:
+                readers[name] = WeightReader.for_model(m)
+            elif self.weight_dtype != torch.float32:
+                reload_in_dtype(m, self.weight_dtype)
         if cfg.network.method == "adalora" and cfg.network.adalora_total_steps is None:
             cfg.network.adalora_total_steps = self.plan.total_steps
         torch.manual_seed(cfg.seed)  # adapter initialisation
@@ -225,9 +233,7 @@ class _Trainer:
         self.train_te = bool(self.network.text_encoder_parameters()) and cfg.te_lr > 0
         self.train_unet = bool(self.network.unet_parameters())
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
-        from .base_precision import apply_base_precision
-
-        applied = apply_base_precision(pipe, cfg.base_precision, self.weight_dtype)
+        applied = apply_base_precision(pipe, cfg.base_precision, self.weight_dtype, readers)
         if applied["layers"]:
             self.log(f"base_precision {cfg.base_precision}: {applied['layers']} frozen layers stored small")
         # Frozen base weights in the mixed-precision dtype (half the memory); adapters stay fp32.
