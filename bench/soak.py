@@ -74,19 +74,12 @@ def soak_switches(n: int, folder: Path) -> list[tuple[int, float]]:
 
 
 def soak_trainings(n: int, folder: Path) -> list[tuple[int, float]]:
-    import numpy as np
-    from PIL import Image
-
     from sd_lora.config import DataConfig, TrainConfig
-    from sd_lora.testing import tiny_pipeline
+    from sd_lora.testing import tiny_pipeline, write_noise_images
     from sd_lora.train import train
 
     tiny_pipeline("sd1").save_pretrained(folder / "model")
-    data = folder / "data" / "2_thing"
-    data.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    write_noise_images(folder / "data" / "2_thing", 2)
     marks = []
     for i in range(n):
         cfg = TrainConfig(model=str(folder / "model"), output=str(folder / f"out{i % 2}" / "lora.safetensors"),

@@ -108,8 +108,9 @@ def stream_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None
     header, _ = read_safetensors_header(path)
     try:
         with open(path, "rb") as f:
+            data_start = _data_start(f)
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                yield name, _read_tensor(f, path, name, info, dtype)
+                yield name, _read_tensor(f, data_start, path, name, info, dtype)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from e
 
@@ -119,20 +120,25 @@ def read_safetensors_tensor(path: str | os.PathLike, name: str, info: dict, dtyp
     file reads like `stream_safetensors`, for code that wants the weights of one layer at a time."""
     try:
         with open(path, "rb") as f:
-            return _read_tensor(f, path, name, info, dtype)
+            return _read_tensor(f, _data_start(f), path, name, info, dtype)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from e
 
 
-def _read_tensor(f, path, name: str, info: dict, dtype: torch.dtype | None) -> torch.Tensor:
+def _data_start(f) -> int:
+    """Offset of the first tensor byte: after the 8-byte header length and the header."""
     f.seek(0)
     (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n
+
+
+def _read_tensor(f, data_start: int, path, name: str, info: dict, dtype: torch.dtype | None) -> torch.Tensor:
     source = _TORCH_DTYPES.get(info["dtype"])
     if source is None:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold.")
     start, end = info["data_offsets"]
     buf = bytearray(end - start)
-    f.seek(8 + n + start)
+    f.seek(data_start + start)
     if f.readinto(buf) != len(buf):
         raise CheckpointError(f"{path}: the file ended inside tensor {name!r}. Copy the file again.")
     tensor = (torch.frombuffer(buf, dtype=source) if buf else torch.empty(0, dtype=source)).reshape(info["shape"])

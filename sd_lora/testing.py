@@ -317,3 +317,19 @@ def write_random_lora(path: str | os.PathLike, pipe, arch: str = ARCH_SD1, seed:
     sd = {k: v.to(dtype) if v.dim() else v for k, v in random_kohya_lora(pipe, arch, seed, **kwargs).items()}
     save_file(sd, str(path), metadata=metadata or {"ss_network_module": "networks.lora"})
     return Path(path)
+
+
+def write_noise_images(folder: str | os.PathLike, n: int, captions: list[str] | str | None = None, seed: int = 0, size: int = 64) -> Path:
+    """`n` seeded random-noise RGB PNGs (0.png, 1.png, ...) in `folder` (created), with .txt captions
+    when given (one string for all, or one per image): a dataset for training-mechanics tests."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        if captions is not None:
+            (folder / f"{i}.txt").write_text(captions if isinstance(captions, str) else captions[i])
+    return folder

@@ -29,10 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sd_lora.io import load_safetensors
 from sd_lora.train.checkpoint import list_checkpoints
@@ -130,16 +128,11 @@ def ctx():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
+    from sd_lora.testing import tiny_pipeline, write_noise_images
 
     root = tmp_path_factory.mktemp("crash")
     tiny_pipeline("sd1").save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    folder = root / "data" / "2_thing"
-    folder.mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"red, circle, {['left', 'right', 'top'][i]}")
+    write_noise_images(root / "data" / "2_thing", 3, [f"red, circle, {p}" for p in ("left", "right", "top")])
     return root
 
 

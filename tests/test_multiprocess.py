@@ -11,23 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from sd_lora.io import load_safetensors
 from sd_lora.train.events import read_events
 
 
 def test_two_process_accelerate_launch(tmp_path):
-    from sd_lora.testing import tiny_pipeline
+    from sd_lora.testing import tiny_pipeline, write_noise_images
 
     tiny_pipeline("sd1").save_pretrained(tmp_path / "model")
-    folder = tmp_path / "data" / "3_dots"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("dots")
+    write_noise_images(tmp_path / "data" / "3_dots", 4, "dots")
     out = tmp_path / "out" / "dots.safetensors"
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",

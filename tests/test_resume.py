@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
@@ -21,16 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sd_lora.testing import tiny_pipeline
+    from sd_lora.testing import tiny_pipeline, write_noise_images
 
     root = tmp_path_factory.mktemp("resume")
     tiny_pipeline("sd1").save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        folder = root / "data" / "2_thing"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"red, circle, {['left', 'right', 'top'][i]}, small")
+    write_noise_images(root / "data" / "2_thing", 3, [f"red, circle, {p}, small" for p in ("left", "right", "top")])
     return root
 
 
