@@ -39,7 +39,7 @@ def weight_bytes() -> list[dict]:
 
     from sd_lora.network import NetworkConfig, inject_network
     from sd_lora.testing import full_size_text_encoders, full_size_unet
-    from sd_lora.train.base_precision import apply_base_precision, model_bytes
+    from sd_lora.training.base_precision import apply_base_precision, model_bytes
 
     rows = []
     for arch in ("sd1", "sdxl"):
@@ -91,7 +91,7 @@ def cpu_child(precision: str, steps: int, size: int) -> None:
 
     from sd_lora.network import NetworkConfig, inject_network
     from sd_lora.testing import full_size_unet
-    from sd_lora.train.base_precision import apply_base_precision, model_bytes
+    from sd_lora.training.base_precision import apply_base_precision, model_bytes
 
     unet = full_size_unet("sd1", device="cpu", dtype=torch.float32)
     unet.requires_grad_(False)
@@ -154,7 +154,7 @@ def gpu_child(root: Path, arch: str, precision: str, steps: int) -> None:
     import torch
 
     from sd_lora.config import DataConfig, TrainConfig
-    from sd_lora.train import train
+    from sd_lora.training import train
 
     res = GPU_CASES[arch]
     times = []

@@ -57,7 +57,7 @@ def prepare(root: Path, resolution: int) -> None:
 def run_ours(root: Path, steps: int, resolution: int, rank: int, gradient_checkpointing: bool = False,
              mixed_precision: str = "no", base_precision: str | None = None) -> dict:
     from sd_lora.config import DataConfig, TrainConfig
-    from sd_lora.train import train
+    from sd_lora.training import train
 
     times = []
     cfg = TrainConfig(

@@ -51,7 +51,7 @@ def child(root: Path, arch: str, steps: int) -> None:
     import torch
 
     from sd_lora.config import DataConfig, TrainConfig
-    from sd_lora.train import train
+    from sd_lora.training import train
 
     res = CASES[arch]["resolution"]
     times = []

@@ -76,7 +76,7 @@ def soak_switches(n: int, folder: Path) -> list[tuple[int, float]]:
 def soak_trainings(n: int, folder: Path) -> list[tuple[int, float]]:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.testing import tiny_pipeline, write_noise_images
-    from sd_lora.train import train
+    from sd_lora.training import train
 
     tiny_pipeline("sd1").save_pretrained(folder / "model")
     write_noise_images(folder / "data" / "2_thing", 2)

@@ -13,5 +13,5 @@ from .formats import LoraFile, load_lora, save_lora  # noqa: F401,E402
 from .network import NetworkConfig, inject_network  # noqa: F401,E402
 from .caption import caption_folder  # noqa: F401,E402
 from .config import ConfigError, DataConfig, TrainConfig, load_config  # noqa: F401,E402
-from .train.loop import TrainingStopped, train  # noqa: F401,E402  (the function shadows the sd_lora.train package name)
+from .training.loop import TrainingStopped, train  # noqa: F401,E402
 from .tools import extract_lora, merge_into_model, merge_loras, resize_lora  # noqa: F401,E402

@@ -225,7 +225,7 @@ class TrainConfig:
         elif self.mixed_precision == "fp16" and not _cuda_available():
             e.append("mixed_precision: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
         if self.base_precision is not None:
-            from .train.base_precision import precision_problems
+            from .training.base_precision import precision_problems
 
             e += precision_problems(self.base_precision, cuda=_cuda_available())
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -247,7 +247,7 @@ class TrainConfig:
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
             e.append(f"resume: {self.resume} is not a checkpoint folder; pass one from {self.checkpoint_root} or 'latest'")
         if self.resume == "latest" and check_paths and self.output:
-            from .train.checkpoint import latest_checkpoint
+            from .training.checkpoint import latest_checkpoint
 
             if latest_checkpoint(self.checkpoint_root) is None:
                 e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without --resume, or pass a checkpoint folder")
@@ -259,7 +259,7 @@ class TrainConfig:
         if isinstance(self.sample_prompts, str) and check_paths and "\n" not in self.sample_prompts and not Path(self.sample_prompts).is_file():
             e.append(f"sample_prompts: file {self.sample_prompts} not found; pass a list of prompts or an existing file")
         elif self.sample_prompts:
-            from .train.sampling import load_prompts
+            from .training.sampling import load_prompts
 
             try:
                 load_prompts(self.sample_prompts)

@@ -63,7 +63,7 @@ def _datasets_module(name: str):
 def train_style_loras(out_dir: Path, base: Path, steps: int, styles=tuple(STYLES), seed: int = 0, on_event=None) -> dict[str, Path]:
     """Make the example sets and train one LoRA per style with `sd_lora.train`."""
     from .config import DataConfig, TrainConfig
-    from .train.loop import train
+    from .training.loop import train
 
     roots = _datasets_module("make_datasets").make_datasets(out_dir / "data", seed=seed)
     loras = {}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sd_lora.config import ConfigError, DataConfig, TrainConfig
-from sd_lora.train.base_precision import (
+from sd_lora.training.base_precision import (
     UpcastConv2d,
     UpcastLinear,
     apply_base_precision,
@@ -189,8 +189,8 @@ def test_fp8_base_trains_tiny_sd1_and_the_file_works_on_the_fp32_base(tmp_path):
     from sd_lora.models import load_base
     from sd_lora.network import NetworkConfig, inject_network
     from sd_lora.testing import tiny_pipeline
-    from sd_lora.train import train
-    from sd_lora.train.events import read_events
+    from sd_lora.training import train
+    from sd_lora.training.events import read_events
     from tests.test_train import _fixed_noise_loss, make_images
 
     tiny_pipeline("sd1").save_pretrained(tmp_path / "model")
@@ -221,7 +221,7 @@ def test_fp8_base_trains_tiny_sd1_and_the_file_works_on_the_fp32_base(tmp_path):
 def test_nf4_int8_refused_without_cuda_and_bitsandbytes_layers_build(monkeypatch):
     import bitsandbytes as bnb
 
-    from sd_lora.train import base_precision
+    from sd_lora.training import base_precision
 
     pipe, _ = _inject()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

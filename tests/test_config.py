@@ -23,7 +23,7 @@ def _parse(argv):
 
 def test_bad_config_lists_every_error_before_loading_anything(tmp_path, monkeypatch):
     import sd_lora.models
-    from sd_lora.train import loop  # (`import sd_lora.train.loop as x` would find the train() function)
+    from sd_lora.training import loop
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the config was validated")
@@ -102,7 +102,7 @@ def test_flags_use_the_same_keys_and_override_toml(tmp_path):
 
 
 def test_sample_prompt_syntax():
-    from sd_lora.train.sampling import load_prompts, parse_prompt_line
+    from sd_lora.training.sampling import load_prompts, parse_prompt_line
 
     sp = parse_prompt_line("a photo of sks dog, beach --n blurry, low quality --w 512 --h 768 --s 28 --d 1234 --l 7.5")
     assert (sp.prompt, sp.negative, sp.width, sp.height, sp.steps, sp.seed, sp.guidance) == (

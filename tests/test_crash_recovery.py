@@ -33,8 +33,8 @@ import pytest
 import torch
 
 from sd_lora.io import load_safetensors
-from sd_lora.train.checkpoint import list_checkpoints
-from sd_lora.train.events import read_events
+from sd_lora.training.checkpoint import list_checkpoints
+from sd_lora.training.events import read_events
 
 STEPS = 4
 # What a training run imports (diffusers and transformers import most of it lazily, on first use).
@@ -43,7 +43,7 @@ PRELOAD = [
     "diffusers", "diffusers.pipelines.pipeline_utils", "diffusers.pipelines.onnx_utils",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "diffusers.optimization",
     "transformers", "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip",
-    "sd_lora.cli", "sd_lora.commands.train", "sd_lora.train.loop", "sd_lora.train.checkpoint", "sd_lora.models",
+    "sd_lora.cli", "sd_lora.commands.train", "sd_lora.training.loop", "sd_lora.training.checkpoint", "sd_lora.models",
     "sd_lora.network.inject", "sd_lora.formats.kohya", "sd_lora.data.cache",
 ]
 RANDOM_KILLS = 20

@@ -120,9 +120,9 @@ def test_training_on_a_full_disk_stops_with_the_error_and_keeps_the_last_checkpo
     """The disk fills up at the step-4 save: the run fails there with ENOSPC, and the step-2
     checkpoint and LoRA are whole, so `--resume` continues once space is freed."""
     from sd_lora.config import DataConfig, TrainConfig
-    from sd_lora.train import train
-    from sd_lora.train.checkpoint import latest_checkpoint
-    loop = importlib.import_module("sd_lora.train.loop")  # sd_lora.train is also the train() function
+    from sd_lora.training import train
+    from sd_lora.training.checkpoint import latest_checkpoint
+    loop = importlib.import_module("sd_lora.training.loop")
 
     def cfg(**kw):
         return TrainConfig(model=str(tiny_training_root / "model"), output=str(tmp_path / "lora.safetensors"),

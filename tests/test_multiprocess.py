@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from sd_lora.io import load_safetensors
-from sd_lora.train.events import read_events
+from sd_lora.training.events import read_events
 
 
 def test_two_process_accelerate_launch(tmp_path):

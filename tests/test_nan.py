@@ -10,10 +10,10 @@ import torch
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
-from sd_lora.train import train
-from sd_lora.train.events import read_events
+from sd_lora.training import train
+from sd_lora.training.events import read_events
 
-loop = importlib.import_module("sd_lora.train.loop")  # sd_lora.train is also the train() function
+loop = importlib.import_module("sd_lora.training.loop")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,9 +9,9 @@ import torch
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
-from sd_lora.train import TrainingStopped, train
-from sd_lora.train.checkpoint import list_checkpoints
-from sd_lora.train.events import read_events
+from sd_lora.training import TrainingStopped, train
+from sd_lora.training.checkpoint import list_checkpoints
+from sd_lora.training.events import read_events
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
-from sd_lora.train import train
+from sd_lora.training import train
 
 from test_train import make_images
 
@@ -72,7 +72,7 @@ def _cfg(tiny_models, tmp_path, arch="sd2-v", **kw) -> TrainConfig:
 
 
 def test_sd2v_trains_with_zero_terminal_snr(tiny_models, tmp_path, monkeypatch):
-    from sd_lora.train import loop
+    from sd_lora.training import loop
 
     seen = {"schedulers": set(), "timesteps": []}
     real = loop.diffusion_loss
@@ -112,7 +112,7 @@ def test_sd2v_trains_with_zero_terminal_snr(tiny_models, tmp_path, monkeypatch):
 def test_min_snr_weights_finite_at_zero_snr():
     from diffusers import DDPMScheduler
 
-    from sd_lora.train.loss import diffusion_loss
+    from sd_lora.training.loss import diffusion_loss
 
     for prediction in ("v_prediction", "epsilon"):
         sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

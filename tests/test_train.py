@@ -11,8 +11,8 @@ from PIL import Image
 
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
-from sd_lora.train import TrainingOutOfMemory, train
-from sd_lora.train.events import read_events
+from sd_lora.training import TrainingOutOfMemory, train
+from sd_lora.training.events import read_events
 
 CAPTION = "a red circle on a blue background"
 
@@ -140,7 +140,7 @@ def test_sd2v_and_sdxl_train(tiny_models, tmp_path, arch):
 
 
 def test_out_of_memory_gives_advice(tiny_models, tmp_path, monkeypatch):
-    from sd_lora.train import loop
+    from sd_lora.training import loop
 
     make_images(tmp_path / "data", n=1)
     cfg = TrainConfig(model=tiny_models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
@@ -161,7 +161,7 @@ def test_out_of_memory_gives_advice(tiny_models, tmp_path, monkeypatch):
 
 
 def test_nan_loss_skips_updates_then_stops_with_advice(tiny_models, tmp_path, monkeypatch):
-    from sd_lora.train import loop
+    from sd_lora.training import loop
 
     make_images(tmp_path / "data", n=1)
     cfg = TrainConfig(model=tiny_models["sd1"], output=str(tmp_path / "o.safetensors"), data=DataConfig(path=str(tmp_path / "data"), resolution=64),

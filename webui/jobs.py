@@ -55,7 +55,7 @@ class JobError(ValueError):
 
 @dataclass
 class Progress:
-    """What the page shows for a job, folded from its events.jsonl (see sd_lora.train.events)."""
+    """What the page shows for a job, folded from its events.jsonl (see sd_lora.training.events)."""
 
     step: int = 0
     total_steps: int | None = None
@@ -407,7 +407,7 @@ class JobQueue:
 
 def run_job(job_dir: str | os.PathLike) -> int:
     """Body of the training process: read config.toml, train, append every event to events.jsonl."""
-    from sd_lora.train import train  # the function (sd_lora.train is also its package)
+    from sd_lora.training import train
 
     d = Path(job_dir)
     events = open(d / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115

@@ -98,13 +98,13 @@ def run(args) -> int:
         raise ConfigError(errors)
     if args.dry_run:
         from ..data.dataset import scan_dataset
-        from ..train.loop import make_plan
+        from ..training.loop import make_plan
 
         dataset = scan_dataset(cfg.data)
         print("\n".join(dataset.report.lines()))
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))
         return 0
-    from ..train import TrainingStopped, train
+    from ..training import TrainingStopped, train
 
     on_event = (lambda e: print(json.dumps(e, default=str), flush=True)) if args.json_events else None
     try:

@@ -89,7 +89,7 @@ def _seed_for(*parts) -> int:
 def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None = None) -> Path:
     """Train a LoRA as `config` says; returns the path of the written LoRA file.
 
-    on_event(dict) is called with every event (see train/events.py); the same events go to
+    on_event(dict) is called with every event (see training/events.py); the same events go to
     `<output stem>.events.jsonl`. Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
     stops after the current step with a resumable checkpoint and raises TrainingStopped.
     """
