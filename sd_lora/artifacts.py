@@ -1,0 +1,105 @@
+"""The names of everything a training run writes next to its output LoRA file.
+
+One place for them: the trainer writes these names, the web UI, the report, the config checks and
+the tests ask here (never build or parse a name themselves). Torch-free, so config and the UI can
+import it cheaply.
+
+For `--output out/style.safetensors`:
+
+    out/style.safetensors                  the LoRA (final)
+    out/style-step000100.safetensors       intermediate LoRA files (save_every)
+    out/style-checkpoints/step-00000100/   resumable checkpoints (+ STOP: create it to stop the run)
+    out/style-samples/step-000100-0.png    sample images (step, prompt index)
+    out/style-samples.png                  grid of all samples
+    out/style-loss.png                     loss curve
+    out/style.events.jsonl                 the run's events (JSON lines)
+    out/style-tensorboard/                 TensorBoard logs
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "step-"
+_CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+_INTERMEDIATE_RE = re.compile(r"^(?P<stem>.+)-step(?P<step>\d{6,})$")
+_SAMPLE_RE = re.compile(r"^step-(?P<step>\d{6,})-(?P<index>\d+)$")
+
+
+def checkpoint_root(output: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
+    """The folder holding the resumable checkpoints of `output` (checkpoint_dir when given)."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir)
+    out = Path(output)
+    return out.parent / f"{out.stem}-checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step of a checkpoint folder (`step-00000100` -> 100), None for anything else."""
+    m = _CHECKPOINT_RE.match(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
+def stop_file(checkpoint_root_dir: str | Path) -> Path:
+    """Create this file to stop the run with a resumable checkpoint (checked every step)."""
+    return Path(checkpoint_root_dir) / "STOP"
+
+
+def intermediate_lora(output: str | Path, step: int) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}-step{step:06d}.safetensors"
+
+
+def intermediate_step(path: str | Path) -> int | None:
+    """The step of an intermediate LoRA file (`style-step000100.safetensors` -> 100), else None."""
+    m = _INTERMEDIATE_RE.match(Path(path).stem)
+    return int(m.group("step")) if m and Path(path).suffix == ".safetensors" else None
+
+
+def samples_dir(output: str | Path) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}-samples"
+
+
+def sample_image(output: str | Path, step: int, index: int) -> Path:
+    return samples_dir(output) / f"step-{step:06d}-{index}.png"
+
+
+def sample_step(path: str | Path) -> tuple[int, int] | None:
+    """(step, prompt index) of a sample image, None for any other file."""
+    m = _SAMPLE_RE.match(Path(path).stem)
+    return (int(m.group("step")), int(m.group("index"))) if m and Path(path).suffix == ".png" else None
+
+
+def sample_grid(output: str | Path) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}-samples.png"
+
+
+def loss_curve(output: str | Path) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}-loss.png"
+
+
+def events_file(output: str | Path) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}.events.jsonl"
+
+
+def tensorboard_dir(output: str | Path) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}-tensorboard"
+
+
+def is_run_output(path: str | Path) -> bool:
+    """True for files and folders that a training run writes besides its final LoRA (intermediate
+    LoRAs, checkpoints, samples, grids, loss curves, events, TensorBoard logs)."""
+    p = Path(path)
+    name = p.name
+    return (intermediate_step(p) is not None or sample_step(p) is not None or name.endswith(
+        ("-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard")))
