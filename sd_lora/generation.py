@@ -231,7 +231,8 @@ def generate(
     Args:
         base: a diffusers folder or single .safetensors file (loaded with `load_pipeline`, using
             `dtype` "fp32"/"fp16"/"bf16", `device` and `cpu_offload`), or a pipeline from
-            `sd_lora.load_base` (then dtype/device/cpu_offload must be left out).
+            `sd_lora.load_base`, or a function returning one, called after the arguments are checked
+            (the web UI's cached loader); with a pipeline, dtype/device/cpu_offload must be left out.
         prompt: the text; `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>` tags add LoRAs from `lora_dir`.
         stack: LoRA specs, paths or (path, unet_weight[, te_weight]) tuples, as `apply_loras` takes.
         negative_prompt, seed, width, height, steps, guidance: as in A1111; see the module docstring.
@@ -246,7 +247,8 @@ def generate(
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
     problems = _check(prompt, seed, width, height, steps, guidance, guidance_rescale, num_images, sweep_weights, compare)
-    loaded = not isinstance(base, (str, os.PathLike))
+    is_path = isinstance(base, (str, os.PathLike))
+    loaded = not is_path  # a pipeline, or a function that returns one
     if loaded:
         given = [name for name, v in (("dtype", dtype), ("device", device), ("cpu_offload", cpu_offload)) if v]
         if given:
@@ -254,7 +256,7 @@ def generate(
                             "(move it with pipe.to(...) or load it with sd_lora.generation.load_pipeline)")
     elif isinstance(dtype, str) and dtype not in DTYPES:
         problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if not loaded and not Path(base).exists():
+    if is_path and not Path(base).exists():
         problems.append(f"base model {str(base)!r}: no such file or folder; pass a diffusers folder or a .safetensors file")
     if problems:
         raise ValueError("; ".join(problems))
@@ -273,7 +275,10 @@ def generate(
     encoded = ", ".join(trigger_words + [clean]) if add_trigger_words and trigger_words else clean
     written = ", ".join(trigger_words + [prompt]) if add_trigger_words and trigger_words else prompt
 
-    pipe = base if loaded else load_pipeline(base, dtype=dtype, device=device, cpu_offload=cpu_offload, vae=vae)
+    if is_path:
+        pipe = load_pipeline(base, dtype=dtype, device=device, cpu_offload=cpu_offload, vae=vae)
+    else:
+        pipe = base if hasattr(base, "unet") else base()  # a loader is called only once the arguments are good
     settings = {
         "prompt": written, "encoded_prompt": encoded, "negative_prompt": negative_prompt or "",
         "seed": int(seed), "steps": int(steps), "guidance": float(guidance), "guidance_rescale": rescale,
@@ -382,7 +387,7 @@ def _loras(stack: list[LoraSpec]) -> list[dict]:
 
 
 def _model_name(base, pipe) -> str:
-    source = base if isinstance(base, (str, os.PathLike)) else getattr(pipe, "name_or_path", None)
+    source = base if isinstance(base, (str, os.PathLike)) else pipe.name_or_path
     return Path(str(source)).name if source else "unknown"
 
 

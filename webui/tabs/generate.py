@@ -21,7 +21,7 @@ from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_
 from ..security import PathError
 from .common import guard, list_loras, list_models
 
-LORA_ROWS = 4
+LORA_ROWS = 4  # the generate handler names its four rows' parameters
 
 
 def build(ctx, tab=None) -> None:
@@ -46,29 +46,32 @@ def build(ctx, tab=None) -> None:
             raise PathError(f"LoRA: {name!r} is not in the library (loras/ of the workspace)")
         return p
 
+    # Named parameters (not *rows) so the API page names them, and the options after the LoRA rows
+    # (added later, last so that older API calls still work) have defaults: an empty number box
+    # (rescale) would otherwise be a required API parameter.
     @guard
-    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare, *rest):
+    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare,
+                 lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
+                 lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
+                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae="", num_images=1):
         import sd_lora
 
         if not model:
             raise ValueError("base model: choose one (put diffusers folders or .safetensors files in models/)")
-        # the LoRA rows (name, weight, TE weight), then the options added later (last, so that older
-        # API calls without them still work): guidance rescale, zero terminal SNR, trigger words, VAE, images
-        rows, options = rest[: 3 * LORA_ROWS], list(rest[3 * LORA_ROWS:])
-        rescale, zero_snr, add_triggers, vae, num_images = options + [None, False, False, "", 1][len(options):]
+        rows = [(lora_1, weight_1, te_weight_1), (lora_2, weight_2, te_weight_2),
+                (lora_3, weight_3, te_weight_3), (lora_4, weight_4, te_weight_4)]
         specs = []
-        for i in range(LORA_ROWS):
-            name, weight, te_weight = rows[3 * i: 3 * i + 3]
+        for name, weight, te_weight in rows:
             if name:
                 specs.append(sd_lora.LoraSpec(lora_file(name), weight=float(weight),
                                               te_weight=None if te_weight in (None, "") else float(te_weight)))
         vae_path = ws.path(vae, must_exist=True, kind="VAE") if (vae or "").strip() else None
         with lock:
             result = sd_lora.generate(
-                pipeline(model), prompt or "", specs, negative_prompt=negative or "", seed=seed, width=width or None,
-                height=height or None, steps=steps, guidance=guidance, guidance_rescale=rescale,
-                zero_terminal_snr=bool(zero_snr), vae=vae_path, lora_dir=ws.root / "loras",
-                add_trigger_words=bool(add_triggers), num_images=1 if num_images in (None, "") else num_images,
+                lambda: pipeline(model), prompt or "", specs, negative_prompt=negative or "", seed=seed, width=width or None,
+                height=height or None, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                zero_terminal_snr=bool(zero_terminal_snr), vae=vae_path, lora_dir=ws.root / "loras",
+                add_trigger_words=bool(add_trigger_words), num_images=1 if num_images in (None, "") else num_images,
                 compare=bool(compare), keep_loras=True,  # the next click rewrites only what differs
             )
         out = []
@@ -81,7 +84,7 @@ def build(ctx, tab=None) -> None:
         stack_text = ", ".join(f"{Path(str(s.path)).stem} x{s.unet_weight:g} (TE x{s.text_encoder_weight:g})" for s in result.stack) or "none"
         info_md = f"LoRAs: {stack_text}"
         if result.trigger_words:
-            info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_triggers else "")
+            info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_trigger_words else "")
         return out, info_md
 
     def refresh():
