@@ -53,7 +53,7 @@ def build(ctx, tab=None) -> None:
     def generate(model, prompt, negative, seed, steps, width, height, guidance, compare,
                  lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
                  lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
-                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae="", num_images=1):
+                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1):
         import sd_lora
 
         if not model:
