@@ -183,6 +183,7 @@ def test_image_i_is_the_image_of_seed_plus_i(pipe_and_files):
     alone = sd_lora.generate(pipe, "a red circle", [(ink, 1.0)], **{**COMMON, "seed": 5})
     assert np.array_equal(np.asarray(three.images[2].image), np.asarray(alone.images[0].image))
     assert three.images[2].parameters == alone.images[0].parameters
+    assert json.loads(json.dumps(alone.images[0].settings)) == alone.images[0].settings  # plain values
     assert not np.array_equal(np.asarray(three.images[0].image), np.asarray(three.images[1].image))
 
 
