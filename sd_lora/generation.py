@@ -272,8 +272,9 @@ def generate(
     else:
         variants, title = [("", specs)], None
     trigger_words = _trigger_words([s for _, v in variants for s in v])
-    encoded = ", ".join(trigger_words + [clean]) if add_trigger_words and trigger_words else clean
-    written = ", ".join(trigger_words + [prompt]) if add_trigger_words and trigger_words else prompt
+    triggers = trigger_words if add_trigger_words else []
+    encoded = ", ".join(triggers + ([clean] if clean else []))  # a prompt of tags alone leaves no text
+    written = ", ".join(triggers + [prompt])
 
     if is_path:
         pipe = load_pipeline(base, dtype=dtype, device=device, cpu_offload=cpu_offload, vae=vae)

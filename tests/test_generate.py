@@ -202,6 +202,17 @@ def test_comparison_prompts_are_the_same_for_every_variant(pipe_and_files):
     assert grid.size == (4 + 4 * 68, 3 * line + 2 * 68)
 
 
+def test_prompt_tags_and_trigger_words(ws, pipe_and_files):
+    pipe, ink, _ = pipe_and_files
+    result = sd_lora.generate(pipe, "<lora:ink:0.7>", lora_dir=ws / "loras", add_trigger_words=True, **COMMON)
+    (im,) = result.images
+    assert im.settings["encoded_prompt"] == "inkstyle, shape"  # the tag is not encoded, nor an empty part
+    assert im.settings["prompt"] == "inkstyle, shape, <lora:ink:0.7>"  # the PNG keeps the prompt as written
+    assert [(s.path, s.unet_weight) for s in result.stack] == [(ink, 0.7)]
+    with pytest.raises(ValueError, match="no LoRA folder was given"):
+        sd_lora.generate(pipe, "a cat <lora:ink:1>", **COMMON)
+
+
 def test_bad_arguments_are_all_refused_before_anything_is_loaded(tmp_path, monkeypatch):
     import sd_lora.generation as generation
 
