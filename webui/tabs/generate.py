@@ -81,7 +81,7 @@ def build(ctx, tab=None) -> None:
             path = ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png"
             im.save(path)  # with the same `parameters` text as the CLI's PNGs
             out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
-        stack_text = ", ".join(f"{Path(str(s.path)).stem} x{s.unet_weight:g} (TE x{s.text_encoder_weight:g})" for s in result.stack) or "none"
+        stack_text = ", ".join(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})" for x in result.settings["loras"]) or "none"
         info_md = f"LoRAs: {stack_text}"
         if result.trigger_words:
             info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_trigger_words else "")
