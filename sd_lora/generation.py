@@ -102,7 +102,8 @@ class GenerationResult:
 
         per_variant = len(self.images) // max(1, len(self.labels))
         ordered = [self.images[v * per_variant + i] for i in range(per_variant) for v in range(len(self.labels))]
-        labels = [im.label or f"seed {im.settings['seed']}" for im in ordered]
+        seeds = per_variant > 1 or not self.labels[0]
+        labels = [", ".join(x for x in (im.label, f"seed {im.settings['seed']}" if seeds else "") if x) for im in ordered]
         return label_grid([im.image for im in ordered], labels, title=self.title, columns=len(self.labels))
 
     def save_grid(self, path: str | os.PathLike) -> Path:

@@ -26,7 +26,7 @@ def label_grid(images: list[Image.Image], labels: list[str], title: str | None =
     grid = Image.new("RGB", (min(columns, len(images)) * (w + pad) + pad, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     if title:
-        draw.text((pad, pad), title, fill="black", font=font)
+        draw.text((pad, pad), _fit(draw, title, font, grid.width - 2 * pad), fill="black", font=font)
     for i, (img, text) in enumerate(zip(images, labels)):
         x = pad + (i % columns) * (w + pad)
         y = top + (i // columns) * cell_h + line  # the image's top edge
