@@ -17,6 +17,7 @@ from PIL import Image
 
 import sd_lora
 from sd_lora.cli import main
+from sd_lora.stack import applied_stack
 from sd_lora.testing import tiny_pipeline, write_random_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -165,15 +166,15 @@ def test_a_loaded_pipeline_gets_back_its_stack_scheduler_and_vae(ws, pipe_and_fi
     before, scheduler, vae = _weights(pipe), pipe.scheduler, pipe.vae
     result = sd_lora.generate(pipe, "a red circle", [(glow, 1.0)], vae=ws / "models" / "tiny", **COMMON)
     assert pipe.scheduler is scheduler and pipe.vae is vae
-    assert [s.path for s in sd_lora.stack.applied_stack(pipe)] == [ink]
+    assert [s.path for s in applied_stack(pipe)] == [ink]
     after = _weights(pipe)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert result.images[0].settings["vae"] == "tiny" and "VAE: tiny" in result.images[0].parameters
     # keep_loras leaves this call's stack fused (the UI's fast switching)
     sd_lora.generate(pipe, "a red circle", [(glow, 1.0)], keep_loras=True, **COMMON)
-    assert [s.path for s in sd_lora.stack.applied_stack(pipe)] == [glow]
+    assert [s.path for s in applied_stack(pipe)] == [glow]
     sd_lora.remove_loras(pipe)
-    assert not sd_lora.stack.applied_stack(pipe)
+    assert not applied_stack(pipe)
 
 
 def test_image_i_is_the_image_of_seed_plus_i(pipe_and_files):
