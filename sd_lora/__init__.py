@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .models import ArchInfo, architecture_of, detect_architecture, load_base, load_vae, use_zero_terminal_snr  # noqa: F401
 from .convert_single_file import save_single_file  # noqa: F401,E402
 from .stack import LoraSpec, apply_loras, loras, parse_lora_prompt, remove_loras  # noqa: F401
+from .generation import GeneratedImage, GenerationResult, generate, parameters_text  # noqa: F401,E402
 from .formats import LoraFile, load_lora, save_lora  # noqa: F401,E402
 from .network import NetworkConfig, inject_network  # noqa: F401,E402
 from .caption import caption_folder  # noqa: F401,E402

@@ -97,20 +97,21 @@ def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, 
 
 
 def _render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int, seed: int) -> DemoResult:
-    import torch
     from PIL import Image
 
+    from .generation import generate
     from .models import load_base
-    from .stack import apply_loras, remove_loras
     from .stack.grid import label_grid, save_png
 
     sm = _datasets_module("style_measures")
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
 
-    def draw(prompt: str) -> Image.Image:
-        generator = torch.Generator().manual_seed(seed)
-        return pipe(prompt, num_inference_steps=steps, height=64, width=64, generator=generator).images[0]
+    def draw(prompt: str, stack=()) -> Image.Image:
+        # guidance 7.5 (diffusers' default, which the measured figures were made with); the stack stays
+        # fused between draws, so the next draw rewrites only what differs
+        return generate(pipe, prompt, list(stack), steps=steps, width=64, height=64, seed=seed, guidance=7.5,
+                        keep_loras=True).images[0].image
 
     result = DemoResult(grid=out, loras=dict(loras))
     scores: dict[str, dict[str, list[float]]] = {s: {} for s in loras}
@@ -129,24 +130,20 @@ def _render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int, seed
             trigger = STYLES[style][0]
             styled_prompt = f"{prompt}, {trigger}"  # trigger last, as in the style sets' captions
             images, labels = [], []
-            remove_loras(pipe)
             base_image = draw(styled_prompt)
             record(f"{style} base", prompt, base_image)  # the base on this row's own prompt
             images.append(base_image)
             labels.append("base")
             for w in WEIGHTS:
-                apply_loras(pipe, [(path, w)])
-                image = draw(styled_prompt)
+                image = draw(styled_prompt, [(path, w)])
                 record(f"{style} {w:g}", prompt, image)
                 images.append(image)
                 labels.append(f"{style} {w:g}")
             rows.append(label_grid(images, labels, title=styled_prompt))
         # Both styles at once: the stack, prompted with both trigger words.
         stacked_prompt = prompt + ", " + ", ".join(STYLES[s][0] for s in loras)
-        apply_loras(pipe, [(p, 1.0) for p in loras.values()])
-        image = draw(stacked_prompt)
+        image = draw(stacked_prompt, [(p, 1.0) for p in loras.values()])
         record("stack", prompt, image)
-        remove_loras(pipe)
         base_image = draw(stacked_prompt)
         rows.append(label_grid([base_image, image], ["base", " + ".join(loras)], title=stacked_prompt))
 

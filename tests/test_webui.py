@@ -182,6 +182,9 @@ def test_generate_with_two_lora_stack(server):
     assert not np.array_equal(arrays[0], arrays[3]), "the stack must change the image"
     assert not np.array_equal(arrays[1], arrays[3])
     assert "ink x1" in info and "glow x0.8 (TE x0.5)" in info and "Trigger words" in info
+    # each PNG carries generate()'s parameters text, with that image's own stack
+    texts = [Image.open(im["image"]).info["parameters"] for im in images]
+    assert "Seed: 3, Model: tiny, LoRAs: none" in texts[0] and "LoRAs: ink:1:1 glow:0.8:0.5" in texts[3]
     # the same stack through <lora:...> tags in the prompt gives the same image as the sliders
     tagged = ["models/tiny", "a red circle <lora:ink:1> <lora:glow:0.5:0.8>", "", 3, 2, 64, 64, 1.0]
     images2, _ = client.predict(*tagged, False, *(["", 1.0, None] * 4), api_name="/generate")

@@ -1,9 +1,11 @@
 """Generate tab: a base model, a prompt (with `<lora:NAME:W>` tags if you like), and a stack of LoRAs
 from the library with a weight each; optionally a compare grid (base, each LoRA alone, the stack).
 
-The pipeline stays loaded between clicks (one model at a time); LoRAs are fused into its weights with
-sd_lora.apply_loras and the base is restored exactly before the next image, so switching stacks is
-cheap and never drifts.
+The tab only collects the inputs (confining paths to the workspace) and calls sd_lora.generate, the
+function behind `sd-lora generate` too, so both follow the same rules and write the same PNG text.
+The pipeline stays loaded between clicks (one model at a time) with the last stack fused
+(keep_loras=True): the next click rewrites only the weights that differ, computed from the exact
+base backup, so switching stacks is cheap and never drifts.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE
+
 from ..security import PathError
 from .common import guard, list_loras, list_models
 
-LORA_ROWS = 4
+LORA_ROWS = 4  # the generate handler names its four rows' parameters
 
 
 def build(ctx, tab=None) -> None:
@@ -25,18 +29,14 @@ def build(ctx, tab=None) -> None:
     lock = threading.Lock()  # one generation at a time: the pipeline's weights are shared state
 
     def pipeline(model: str):
-        import torch
-
-        import sd_lora
+        from sd_lora.generation import load_pipeline
 
         path = ws.path(model, must_exist=True, kind="base model")
         cached = ctx.extra.get("pipe")
         if cached and cached[0] == path:
             return cached[1]
         ctx.extra.pop("pipe", None)  # drop the old model before loading the next (memory)
-        cuda = torch.cuda.is_available()
-        pipe = sd_lora.load_base(path, dtype=torch.float16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(path)  # generate()'s device and dtype defaults, as the CLI's
         ctx.extra["pipe"] = (path, pipe)
         return pipe
 
@@ -46,66 +46,45 @@ def build(ctx, tab=None) -> None:
             raise PathError(f"LoRA: {name!r} is not in the library (loras/ of the workspace)")
         return p
 
+    # Named parameters (not *rows) so the API page names them, and the options after the LoRA rows
+    # (added later, last so that older API calls still work) have defaults: an empty number box
+    # (rescale) would otherwise be a required API parameter.
     @guard
-    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare, *rest):
-        import torch
-
+    def generate(model, prompt, negative, seed, steps, width, height, guidance, compare,
+                 lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
+                 lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
+                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1):
         import sd_lora
-        from sd_lora.stack import prompt_to_stack
 
         if not model:
             raise ValueError("base model: choose one (put diffusers folders or .safetensors files in models/)")
-        if not (prompt or "").strip():
-            raise ValueError("prompt: type what to draw")
-        steps, seed = int(steps), int(seed)
-        w = int(width) or None
-        h = int(height) or None
-        for dim in (w, h):
-            if dim is not None and (dim < 64 or dim % 8):
-                raise ValueError(f"width/height {dim}: use a multiple of 8, at least 64 (0 = the model's size)")
-        if not 1 <= steps <= 150:
-            raise ValueError("steps: between 1 and 150")
-        # the LoRA rows (name, weight, TE weight), then the sampler options (last: older API calls still work)
-        rows, (rescale, zero_snr) = rest[: 3 * LORA_ROWS], rest[3 * LORA_ROWS:]
-        rescale = float(rescale or 0.0)
-        if not 0 <= rescale <= 1:
-            raise ValueError("guidance rescale: between 0 and 1 (0.7 for zero-terminal-SNR models)")
+        rows = [(lora_1, weight_1, te_weight_1), (lora_2, weight_2, te_weight_2),
+                (lora_3, weight_3, te_weight_3), (lora_4, weight_4, te_weight_4)]
         specs = []
-        for i in range(LORA_ROWS):
-            name, weight, te_weight = rows[3 * i: 3 * i + 3]
+        for name, weight, te_weight in rows:
             if name:
                 specs.append(sd_lora.LoraSpec(lora_file(name), weight=float(weight),
                                               te_weight=None if te_weight in (None, "") else float(te_weight)))
-        clean_prompt, tag_specs = prompt_to_stack(prompt, ws.root / "loras")
-        specs += tag_specs
-
+        vae_path = ws.path(vae, must_exist=True, kind="VAE") if (vae or "").strip() else None
         with lock:
-            pipe = pipeline(model)
-            variants = [("stack", specs)]
-            if compare:
-                variants = [("base", [])] + [(Path(str(s.path)).stem, [s]) for s in specs] + ([("stack", specs)] if len(specs) > 1 else [])
-            out, triggers = [], []
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            # the kept pipeline keeps its scheduler: the zero-SNR one is for this click only
-            scheduler = sd_lora.use_zero_terminal_snr(pipe) if zero_snr else pipe.scheduler
-            try:
-                for i, (label, stack) in enumerate(variants):
-                    info = sd_lora.apply_loras(pipe, stack)
-                    triggers = triggers or list(getattr(info, "trigger_words", []) or [])
-                    gen = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: same image on any device
-                    image = pipe(prompt=clean_prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                                 guidance_scale=float(guidance), guidance_rescale=rescale, width=w, height=h, generator=gen).images[0]
-                    path = ws.root / "outputs" / f"{stamp}-{seed}-{i}-{label.replace('/', '_')}.png"
-                    from sd_lora.io import atomic_path
-
-                    with atomic_path(path) as tmp:
-                        image.save(tmp, format="PNG")
-                    out.append((str(path), label))
-            finally:
-                pipe.scheduler = scheduler
-            sd_lora.remove_loras(pipe)
-        stack_text = ", ".join(f"{Path(str(s.path)).stem} x{s.unet_weight:g} (TE x{s.text_encoder_weight:g})" for s in specs) or "none"
-        info_md = f"LoRAs: {stack_text}" + (f"\n\nTrigger words: {', '.join(triggers)}" if triggers else "")
+            result = sd_lora.generate(
+                lambda: pipeline(model), prompt or "", specs, negative_prompt=negative or "", seed=seed, width=width or None,
+                height=height or None, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                zero_terminal_snr=bool(zero_terminal_snr), vae=vae_path, lora_dir=ws.root / "loras",
+                add_trigger_words=bool(add_trigger_words), num_images=1 if num_images in (None, "") else num_images,
+                compare=bool(compare), keep_loras=True,  # the next click rewrites only what differs
+            )
+        out = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i, im in enumerate(result.images):
+            label = im.label or "stack"
+            path = ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png"
+            im.save(path)  # with the same `parameters` text as the CLI's PNGs
+            out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
+        stack_text = ", ".join(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})" for x in result.settings["loras"]) or "none"
+        info_md = f"LoRAs: {stack_text}"
+        if result.trigger_words:
+            info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_trigger_words else "")
         return out, info_md
 
     def refresh():
@@ -121,14 +100,19 @@ def build(ctx, tab=None) -> None:
             negative = gr.Textbox(label="negative prompt")
             with gr.Row():
                 seed = gr.Number(0, label="seed", precision=0)
-                steps = gr.Number(25, label="steps", precision=0)
+                steps = gr.Number(DEFAULT_STEPS, label=f"steps (1-{MAX_STEPS})", precision=0)
                 width = gr.Number(0, label="width (0: model's)", precision=0)
                 height = gr.Number(0, label="height (0: model's)", precision=0)
-                guidance = gr.Number(7.0, label="guidance")
-            with gr.Accordion("Advanced: v-prediction / zero-terminal-SNR models", open=False):
+                guidance = gr.Number(DEFAULT_GUIDANCE, label="guidance")
+            with gr.Row():
+                num_images = gr.Number(1, label="images per stack (seeds: seed, seed+1, ...)", precision=0, minimum=1)
+                add_triggers = gr.Checkbox(label="add the LoRAs' trigger words to the prompt")
+            with gr.Accordion("Advanced: VAE, v-prediction / zero-terminal-SNR models", open=False):
                 with gr.Row():
-                    rescale = gr.Number(0.0, label="guidance rescale (0-1; 0.7 for zero-terminal-SNR models)", minimum=0, maximum=1)
+                    rescale = gr.Number(None, label=f"guidance rescale (0-1; empty: {ZERO_SNR_GUIDANCE_RESCALE} with zero terminal SNR, else 0)",
+                                        minimum=0, maximum=1)
                     zero_snr = gr.Checkbox(label="zero terminal SNR (rescaled betas, trailing timesteps)")
+                vae = gr.Textbox(label="replacement VAE (a VAE folder or .safetensors file in the workspace; empty: the model's)")
             rows, names, te_rows = [], [], []
             gr.Markdown("**LoRA stack** (from loras/ of the workspace)")
             for i in range(LORA_ROWS):
@@ -149,7 +133,7 @@ def build(ctx, tab=None) -> None:
     inputs = [model, prompt, negative, seed, steps, width, height, guidance, compare]
     for i in range(LORA_ROWS):
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
-    inputs += [rescale, zero_snr]
+    inputs += [rescale, zero_snr, add_triggers, vae, num_images]
     go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1)
     refresh_btn.click(refresh, None, [model, *names], api_name=False)
     if tab is not None:

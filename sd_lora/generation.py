@@ -1,0 +1,405 @@
+"""Text-to-image with a LoRA stack: one `generate()` that the CLI (`sd-lora generate`), the web UI's
+Generate tab and Python users all call, so every front-end follows the same rules.
+
+The rules, each written once, here:
+
+- **Base.** A model path is loaded with `load_pipeline` (fp16 on CUDA, fp32 on the CPU unless
+  `dtype` says otherwise). An already loaded pipeline (the web UI keeps one between clicks) is used
+  where it is; the stack, scheduler and VAE it had are put back after the call, bit for bit, unless
+  `keep_loras=True` leaves this call's stack fused (the next `apply_loras` then rewrites only what
+  differs, which is what makes switching stacks in the UI cheap).
+- **Stack.** `stack` entries are what `sd_lora.apply_loras` takes (`LoraSpec`, paths, `(path, w)`,
+  `(path, w, te_w)`); `<lora:NAME:W>` tags in the prompt are resolved in `lora_dir` and appended to
+  it. The tags are removed from the text that is encoded and kept in the PNG's prompt line.
+- **Size.** width/height 0 or None: the model's native size; otherwise a multiple of 8 (the VAE's
+  downscale) and at least 64 (below that even the tiny test models have no room for their
+  downsampling blocks).
+- **Steps** 1..1000 (diffusers' schedulers cannot take more steps than the 1000 training timesteps).
+  **Guidance** finite and >= 0 (at <= 1 diffusers skips classifier-free guidance).
+- **Guidance rescale** 0..1; None means 0.7 with `zero_terminal_snr` (the value Lin et al. 2024,
+  "Common Diffusion Noise Schedules and Sample Steps are Flawed", use with their schedule), else 0.
+- **Seeds.** Image i of a call uses `seed + i` (A1111's batch convention: each image can be
+  remade alone from its own seed), drawn from a CPU generator so a seed gives the same image on any
+  device.
+- **Trigger words** (the LoRAs' most frequent training tags, `AppliedStack.trigger_words`) are
+  always reported; `add_trigger_words=True` prepends them to the prompt. Every image of a call gets
+  the same prompt, the trigger words of all its LoRAs, so the images of a sweep or comparison differ
+  only in their stack.
+- **Several stacks, same seeds.** `sweep_weights=[0, 0.5, 1]` renders the first LoRA of the stack at
+  each weight (its text-encoder weight scaled along); `compare=True` renders the base, each LoRA
+  alone and (with two or more) the whole stack. `GenerationResult.grid()` lays them out labelled.
+- **PNG.** Each image carries an A1111-style `parameters` text (`parameters_text`, the one place
+  that writes it) and the same settings as a dict; `save_png` writes both atomically.
+
+Validation happens before anything is loaded; a problem raises ValueError naming the argument the
+way both front-ends label it ("width 100: ..."), all problems of a call in one message.
+
+The module imports no torch at import time (`sd-lora --help` imports the command module that reads
+the defaults below).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .stack.spec import LoraSpec
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.0
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
+MIN_SIZE = 64
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class GeneratedImage:
+    """One image of a call, with what its PNG carries: `parameters` (the text A1111 and Civitai read)
+    and `settings` (the same facts as plain values: prompt, seed, loras, size, ...)."""
+
+    image: Image.Image
+    label: str  # the variant: "" for a plain call, the weight in a sweep, "base"/name/"stack" in a comparison
+    settings: dict[str, Any]
+    parameters: str
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the PNG with its `parameters` text, atomically."""
+        from .stack.grid import save_png
+
+        save_png(self.image, path, self.parameters)
+        return Path(path)
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` made: the images (variant by variant, seed by seed within a variant), the stack
+    that was asked for (tags resolved), the trigger words found, and the settings of the call."""
+
+    images: list[GeneratedImage]
+    stack: list[LoraSpec]
+    trigger_words: list[str]
+    settings: dict[str, Any]  # the call's settings; its "loras" are the requested stack
+    title: str | None = None  # the grid's title for a sweep or comparison
+    labels: list[str] = field(default_factory=list)  # the variants, in order
+
+    @property
+    def parameters(self) -> str:
+        """The `parameters` text for a grid of the whole call (the call's settings and the grid's labels)."""
+        return parameters_text({**self.settings, "grid": self.labels} if len(self.labels) > 1 else self.settings)
+
+    def grid(self) -> Image.Image:
+        """The images side by side, one column per variant and one row per seed, each labelled."""
+        from .stack.grid import label_grid
+
+        per_variant = len(self.images) // max(1, len(self.labels))
+        ordered = [self.images[v * per_variant + i] for i in range(per_variant) for v in range(len(self.labels))]
+        seeds = per_variant > 1 or not self.labels[0]
+        labels = [", ".join(x for x in (im.label, f"seed {im.settings['seed']}" if seeds else "") if x) for im in ordered]
+        return label_grid([im.image for im in ordered], labels, title=self.title, columns=len(self.labels))
+
+    def save_grid(self, path: str | os.PathLike) -> Path:
+        from .stack.grid import save_png
+
+        save_png(self.grid(), path, self.parameters)
+        return Path(path)
+
+
+def parameters_text(settings: dict[str, Any]) -> str:
+    """The PNG `parameters` text for one image's (or a grid's) settings, in A1111's layout: the prompt,
+    a "Negative prompt:" line, then "Key: value" pairs. The one function that writes it."""
+    loras = " ".join(f"{x['name']}:{x['weight']:g}:{x['te_weight']:g}" for x in settings["loras"])
+    text = (
+        f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
+        f"Steps: {settings['steps']}, CFG scale: {settings['guidance']}, Seed: {settings['seed']}, "
+        f"Model: {settings['model']}, LoRAs: {loras or 'none'}"
+    )
+    if settings["guidance_rescale"]:
+        text += f", Guidance rescale: {settings['guidance_rescale']:g}"
+    if settings["zero_terminal_snr"]:
+        text += ", Zero terminal SNR: True"
+    if settings.get("vae"):
+        text += f", VAE: {settings['vae']}"
+    if settings.get("grid"):
+        text += f", Grid: {' | '.join(settings['grid'])}"
+    return text
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(dtype, device: str):
+    """"fp32" / "fp16" / "bf16" / a torch dtype / None (fp16 on CUDA, fp32 elsewhere) -> torch dtype."""
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype is None:
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return names[dtype]
+
+
+def load_pipeline(model: str | os.PathLike, *, dtype=None, device: str | None = None, cpu_offload: bool = False,
+                  vae: str | os.PathLike | None = None):
+    """Load a base model for generation: `sd_lora.load_base` with generation's defaults (CUDA when
+    available, fp16 there and fp32 on the CPU), an optional replacement VAE, no progress bars, and
+    `enable_model_cpu_offload()` last with `cpu_offload` (the VAE must be in place before the hooks)."""
+    from .models import load_base, load_vae
+
+    device = device or default_device()
+    dt = torch_dtype(dtype, device)
+    where = "cpu" if cpu_offload else device
+    pipe = load_base(model, dtype=dt, device=where)
+    if vae:
+        pipe.vae = load_vae(vae, pipe, dtype=dt).to(where)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload()
+    pipe.set_progress_bar_config(disable=True)
+    # single files leave the name empty; the PNG's "Model:" comes from it when the pipeline is passed in
+    pipe.register_to_config(_name_or_path=str(model))
+    return pipe
+
+
+def resolve_stack(prompt: str, stack=None, lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraSpec]]:
+    """(prompt without `<lora:...>` tags, `stack` normalised + the tags' LoRAs resolved in `lora_dir`)."""
+    from .stack.prompt import prompt_to_stack
+    from .stack.spec import normalize_stack
+
+    specs = normalize_stack(stack)
+    clean, tagged = prompt_to_stack(prompt, lora_dir)
+    return clean, specs + tagged
+
+
+def sweep_variants(stack: list[LoraSpec], weights: Sequence[float]) -> list[tuple[str, list[LoraSpec]]]:
+    """The first LoRA of `stack` at each weight (its text-encoder weight keeps its ratio to the UNet
+    weight), the rest of the stack as it is; labelled with the weights."""
+    from .stack.spec import LoraSpec
+
+    first = stack[0]
+    ratio = None if first.te_weight is None else (first.te_weight / first.weight if first.weight else None)
+    return [
+        (f"{w:g}", [LoraSpec(first.path, weight=w, te_weight=None if ratio is None else w * ratio,
+                             block_weights=first.block_weights)] + stack[1:])
+        for w in weights
+    ]
+
+
+def compare_variants(stack: list[LoraSpec]) -> list[tuple[str, list[LoraSpec]]]:
+    """The base, each LoRA alone, and the whole stack when it has two or more LoRAs."""
+    return [("base", [])] + [(_name(s), [s]) for s in stack] + ([("stack", stack)] if len(stack) > 1 else [])
+
+
+def generate(
+    base,
+    prompt: str,
+    stack=None,
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    guidance_rescale: float | None = None,
+    zero_terminal_snr: bool = False,
+    vae: str | os.PathLike | None = None,
+    lora_dir: str | os.PathLike | None = None,
+    add_trigger_words: bool = False,
+    num_images: int = 1,
+    sweep_weights: Sequence[float] | None = None,
+    compare: bool = False,
+    keep_loras: bool = False,
+    dtype=None,
+    device: str | None = None,
+    cpu_offload: bool = False,
+) -> GenerationResult:
+    """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
+
+    Args:
+        base: a diffusers folder or single .safetensors file (loaded with `load_pipeline`, using
+            `dtype` "fp32"/"fp16"/"bf16", `device` and `cpu_offload`), or a pipeline from
+            `sd_lora.load_base`, or a function returning one, called after the arguments are checked
+            (the web UI's cached loader); with a pipeline, dtype/device/cpu_offload must be left out.
+        prompt: the text; `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>` tags add LoRAs from `lora_dir`.
+        stack: LoRA specs, paths or (path, unet_weight[, te_weight]) tuples, as `apply_loras` takes.
+        negative_prompt, seed, width, height, steps, guidance: as in A1111; see the module docstring.
+        guidance_rescale: 0..1; None is 0.7 with `zero_terminal_snr`, else 0.
+        zero_terminal_snr: sample with rescaled betas and trailing timesteps (v-prediction models only).
+        vae: a replacement VAE (diffusers folder or single file) for this call.
+        add_trigger_words: prepend the LoRAs' trigger words to the prompt.
+        num_images: images per stack, with seeds seed, seed+1, ...
+        sweep_weights / compare: several stacks with the same seeds (see the module docstring).
+        keep_loras: leave the stack fused in a loaded pipeline instead of putting back its previous one.
+
+    Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
+    """
+    problems = _check(prompt, seed, width, height, steps, guidance, guidance_rescale, num_images, sweep_weights, compare)
+    is_path = isinstance(base, (str, os.PathLike))
+    loaded = not is_path  # a pipeline, or a function that returns one
+    if loaded:
+        given = [name for name, v in (("dtype", dtype), ("device", device), ("cpu_offload", cpu_offload)) if v]
+        if given:
+            problems.append(f"{', '.join(given)}: only for a model path; a loaded pipeline is used where it is "
+                            "(move it with pipe.to(...) or load it with sd_lora.generation.load_pipeline)")
+    elif isinstance(dtype, str) and dtype not in DTYPES:
+        problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if is_path and not Path(base).exists():
+        problems.append(f"base model {str(base)!r}: no such file or folder; pass a diffusers folder or a .safetensors file")
+    if problems:
+        raise ValueError("; ".join(problems))
+    rescale = _guidance_rescale(guidance_rescale, zero_terminal_snr)
+    clean, specs = resolve_stack(prompt, stack, lora_dir)
+    if sweep_weights is not None:
+        if not specs:
+            raise ValueError("weight sweep: it sweeps the first LoRA of the stack; add a LoRA (or a <lora:...> tag)")
+        variants = sweep_variants(specs, [float(w) for w in sweep_weights])
+        title = f"{_name(specs[0])}: weight sweep, seed {int(seed)}"
+    elif compare:
+        variants, title = compare_variants(specs), f"base, each LoRA alone{' and the stack' if len(specs) > 1 else ''}, seed {int(seed)}"
+    else:
+        variants, title = [("", specs)], None
+    trigger_words = _trigger_words([s for _, v in variants for s in v])
+    triggers = trigger_words if add_trigger_words else []
+    encoded = ", ".join(triggers + ([clean] if clean else []))  # a prompt of tags alone leaves no text
+    written = ", ".join(triggers + [prompt])
+
+    if is_path:
+        pipe = load_pipeline(base, dtype=dtype, device=device, cpu_offload=cpu_offload, vae=vae)
+    else:
+        pipe = base if hasattr(base, "unet") else base()  # a loader is called only once the arguments are good
+    settings = {
+        "prompt": written, "encoded_prompt": encoded, "negative_prompt": negative_prompt or "",
+        "seed": int(seed), "steps": int(steps), "guidance": float(guidance), "guidance_rescale": rescale,
+        "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
+        "model": _model_name(base, pipe), "vae": Path(vae).name if vae else None, "loras": _loras(specs),
+    }
+    images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
+    return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
+                            title=title, labels=[label for label, _ in variants])
+
+
+def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bool) -> list[GeneratedImage]:
+    """Each variant's stack fused in turn, `num_images` seeds each; the pipeline's stack, scheduler
+    and VAE put back afterwards (also on an error)."""
+    import torch
+
+    from .models import load_vae, use_zero_terminal_snr
+    from .stack import applied_stack, apply_loras, remove_loras
+
+    previous = applied_stack(pipe)
+    scheduler, old_vae = pipe.scheduler, pipe.vae
+    out: list[GeneratedImage] = []
+    try:
+        if settings["zero_terminal_snr"]:
+            use_zero_terminal_snr(pipe)
+        if vae:
+            pipe.vae = load_vae(vae, pipe, dtype=old_vae.dtype).to(old_vae.device)
+        for label, stack in variants:
+            apply_loras(pipe, stack)
+            for i in range(num_images):
+                seed = settings["seed"] + i
+                generator = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: the same image on any device
+                image = pipe(
+                    prompt=settings["encoded_prompt"], negative_prompt=settings["negative_prompt"] or None,
+                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                    guidance_rescale=settings["guidance_rescale"], width=settings["width"], height=settings["height"],
+                    generator=generator,
+                ).images[0]
+                own = {**settings, "seed": seed, "loras": _loras(stack), "label": label,
+                       "width": image.width, "height": image.height}
+                out.append(GeneratedImage(image=image, label=label, settings=own, parameters=parameters_text(own)))
+    finally:
+        pipe.scheduler, pipe.vae = scheduler, old_vae
+        if not keep_loras:
+            if previous:
+                apply_loras(pipe, previous)
+            else:
+                remove_loras(pipe)
+    return out
+
+
+def _check(prompt, seed, width, height, steps, guidance, rescale, num_images, sweep, compare) -> list[str]:
+    problems = []
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append("prompt: empty; type what to draw")
+    for name, value in (("width", width), ("height", height)):
+        if value is None or value == 0:
+            continue
+        if not _whole(value) or value < MIN_SIZE or value % 8:
+            problems.append(f"{name} {_show(value)}: must be a multiple of 8, at least {MIN_SIZE} (0: the model's native size)")
+    if not _whole(steps) or not 1 <= steps <= MAX_STEPS:
+        problems.append(f"steps {_show(steps)}: must be a whole number from 1 to {MAX_STEPS}")
+    if not _whole(seed) or not 0 <= seed <= MAX_SEED:
+        problems.append(f"seed {_show(seed)}: must be a whole number from 0 to 2^63-1")
+    if not _whole(num_images) or num_images < 1:
+        problems.append(f"number of images {_show(num_images)}: must be a whole number, at least 1")
+    if not _finite(guidance) or guidance < 0:
+        problems.append(f"guidance {_show(guidance)}: must be a number >= 0 (7 is usual; <= 1 turns classifier-free guidance off)")
+    if rescale is not None and (not _finite(rescale) or not 0 <= rescale <= 1):
+        problems.append(f"guidance rescale {_show(rescale)}: must be between 0 and 1 (0.7 is usual with zero terminal SNR)")
+    if sweep is not None:
+        if compare:
+            problems.append("weight sweep and compare: choose one")
+        if not len(sweep) or not all(_finite(w) for w in sweep):
+            problems.append(f"weight sweep {list(sweep)}: give one or more weights, such as 0, 0.5, 1")
+    return problems
+
+
+def _show(value) -> str:
+    """A value as the user typed it: 64 not 64.0 (the web UI's number boxes send floats)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:g}" if _finite(value) else repr(value)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _guidance_rescale(value: float | None, zero_terminal_snr: bool) -> float:
+    if value is None:
+        return ZERO_SNR_GUIDANCE_RESCALE if zero_terminal_snr else 0.0
+    return float(value)
+
+
+def _name(spec: LoraSpec) -> str:
+    return Path(spec.label).stem
+
+
+def _loras(stack: list[LoraSpec]) -> list[dict]:
+    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight} for s in stack]
+
+
+def _model_name(base, pipe) -> str:
+    source = base if isinstance(base, (str, os.PathLike)) else pipe.name_or_path
+    return Path(str(source)).name if source else "unknown"
+
+
+def _trigger_words(specs: list[LoraSpec]) -> list[str]:
+    """The trigger words `apply_loras` would report for all of `specs` (the stack loader's rule, asked
+    of an AppliedStack built from the files read through its cache, which apply_loras then hits)."""
+    from .formats.lora_file import LoraFile
+    from .stack import AppliedStack, default_cache
+
+    if not specs:
+        return []
+    files = [s.path if isinstance(s.path, LoraFile) else default_cache().get(s.path)[1] for s in specs]
+    return AppliedStack(specs=specs, files=files, modules=0, changed=0).trigger_words
