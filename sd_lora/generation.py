@@ -28,6 +28,11 @@ The rules, each written once, here:
 - **Several stacks, same seeds.** `sweep_weights=[0, 0.5, 1]` renders the first LoRA of the stack at
   each weight (its text-encoder weight scaled along); `compare=True` renders the base, each LoRA
   alone and (with two or more) the whole stack. `GenerationResult.grid()` lays them out labelled.
+- **CPU threads.** A UNet under 100 M parameters (the tiny demo and test models; every real SD
+  UNet has several hundred million) is run on one CPU thread: its many small ops give OpenMP threads
+  nothing to share, and on a busy machine they wait on each other (tiny-base, 64 px, 25 steps on a
+  loaded 2-core box: 12-86 s with torch's 2 threads, 2-4 s with one). `cpu_threads` sets the count
+  for any model; the previous count is put back after the call.
 - **PNG.** Each image carries an A1111-style `parameters` text (`parameters_text`, the one place
   that writes it) and the same settings as a dict; `save_png` writes both atomically.
 
@@ -40,6 +45,7 @@ the defaults below).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -59,6 +65,7 @@ MIN_SIZE = 64
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 DTYPES = ("fp32", "fp16", "bf16")
+SMALL_UNET_PARAMS = 100_000_000  # below this a CPU generation runs on one thread (module docstring)
 
 
 @dataclass
@@ -226,6 +233,7 @@ def generate(
     dtype=None,
     device: str | None = None,
     cpu_offload: bool = False,
+    cpu_threads: int | None = None,
 ) -> GenerationResult:
     """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
 
@@ -244,10 +252,13 @@ def generate(
         num_images: images per stack, with seeds seed, seed+1, ...
         sweep_weights / compare: several stacks with the same seeds (see the module docstring).
         keep_loras: leave the stack fused in a loaded pipeline instead of putting back its previous one.
+        cpu_threads: torch CPU threads for the call; None: one for a small UNet on the CPU, else torch's count.
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
     problems = _check(prompt, seed, width, height, steps, guidance, guidance_rescale, num_images, sweep_weights, compare)
+    if cpu_threads is not None and (not _whole(cpu_threads) or cpu_threads < 1):
+        problems.append(f"cpu threads {_show(cpu_threads)}: must be a whole number, at least 1 (empty: automatic)")
     is_path = isinstance(base, (str, os.PathLike))
     loaded = not is_path  # a pipeline, or a function that returns one
     if loaded:
@@ -287,7 +298,8 @@ def generate(
         "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
         "model": _model_name(base, pipe), "vae": Path(vae).name if vae else None, "loras": _loras(specs),
     }
-    images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
+    with _threads(cpu_threads or generation_threads(pipe)):
+        images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
                             title=title, labels=[label for label, _ in variants])
 
@@ -330,6 +342,29 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
             else:
                 remove_loras(pipe)
     return out
+
+
+def generation_threads(pipe) -> int | None:
+    """The CPU thread count `generate` uses for `pipe` when not told: 1 for a UNet under
+    SMALL_UNET_PARAMS that runs on the CPU, None (torch's own count) otherwise."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device  # offloaded pipelines run on their GPU
+    if str(device).startswith("cpu") and sum(p.numel() for p in pipe.unet.parameters()) < SMALL_UNET_PARAMS:
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op CPU threads set to `n` for the block (None: left alone), then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check(prompt, seed, width, height, steps, guidance, rescale, num_images, sweep, compare) -> list[str]:

@@ -251,3 +251,53 @@ def test_command_module_imports_no_torch():
         pytest.skip("`import sd_lora` still loads torch eagerly (the lazy public API lands separately)")
     code = "import sys, sd_lora.commands.generate, sd_lora.generation; print(sorted({'torch', 'diffusers', 'PIL'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_small_unet_on_the_cpu_runs_on_one_thread_and_the_count_is_put_back(pipe_and_files):
+    """Slow start (issue #20): torch's default threads made a 64 px tiny-base image take 12-86 s on a
+    busy 2-core box instead of 2-4 s. generate() runs a small UNet on one thread, then restores the count."""
+    from sd_lora.generation import generation_threads
+    from sd_lora.testing import full_size_unet
+
+    pipe, _, _ = pipe_and_files
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        sd_lora.generate(pipe, "a red circle", **COMMON)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        sd_lora.generate(pipe, "a red circle", cpu_threads=2, **COMMON)  # an explicit count wins
+        assert set(seen) == {2}
+    finally:
+        hook.remove()
+        torch.set_num_threads(1)
+    assert generation_threads(pipe) == 1
+
+    class FullSize:  # a full-size SD1 UNet (no storage) on the CPU keeps torch's own count
+        unet, device = full_size_unet(), torch.device("cpu")
+
+    assert generation_threads(FullSize()) is None
+    with pytest.raises(ValueError, match="cpu threads 0: must be a whole number, at least 1"):
+        sd_lora.generate(pipe, "a red circle", cpu_threads=0, **COMMON)
+
+
+def test_sd_lora_generate_runs_without_bitsandbytes_and_main_from_python_keeps_it(ws, tmp_path):
+    """Slow start (issue #20): as its own process `sd-lora generate` does without bitsandbytes (which
+    diffusers imports, and with it torch's compiler stack, when it is installed); main([...]) called
+    from Python leaves this process alone (the web UI and training need bitsandbytes)."""
+    import importlib.util
+
+    if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed here")
+    out = tmp_path / "p.png"
+    argv = ["sd-lora", "generate", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle",
+            "--steps", "1", "--width", "64", "--height", "64", "--out", str(out)]
+    code = (f"import sys; sys.argv = {argv!r}\nfrom sd_lora.cli import main\nrc = main()\n"
+            "print(rc, sys.modules.get('bitsandbytes', 'not imported'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.stdout.split() == ["0", "None"], run.stderr[-2000:]
+    assert Image.open(out).size == (64, 64)
+    assert cli_call(ws, tmp_path / "q.png", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle",
+                    "--steps", "1", "--width", "64", "--height", "64") == 0
+    assert importlib.util.find_spec("bitsandbytes") is not None
