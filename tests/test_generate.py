@@ -301,3 +301,48 @@ def test_sd_lora_generate_runs_without_bitsandbytes_and_main_from_python_keeps_i
     assert cli_call(ws, tmp_path / "q.png", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle",
                     "--steps", "1", "--width", "64", "--height", "64") == 0
     assert importlib.util.find_spec("bitsandbytes") is not None
+
+
+# ---- the web UI's Generate tab: messages that stay, a symlinked model -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_page(app):
+    """The Generate button's handler (the page's; the API endpoint `generate` raises instead)."""
+    (fn,) = [f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "generate_on_page"]
+    return fn
+
+
+def test_a_generate_error_stays_on_the_page_until_the_next_click(app, ui, on_page):
+    """Messages (issue #20): a toast vanishes in seconds; the error goes into the box under the button."""
+    cells = ["", 1.0, None] * 4
+    args = ["models/tiny", "a red circle <lora:nosuch:1>", "", 3, 2, 64, 64, 7.0, False, *cells, None, False, False, "", 1]
+    gallery, info, error = on_page(*args)
+    assert error["visible"] is True and "no LoRA named &#x27;nosuch&#x27;" in error["value"]
+    assert gallery == {"__type__": "update"} and info == {"__type__": "update"}  # the last images stay
+    # the box is a component of the page, among the outputs of the button's event
+    (event,) = [f for f in app.fns.values() if f.fn is on_page]
+    assert event.outputs[2].elem_id == "generate-error" and isinstance(event.outputs[2], gr.HTML)
+    args[1] = "a red circle"
+    gallery, info, error = on_page(*args)
+    assert len(gallery) == 1 and info.startswith("LoRAs: none") and error == {"__type__": "update", "value": "", "visible": False}
+    with pytest.raises(gr.Error, match="no LoRA named"):  # API callers still get the error raised
+        ui_call(ui, prompt="a red circle <lora:nosuch:1>")
+
+
+def test_a_symlinked_model_says_its_target_is_outside_the_workspace(ws, ui, tmp_path):
+    from webui.security import Workspace
+    from webui.tabs.common import list_models
+
+    outside = tmp_path / "elsewhere"
+    tiny_pipeline("sd1").save_pretrained(outside)
+    (ws / "models" / "linked").symlink_to(outside, target_is_directory=True)
+    try:
+        assert "models/linked" in list_models(Workspace(ws))
+        with pytest.raises(gr.Error) as info:
+            ui_call(ui, model="models/linked")
+        text = str(info.value)
+        assert "'models/linked' is a symbolic link (at models/linked) whose target" in text
+        assert str(outside) in text and "Move or copy the files into the workspace" in text
+    finally:
+        (ws / "models" / "linked").unlink()
