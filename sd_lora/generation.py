@@ -11,6 +11,12 @@ The rules, each written once, here:
 - **Stack.** `stack` entries are what `sd_lora.apply_loras` takes (`LoraSpec`, paths, `(path, w)`,
   `(path, w, te_w)`); `<lora:NAME:W>` tags in the prompt are resolved in `lora_dir` and appended to
   it. The tags are removed from the text that is encoded and kept in the PNG's prompt line.
+  Each file is applied once: named more than once (a stack entry and a tag, or two tags), it keeps
+  its first place and takes the weights of its last mention, so a tag (they come after the stack)
+  overrides a web UI dropdown's or `--lora`'s weight; `GenerationResult.notes` says so. (Applying it
+  twice, as before, silently doubled its effect.)
+- **Stack line.** `stack_line` writes the stack as the front-ends show it, with only the weights
+  that apply: no text-encoder weight for a UNet-only file ("ink x0.8", not "(TE x0.8)").
 - **Size.** width/height 0 or None: the model's native size; otherwise a multiple of 8 (the VAE's
   downscale) and at least 64 (below that even the tiny test models have no room for their
   downsampling blocks).
@@ -97,6 +103,7 @@ class GenerationResult:
     settings: dict[str, Any]  # the call's settings; its "loras" are the requested stack
     title: str | None = None  # the grid's title for a sweep or comparison
     labels: list[str] = field(default_factory=list)  # the variants, in order
+    notes: list[str] = field(default_factory=list)  # what the user should know (duplicates merged)
 
     @property
     def parameters(self) -> str:
@@ -181,14 +188,50 @@ def load_pipeline(model: str | os.PathLike, *, dtype=None, device: str | None = 
     return pipe
 
 
-def resolve_stack(prompt: str, stack=None, lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraSpec]]:
-    """(prompt without `<lora:...>` tags, `stack` normalised + the tags' LoRAs resolved in `lora_dir`)."""
-    from .stack.prompt import prompt_to_stack
+def resolve_stack(prompt: str, stack=None, lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraSpec], list[str]]:
+    """(prompt without `<lora:...>` tags, `stack` normalised + the tags' LoRAs resolved in `lora_dir`,
+    each file once (`merge_duplicates`), and the notes on the duplicates merged)."""
+    from .stack.prompt import parse_lora_prompt, prompt_to_stack
     from .stack.spec import normalize_stack
 
     specs = normalize_stack(stack)
     clean, tagged = prompt_to_stack(prompt, lora_dir)
-    return clean, specs + tagged
+    tags = [t.tag for t in parse_lora_prompt(prompt)[1]]  # the same tags, in the same order
+    merged, notes = merge_duplicates([(f"stack {_weights_text(s)}", s) for s in specs] + list(zip(tags, tagged)))
+    return clean, merged, notes
+
+
+def merge_duplicates(named: list[tuple[str, LoraSpec]]) -> tuple[list[LoraSpec], list[str]]:
+    """(stack with each file once, notes): `named` is (where it was named, spec) in stack order; a file
+    named again keeps its first place and takes the weights of its last mention."""
+    from .formats.lora_file import LoraFile
+
+    order, last, where = [], {}, {}
+    for text, spec in named:
+        key = id(spec.path) if isinstance(spec.path, LoraFile) else os.path.normcase(Path(spec.path).resolve())
+        if key not in last:
+            order.append(key)
+        last[key] = spec
+        where.setdefault(key, []).append(text)
+    notes = [f"{_name(last[k])} is named {len(where[k])} times ({', '.join(where[k])}): applied once, with the weights "
+             f"of the last ({where[k][-1]})" for k in order if len(where[k]) > 1]
+    return [last[k] for k in order], notes
+
+
+def stack_line(loras: list[dict]) -> str:
+    """A call's `settings["loras"]` as the front-ends show them: "ink x0.8, glow x1 (TE x0.5)". The
+    text-encoder weight only where the file has a text-encoder part and it differs from the UNet
+    weight; a file with only a text-encoder part shows "TE x..." alone."""
+    parts = []
+    for x in loras:
+        unet, te = "unet" in x["parts"], "text_encoder" in x["parts"]
+        if te and not unet:
+            parts.append(f"{x['name']} TE x{x['te_weight']:g}")
+        elif te and x["te_weight"] != x["weight"]:
+            parts.append(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})")
+        else:
+            parts.append(f"{x['name']} x{x['weight']:g}")
+    return ", ".join(parts) or "none"
 
 
 def sweep_variants(stack: list[LoraSpec], weights: Sequence[float]) -> list[tuple[str, list[LoraSpec]]]:
@@ -273,7 +316,7 @@ def generate(
     if problems:
         raise ValueError("; ".join(problems))
     rescale = _guidance_rescale(guidance_rescale, zero_terminal_snr)
-    clean, specs = resolve_stack(prompt, stack, lora_dir)
+    clean, specs, notes = resolve_stack(prompt, stack, lora_dir)
     if sweep_weights is not None:
         if not specs:
             raise ValueError("weight sweep: it sweeps the first LoRA of the stack; add a LoRA (or a <lora:...> tag)")
@@ -301,7 +344,7 @@ def generate(
     with _threads(cpu_threads or generation_threads(pipe)):
         images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
-                            title=title, labels=[label for label, _ in variants])
+                            title=title, labels=[label for label, _ in variants], notes=notes)
 
 
 def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bool) -> list[GeneratedImage]:
@@ -419,8 +462,26 @@ def _name(spec: LoraSpec) -> str:
     return Path(spec.label).stem
 
 
+def _weights_text(spec: LoraSpec) -> str:
+    te = spec.text_encoder_weight
+    return f"x{spec.unet_weight:g}" + (f" (TE x{te:g})" if te != spec.unet_weight else "")
+
+
 def _loras(stack: list[LoraSpec]) -> list[dict]:
-    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight} for s in stack]
+    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight,
+             "parts": _parts(s)} for s in stack]
+
+
+def _parts(spec: LoraSpec) -> list[str]:
+    """Which models the file changes: "unet" and/or "text_encoder" (from its kohya module names)."""
+    from .formats.lora_file import LoraFile
+    from .network.naming import TE_PREFIXES, UNET_PREFIX
+    from .stack import default_cache
+
+    lora = spec.path if isinstance(spec.path, LoraFile) else default_cache().get(spec.path)[1]
+    te_prefixes = tuple(prefix for family in TE_PREFIXES.values() for prefix in family.values())
+    return [part for part, prefixes in (("unet", (UNET_PREFIX,)), ("text_encoder", te_prefixes))
+            if any(name.startswith(prefixes) for name in lora.modules)]
 
 
 def _model_name(base, pipe) -> str:

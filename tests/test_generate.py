@@ -346,3 +346,35 @@ def test_a_symlinked_model_says_its_target_is_outside_the_workspace(ws, ui, tmp_
         assert str(outside) in text and "Move or copy the files into the workspace" in text
     finally:
         (ws / "models" / "linked").unlink()
+
+
+def test_a_lora_in_the_stack_and_in_a_prompt_tag_is_applied_once_with_the_tags_weights(ws, pipe_and_files, ui):
+    """Smaller things (issue #20): a dropdown LoRA also written as a tag was applied twice, silently."""
+    pipe, ink, glow = pipe_and_files
+    both = sd_lora.generate(pipe, "a red circle <lora:ink:0.5>", [(ink, 1.0), (glow, 0.3)], lora_dir=ws / "loras", **COMMON)
+    assert [(s.path, s.unet_weight) for s in both.stack] == [(ink, 0.5), (glow, 0.3)]  # first place, last weights
+    assert both.notes == ["ink is named 2 times (stack x1, <lora:ink:0.5>): applied once, with the weights of the "
+                          "last (<lora:ink:0.5>)"]
+    once = sd_lora.generate(pipe, "a red circle", [(ink, 0.5), (glow, 0.3)], **COMMON)
+    assert not once.notes
+    a, b = (np.asarray(r.images[0].image) for r in (both, once))
+    assert np.array_equal(a, b)  # ink applied once, at 0.5
+    _, info = ui_call(ui, prompt="a red circle <lora:ink:0.5>", rows=[("ink", 1.0, None)])
+    assert info.startswith("LoRAs: ink x0.5\n")
+    assert "Note: ink is named 2 times (stack x1, &lt;lora:ink:0.5&gt;): applied once" in info
+
+
+def test_the_stack_line_shows_only_the_weights_that_apply(ws, ui, pipe_and_files):
+    """A UNet-only LoRA was shown as "(TE x0.8)"; a TE weight equal to the weight was shown too."""
+    from sd_lora.generation import stack_line
+
+    pipe, _, _ = pipe_and_files
+    path = write_random_lora(ws / "loras" / "unet-only.safetensors", pipe, seed=4, text_encoder=False)
+    try:
+        _, info = ui_call(ui, rows=[("unet-only", 1.0, 0.8), ("ink", 0.5, 0.5), ("glow", 0.8, 0.4)])
+        assert info.splitlines()[0] == "LoRAs: unet-only x1, ink x0.5, glow x0.8 (TE x0.4)"
+        result = sd_lora.generate(pipe, "a red circle", [(path, 1.0, 0.8)], **COMMON)
+        assert result.settings["loras"][0]["parts"] == ["unet"] and stack_line(result.settings["loras"]) == "unet-only x1"
+        assert stack_line([{"name": "te", "weight": 1.0, "te_weight": 0.5, "parts": ["text_encoder"]}]) == "te TE x0.5"
+    finally:
+        path.unlink()

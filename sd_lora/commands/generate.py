@@ -113,6 +113,8 @@ def run(args) -> int:
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
         dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload, cpu_threads=args.cpu_threads,
     )
+    for note in result.notes:
+        log.warning("Note: %s", note)
     if result.trigger_words:
         log.info("Trigger words: %s", ", ".join(result.trigger_words))
     out = Path(args.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE
+from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE, stack_line
 
 from ..security import PathError
 from .common import guard, list_loras, list_models
@@ -88,8 +88,9 @@ def build(ctx, tab=None) -> None:
             path = ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png"
             im.save(path)  # with the same `parameters` text as the CLI's PNGs
             out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
-        stack_text = ", ".join(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})" for x in result.settings["loras"]) or "none"
-        info_md = f"LoRAs: {stack_text}"
+        info_md = f"LoRAs: {stack_line(result.settings['loras'])}"
+        for note in result.notes:  # escaped: a <lora:...> tag in a note must show, not vanish as HTML
+            info_md += f"\n\nNote: {html.escape(note)}"
         if result.trigger_words:
             info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_trigger_words else "")
         return out, info_md
