@@ -378,3 +378,20 @@ def test_the_stack_line_shows_only_the_weights_that_apply(ws, ui, pipe_and_files
         assert stack_line([{"name": "te", "weight": 1.0, "te_weight": 0.5, "parts": ["text_encoder"]}]) == "te TE x0.5"
     finally:
         path.unlink()
+
+
+def test_grid_labels_and_titles_wrap_instead_of_being_cut():
+    """Smaller things (issue #20): the demo's row titles were cut mid-word in two-cell rows."""
+    from sd_lora.stack.grid import _wrap, label_grid
+
+    cells = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    one = label_grid(cells, ["base", "ink"], title="short")
+    title = "a large red circle on a blue background, striped, outlined"
+    wrapped = label_grid(cells, ["base", "stripes + outline"], title=title)
+    assert wrapped.width == one.width and wrapped.height > one.height  # more lines, not fewer letters
+    lines = _wrap(title, len, 24)
+    assert " ".join(lines) == title and all(len(x) <= 24 for x in lines)
+    assert _wrap("ab supercalifragilistic", len, 8) == ["ab", "supercal", "ifragili", "stic"]
+    # a row's labels share one band: the two-line label pushes both images down by the same amount
+    image_top = [next(y for y in range(wrapped.height) if wrapped.getpixel((x, y)) == c) for x, c in ((36, (255, 0, 0)), (104, (0, 0, 255)))]
+    assert image_top[0] == image_top[1] == wrapped.height - 4 - 64
