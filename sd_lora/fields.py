@@ -133,16 +133,16 @@ class Key:
             return None
         if isinstance(d, bool):
             return "on" if d else "off"
-        text = _toml_value(d)
+        text = d if isinstance(d, str) else _toml_value(d)
         return f"{text} {self.unit}" if self.unit else text
 
     def help_line(self) -> str:
-        """Help with what 0 means and the default, as --help and the docs show it."""
-        text = self.help
-        if self.meta.get("zero"):
-            text += f" (0: {self.meta['zero']})"
+        """Help with what 0 means and the default, as --help shows it."""
+        notes = [f"0: {self.meta['zero']}"] if self.meta.get("zero") else []
         words = self.default_words()
-        return f"{text} (default: {words})" if words else text
+        if words:
+            notes.append(f"default: {words}")
+        return f"{self.help} ({'; '.join(notes)})" if notes else self.help
 
     # ---- values ----------------------------------------------------------------------------------
     def get(self, cfg) -> Any:
@@ -289,13 +289,18 @@ def keys_of(message: str) -> set[str]:
     return {parts[0]} | {p if "." in p else prefix + p for p in parts[1:]}
 
 
-def assign(cfg, keys: tuple[Key, ...], name: str, value) -> None:
-    """Set one key the way a flag or a form does: a value for `steps` clears `epochs` (and vice versa)."""
-    key = next(k for k in keys if k.name == name)
-    key.set(cfg, value)
-    if value is not None and key.excludes:
-        partner = f"{key.section}.{key.excludes}" if key.section else key.excludes
-        next(k for k in keys if k.name == partner).set(cfg, None)
+def assign(cfg, keys: tuple[Key, ...], values: dict[str, Any]) -> None:
+    """Set keys the way flags or a form do: a value for `steps` also clears `epochs` (and the other way
+    round) unless that one is given too, so a flag overrides a config file's choice of training length."""
+    by_name = {k.name: k for k in keys}
+    for name, value in values.items():
+        by_name[name].set(cfg, value)
+    for name, value in values.items():
+        key = by_name[name]
+        if value is not None and key.excludes:
+            partner = f"{key.section}.{key.excludes}" if key.section else key.excludes
+            if partner not in values:
+                by_name[partner].set(cfg, None)
 
 
 # ---- the key table in the docs -------------------------------------------------------------------------
