@@ -209,7 +209,9 @@ class TrainConfig:
         for key in keys:
             if key.name in bad and key.section in (None, "data"):
                 key.set(checked, key.default)
-        return generic + [m for m in checked._rules(check_paths) if not (keys_of(m) & bad)]
+        errors = generic + [m for m in checked._rules(check_paths) if not (keys_of(m) & bad)]
+        order = {k.name: i for i, k in enumerate(keys)}  # in the order of the fields (and of the docs table)
+        return sorted(errors, key=lambda m: min((order.get(n, len(order)) for n in keys_of(m)), default=len(order)))
 
     def _rules(self, check_paths: bool) -> list[str]:
         """The checks that are more than a type, a choice or a minimum."""
