@@ -8,9 +8,14 @@ hundreds of argparse defaults). The same keys work in three places:
     [data] path = "x"    --data x               TrainConfig(data=DataConfig(path="x"))
     [network] rank = 16  --rank 16              TrainConfig(network=NetworkConfig(rank=16))
 
-`TrainConfig.validate()` checks everything that can be checked without loading a model (paths,
-ranges, option conflicts, optional packages) and returns all problems, each naming the key and the
-fix, so a mistake never surfaces after an hour of latent caching.
+Each field is declared with `setting(...)` (sd_lora/fields.py): its help, choices, unit and path
+marker live there, and the CLI flags, the web UI form, TOML path resolution and the key table in
+docs/training.md are derived from them (`config_keys()`).
+
+`TrainConfig.validate()` checks everything that can be checked without loading a model (types,
+choices, paths, ranges, option conflicts, optional packages) and returns all problems, each naming
+the key as a TOML file writes it and the fix, so a mistake never surfaces after an hour of latent
+caching. Importing this module is torch-free (the CLI's --help and the UI import it).
 """
 
 from __future__ import annotations
