@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from ..fields import describe, keys_of, problems, setting
 
@@ -117,6 +118,7 @@ class NetworkConfig:
         return asdict(self)
 
 
+@lru_cache(maxsize=1)
 def network_keys():
     """The self-describing keys of NetworkConfig (names without the `network.` prefix)."""
     return describe(NetworkConfig, {})

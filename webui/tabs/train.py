@@ -16,7 +16,7 @@ import gradio as gr
 from sd_lora.config import ConfigError, TrainConfig, config_from_dict, config_key, config_keys, dump_config
 from sd_lora.fields import assign
 
-from ..jobs import ACTIVE, FINISHED
+from ..jobs import ACTIVE
 from ..security import PathError, confine_config, safe_name
 from .common import guard, list_dirs, list_models
 
