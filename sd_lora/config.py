@@ -103,7 +103,7 @@ class TrainConfig:
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",))
     lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",))
     text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate", metavar="LR", default_text="lr")
-    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes)", choices=OPTIMIZERS)
+    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes)", choices=OPTIMIZERS, kohya=("optimizer_type",))
     weight_decay: float = setting(1e-2, "optimizer weight decay", minimum=0)
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers get_scheduler)", choices=SCHEDULERS)
     lr_warmup_steps: int = setting(0, "learning-rate warm-up", unit="steps", minimum=0)

@@ -204,6 +204,11 @@ class Key:
                 return parsed
         except (TypeError, ValueError, json.JSONDecodeError):
             raise ValueError(f"{self.name}: must be {_type_words(self.types)} (got {value!r})") from None
+        choices = self.choices
+        if choices is not None and value not in choices:
+            # kohya and other tools spell the same choice differently: AdamW8bit, PagedAdamW8bit, BF16
+            loose = {str(c).replace("_", "").lower(): c for c in choices}
+            value = loose.get(str(value).replace("_", "").lower(), value)
         return value
 
     def type_problem(self, value) -> str | None:

@@ -109,8 +109,9 @@ def test_kohya_spellings_are_aliases(tmp_path):
         "--cache_latents", "--cache_latents_to_disk", "--flip_aug", "--shuffle_caption", "--network_train_unet_only",
         "--v_parameterization", "--save_every_n_steps", "10", "--sample_every_n_steps", "0", "--caption_dropout_rate", "0.05",
         "--bucket_reso_steps", "32", "--training_comment", "hi", "--mixed_precision", "bf16", "--gradient_checkpointing",
-        "--lr_warmup_steps", "5", "--batch_size", "2",
+        "--lr_warmup_steps", "5", "--batch_size", "2", "--optimizer_type", "PagedAdamW8bit",
     ]))
+    assert cfg.optimizer == "paged_adamw8bit"  # kohya's spelling of the same choice
     assert (cfg.model, cfg.data.path, cfg.data.reg_path, cfg.output) == ("m", "d", "r", str(Path("out") / "style.safetensors"))
     assert (cfg.network.rank, cfg.network.alpha, cfg.network.dropout, cfg.lr, cfg.batch_size, cfg.steps) == (8, 4.0, 0.1, 3e-4, 2, 40)
     assert cfg.gradient_accumulation == 2 and cfg.data.cache_latents == "disk" and cfg.data.flip and cfg.data.shuffle_captions
