@@ -84,7 +84,7 @@ def test_config_validate_lists_every_problem():
                            train_unet=False, train_text_encoder=False).validate()
     assert len(errors) == 5
     assert NetworkConfig().validate() == []
-    with pytest.raises(ValueError, match="rank must be"):
+    with pytest.raises(ValueError, match="rank: must be"):  # messages name the key
         inject_network(tiny_pipeline("sd1"), NetworkConfig(rank=0))
 
 

@@ -227,6 +227,52 @@ def test_presets_and_toml_round_trip(server):
     assert "rank = 16" in toml and 'model = "models/tiny"' in toml and "steps = 10" in toml
 
 
+# ---- the train form, without a server ------------------------------------------------------------------
+
+
+def test_train_form_reads_values_as_their_keys_types():
+    from webui.tabs.train import FORM_KEYS, apply_form, form_values, parse_toml
+
+    cfg = parse_toml('model = "models/tiny"\nepochs = 3\n[data]\npath = "datasets/shapes"\n')
+    values = dict(zip(FORM_KEYS, form_values(cfg)))
+    # what Gradio sends: floats from number boxes, strings from text boxes
+    values.update({"steps": 40.0, "batch_size": "2", "lr": "3e-4", "network.rank": 8.0, "network.alpha": "4",
+                   "data.resolution": 64.0, "save_every": 0, "sample_every": 0.0, "output": "style",
+                   "sample_prompts": "a red circle\n\na blue square", "network.train_text_encoder": False, "seed": ""})
+    cfg = apply_form(cfg, [values[k] for k in FORM_KEYS])
+    assert (cfg.steps, cfg.epochs, cfg.batch_size, cfg.lr, cfg.network.rank, cfg.network.alpha) == (40, None, 2, 3e-4, 8, 4.0)
+    assert all(isinstance(v, int) for v in (cfg.steps, cfg.batch_size, cfg.network.rank, cfg.data.resolution))
+    assert (cfg.save_every, cfg.sample_every, cfg.output) == (0, 0, "loras/style.safetensors")  # 0: never
+    assert cfg.sample_prompts == ["a red circle", "a blue square"] and cfg.network.train_text_encoder is False
+    assert cfg.validate(check_paths=False) == ["seed: must be a whole number (got None)"]  # an emptied box, named by key
+    values["network.rank"] = 2.5
+    with pytest.raises(ValueError, match=r"^network.rank: must be a whole number \(got 2.5\)"):
+        apply_form(cfg, [values[k] for k in FORM_KEYS])
+
+
+def test_train_form_dropdowns_offer_the_keys_choices():
+    import gradio as gr
+
+    from sd_lora.config import config_key
+    from webui.tabs.train import _field
+
+    with gr.Blocks():
+        for name in ("network.method", "network.preset", "optimizer", "mixed_precision"):
+            dropdown = _field(name, name)
+            assert isinstance(dropdown, gr.Dropdown)
+            assert [value for _, value in dropdown.choices] == list(config_key(name).choices)
+        assert isinstance(_field("gradient_checkpointing", "gc"), gr.Checkbox)
+
+
+def test_train_presets_set_valid_values_of_real_keys():
+    from sd_lora.config import config_key
+    from webui.tabs.train import GPU_PRESETS, SIZE_PRESETS, apply_presets, default_config
+
+    for preset in [*GPU_PRESETS.values(), *SIZE_PRESETS.values()]:
+        cfg = apply_presets(default_config(), preset)  # a key that does not exist raises KeyError
+        assert [config_key(name).problem(config_key(name).get(cfg)) for name in preset] == [None] * len(preset), preset
+
+
 # ---- the job queue's on-disk state, without a server -------------------------------------------------
 
 
