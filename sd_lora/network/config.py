@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METHODS = ("lora", "dora", "loha", "lokr", "adalora")
+from ..methods import get as get_method
+from ..methods import trainable_method_names
+
+METHODS = trainable_method_names()
 PRESETS = ("attention", "kohya", "full")
 BLOCKS = ("down", "mid", "up")
 
@@ -79,13 +82,8 @@ class NetworkConfig:
                     errors.append(f"{field_name}[{block!r}] must be a whole number >= 1 (got {v!r}).")
                 elif kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
                     errors.append(f"{field_name}[{block!r}] must be a number > 0 (got {v!r}).")
-        if self.method == "adalora":
-            if self.rank_dropout or self.module_dropout:
-                errors.append("adalora does not support rank_dropout / module_dropout; set them to 0.")
-            if self.block_ranks or self.block_alphas:
-                errors.append("adalora allocates ranks itself; remove block_ranks / block_alphas.")
-            if self.adalora_target_rank is not None and not (1 <= self.adalora_target_rank <= self.rank):
-                errors.append(f"adalora_target_rank must be between 1 and rank ({self.rank}).")
+        if self.method in METHODS:
+            errors += get_method(self.method).validate(self)  # rules only that method has
         return errors
 
     def check(self) -> None:
