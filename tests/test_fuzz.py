@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sd_lora.config import ConfigError, load_config
-from sd_lora.formats.read import LoraFormatError, delta_shape_numel, load_lora
+from sd_lora.formats.read import LoraFormatError, load_lora
 from sd_lora.io import CheckpointError, read_safetensors_header, read_state_dict
 from sd_lora.models import ModelLoadError, load_base
 from sd_lora.data.images import ImageProblem, open_image
@@ -175,7 +175,7 @@ def test_fuzz_load_lora(work, case, strict):
         return
     _ = lora.trigger_words
     for module in lora.modules.values():  # whatever loads must be usable: a delta of the size it declares
-        out, numel = delta_shape_numel(module)
+        out, numel = module.delta_shape()
         base = torch.randn(out, numel // out)
         delta = module.delta((out, numel // out), base_weight=base)
         assert delta.shape == (out, numel // out) and torch.isfinite(delta).all()

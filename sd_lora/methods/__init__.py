@@ -21,9 +21,9 @@ from importlib import import_module
 _TABLE = (
     ("lora",    "lora",     True),   # LoRA; LoCon on convs; CP-LoCon (lora_mid) when read
     ("dora",    "dora",     True),   # LoRA + weight decomposition (files: LoRA + dora_scale)
-    ("adalora", "adalora",  True),   # LoRA with PEFT's rank allocation (files: plain LoRA)
     ("loha",    "loha",     True),   # LyCORIS Hadamard product
     ("lokr",    "lokr",     True),   # LyCORIS Kronecker product
+    ("adalora", "adalora",  True),   # LoRA with PEFT's rank allocation (files: plain LoRA)
     ("full",    "full",     False),  # LyCORIS full / diff: read and apply
     ("oft",     "oft",      False),  # kohya / LyCORIS OFT: read and apply
 )
