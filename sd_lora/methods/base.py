@@ -97,7 +97,10 @@ class Method:
         import torch
 
         meta = {k: (v if k == "alpha" else torch.empty(v.shape, device="meta")) for k, v in t.items() if k != "dora_scale"}
-        return tuple(self.delta(meta, shape, torch.empty(shape, device="meta")).shape) == tuple(shape)
+        try:
+            return tuple(self.delta(meta, shape, torch.empty(shape, device="meta")).shape) == tuple(shape)
+        except (RuntimeError, ValueError, IndexError, KeyError):
+            return False
 
     def factors(self, t: dict):
         """(up, down) as 2-D fp32 when the delta is exactly up @ down * scale (plain LoRA), else None."""
