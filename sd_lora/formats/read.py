@@ -3,7 +3,8 @@
 Formats read (detected from the keys, never from the file name):
   kohya      lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* with lora_down/lora_up/alpha (LoRA, LoCon,
              DoRA dora_scale); UNet names in diffusers (down_blocks) or SAI/CompVis (input_blocks) layout
-  lycoris    the same prefixes with hada_* (LoHa, Tucker t1/t2), lokr_* (LoKr, t2), diff (full)
+  lycoris    the same prefixes with hada_* (LoHa, Tucker t1/t2), lokr_* (LoKr, t2), diff (full),
+             oft_blocks / oft_diag (OFT; kohya's oft_unet_ names too): the suffixes of sd_lora.methods
   diffusers  unet.<path>.lora_A.weight / .lora.down.weight / .lora_linear_layer.down.weight /
              .processor.to_q_lora.down.weight, text_encoder[_2].<path>...; alphas from diffusers'
              `lora_adapter_metadata` header or `.alpha` keys
