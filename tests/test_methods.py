@@ -306,3 +306,18 @@ def test_size_estimate_per_method():
         net.remove()
     net = inject_network(pipe, NetworkConfig(method="lokr", preset="attention", rank=4, alpha=2))
     assert estimate_file_bytes(net.targets, net.config) is None  # factorisation-dependent: not guessed
+
+
+def test_a_module_mixing_two_methods_keys_is_reported_not_guessed(tmp_path):
+    from safetensors.torch import save_file
+
+    from sd_lora.formats import LoraFormatError
+
+    g = torch.Generator().manual_seed(4)
+    sd = {f"{Q}.{k}": v for k, v in methods.get("lora").random_tensors((64, 64), 2, g).items()}
+    sd[f"{Q}.hada_w1_a"] = torch.randn(64, 2, generator=g)
+    sd[f"{K}.lora_down.weight"], sd[f"{K}.lora_up.weight"] = torch.randn(2, 32, generator=g), torch.randn(64, 2, generator=g)
+    save_file(sd, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(LoraFormatError, match="hada_w1_a"):
+        load_lora(tmp_path / "mixed.safetensors")
+    assert list(load_lora(tmp_path / "mixed.safetensors", strict=False).modules) == [K]

@@ -30,7 +30,7 @@ import torch
 from .. import methods
 from ..io import CheckpointError, read_state_dict
 from ..methods import dora
-from ..methods.base import KOHYA_NETWORK
+from ..methods.base import KOHYA_NETWORK, SHARED_SUFFIXES
 from ..models import ARCH_DESCRIPTIONS, ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL, architecture_of
 from ..network.naming import kohya_module_name, module_index
 from .kohya import KNOWN_PREFIXES
@@ -297,7 +297,9 @@ def _load_lora(root: Path, strict: bool) -> LoraFile:
             else:
                 modules[name] = _module(name, tensors)
 
-    incomplete = [n for n, m in modules.items() if not m.method.is_complete(m.tensors)]
+    # Incomplete, or mixing keys of two methods (which one would apply is a guess): reported, not used.
+    incomplete = [n for n, m in modules.items()
+                  if not m.method.is_complete(m.tensors) or set(m.tensors) - set(m.method.suffixes) - set(SHARED_SUFFIXES)]
     if incomplete:
         unknown += [f"{n}.{s}" for n in incomplete for s in modules[n].tensors]
         for n in incomplete:
