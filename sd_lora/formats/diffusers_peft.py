@@ -28,8 +28,7 @@ import torch
 
 from ..io import atomic_write, save_safetensors_atomic
 from ..methods import dora
-from ..methods.lora import DOWN, UP
-from ..methods.lora import METHOD as LORA
+from ..methods.lora import DOWN, UP, METHOD as LORA
 from .lora_file import LoraFile, LoraModule
 
 # Multi-word identifiers in module paths (kohya names join every path part with "_").

@@ -280,8 +280,8 @@ def _load_lora(root: Path, strict: bool) -> LoraFile:
             arch = ARCH_SDXL
         if arch is None:
             for comp, module_path, tensors in resolved:
-                width = _in_features(_module(module_path, tensors))
-                if comp == "unet" and module_path.endswith("attn2.to_k") and width is not None:
+                width = _in_features(_module(module_path, tensors)) if comp == "unet" and module_path.endswith("attn2.to_k") else None
+                if width is not None:
                     arch = _CONTEXT_WIDTH.get(width)
                     break
         arch_for_names = arch or ARCH_SD1

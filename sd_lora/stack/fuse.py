@@ -324,10 +324,9 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
     ups, downs, dense = [], [], []
     for key, name, w in contributions:
         mod = files[key].modules[name]
-        factors = None if t[2] == "bias" else mod.factors()
         if t[2] == "bias":
             dense.append(mod.bias_delta().to(device) * w)
-        elif factors is not None:  # plain LoRA/LoCon: joins the one low-rank update of this layer
+        elif (factors := mod.factors()) is not None:  # plain LoRA/LoCon: joins this layer's one low-rank update
             up, down = factors
             ups.append(up.to(device) * (mod.scale * w))
             downs.append(down.to(device))

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from ..formats.kohya import save_lora
 from .. import methods
+from ..formats.kohya import save_lora
 from ..formats.lora_file import LoraFile, LoraModule
-from ..methods.lora import METHOD as LORA
 from ..formats.metadata import build_training_metadata, data_sha256
 from ..formats.read import ARCH_FAMILY, load_lora
+from ..methods.lora import METHOD as LORA
 from ..stack.spec import LoraSpec, normalize_stack
 from .svd import (
     ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, is_plain_lora, lora_factors,

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from ..formats.lora_file import LoraFile, LoraModule
-from ..methods.lora import METHOD as LORA
 from ..formats.metadata import data_sha256
 from ..formats.read import load_lora
+from ..methods.lora import METHOD as LORA
 from .merge import lora_metadata, write_report
 from .svd import (
     DYNAMIC_METHODS, ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, module_report,
