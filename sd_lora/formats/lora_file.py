@@ -83,8 +83,8 @@ class LoraModule:
         """
         t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
         if self.needs_base and base_weight is None:
-            raise ValueError(f"{self.name}: a {'DoRA' if self.has_dora else self.kind} module needs the base weight to compute its delta")
-        base = None if base_weight is None else base_weight.to(device=device, dtype=torch.float32).reshape(shape)
+            raise ValueError(f"{self.name}: this {'DoRA' if self.has_dora else self.kind.upper()} module needs the base weight to compute its delta")
+        base = base_weight.to(device=device, dtype=torch.float32).reshape(shape) if self.needs_base else None
         d = self.method.delta(t, tuple(shape), base)
         if self.has_dora:
             d = weight_decompose(base, d, t["dora_scale"])
