@@ -76,8 +76,7 @@ class DoraMethod(LoraMethod):
     def network_args(self, alpha, conv_rank, conv_alpha):
         # LyCORIS's form (algo=lora + dora_wd), not kohya's networks.lora (which has no DoRA).
         module, args = Method.network_args(self, alpha, conv_rank, conv_alpha)
-        args["dora_wd"] = "True"
-        return module, args
+        return module, {"algo": args.pop("algo"), "dora_wd": "True", **args}
 
 
 METHOD = DoraMethod()
