@@ -43,7 +43,10 @@ def get(name: str):
     """The Method registered as `name`; a ValueError lists the choices for any other name."""
     for entry, module, _ in _TABLE:
         if entry == name:
-            return import_module(f"{__name__}.{module}").METHOD
+            method = import_module(f"{__name__}.{module}").METHOD
+            if method.name != name:
+                raise RuntimeError(f"sd_lora/methods/{module}.py defines method {method.name!r}, its registry line says {name!r}")
+            return method
     raise ValueError(f"unknown adapter method {name!r}; choose one of {', '.join(method_names())}.")
 
 

@@ -126,9 +126,7 @@ class Method:
         """A seeded random module for a weight of `shape` (tests, benchmarks)."""
         raise NotImplementedError
 
-    # ---- training (trainable methods) -------------------------------------------------------
-    trainable: bool = False
-
+    # ---- training (methods the registry table marks trainable) --------------------------------
     def validate(self, config) -> list[str]:
         """Problems with a NetworkConfig that only this method has."""
         return []

@@ -27,7 +27,6 @@ class LohaMethod(Method):
     suffixes = KEYS
     peft_keys = same_name_keys(KEYS)
     algo = "loha"
-    trainable = True
 
     def is_complete(self, t):
         return all(k in t for k in KEYS[:4])

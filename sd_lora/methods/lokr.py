@@ -23,7 +23,6 @@ class LokrMethod(Method):
     suffixes = KEYS
     peft_keys = same_name_keys(KEYS)
     algo = "lokr"
-    trainable = True
 
     def is_complete(self, t):
         return ("lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)) and (

@@ -28,7 +28,6 @@ class LoraMethod(Method):
     )
     network_module = KOHYA_NETWORK
     algo = "lora"
-    trainable = True
     use_dora = False
 
     # ---- files ------------------------------------------------------------------------------
