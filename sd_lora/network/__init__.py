@@ -1,20 +1,15 @@
 """How adapters are injected into a pipeline and how their modules are named.
 
-The names below load on first use (PEP 562), so `sd_lora.network.config` imports without torch/peft.
+Names are re-exported lazily (PEP 562), so `sd_lora.network.config` imports without torch / PEFT.
 """
 
-from .config import NetworkConfig  # noqa: F401  (torch-free)
+_EXPORTS = {"NetworkConfig": ".config", "LoraNetwork": ".inject", "inject_network": ".inject"}
+__all__ = sorted(_EXPORTS)
 
-_LAZY = {"LoraNetwork": ".inject", "inject_network": ".inject"}
 
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from importlib import import_module
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])

@@ -82,13 +82,10 @@ class NetworkConfig:
                     errors.append(f"{field_name}: [{block!r}] must be a whole number >= 1 (got {v!r})")
                 elif kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
                     errors.append(f"{field_name}: [{block!r}] must be a number > 0 (got {v!r})")
-        if self.method == "adalora":
-            if self.rank_dropout or self.module_dropout:
-                errors.append("method: adalora does not support rank_dropout / module_dropout; set them to 0")
-            if self.block_ranks or self.block_alphas:
-                errors.append("method: adalora allocates ranks itself; remove block_ranks / block_alphas")
-            if isinstance(self.adalora_target_rank, int) and isinstance(self.rank, int) and not (1 <= self.adalora_target_rank <= self.rank):
-                errors.append(f"adalora_target_rank: must be between 1 and rank ({self.rank})")
+        if self.method in _trainable_methods():
+            from ..methods import get as get_method
+
+            errors += get_method(self.method).validate(self)  # rules only that method has
         bad = {m.split(":", 1)[0] for m in generic}
         return generic + [m for m in errors if not (keys_of(m) & bad)]
 

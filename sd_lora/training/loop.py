@@ -226,10 +226,8 @@ class _Trainer:
                 readers[name] = WeightReader.for_model(m)
             elif self.weight_dtype != torch.float32:
                 reload_in_dtype(m, self.weight_dtype)
-        if cfg.network.method == "adalora" and cfg.network.adalora_total_steps is None:
-            cfg.network.adalora_total_steps = self.plan.total_steps
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        self.network = inject_network(pipe, cfg.network)
+        self.network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
         self.train_te = bool(self.network.text_encoder_parameters()) and cfg.te_lr > 0
         self.train_unet = bool(self.network.unet_parameters())
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
@@ -525,14 +523,9 @@ class _Trainer:
         for it in self.dataset.items:
             if not it.is_reg:
                 captions.setdefault(it.folder, []).append(it.caption)
-        net = cfg.network
         return build_training_metadata(
             arch=self.arch.arch,
-            method=net.method,
-            rank=net.rank,
-            alpha=net.alpha,
-            conv_rank=net.effective_conv_rank if net.preset == "full" else None,
-            conv_alpha=net.effective_conv_alpha if net.preset == "full" else None,
+            **self.network.metadata_fields(),
             resolution=cfg.data.resolution,
             tag_frequency=tag_frequency(captions),
             dataset_dirs={k: {"n_repeats": v, "img_count": sum(1 for i in self.dataset.items if i.folder == k)}
@@ -563,7 +556,7 @@ class _Trainer:
             max_grad_norm=cfg.max_grad_norm,
             caption_dropout_rate=cfg.data.caption_dropout,
             cache_latents=cfg.data.cache_latents != "none",
-            network_dropout=net.dropout,
+            network_dropout=cfg.network.dropout,
             sd_model_name=Path(cfg.model).name,
             training_comment=cfg.comment or None,
         )
