@@ -52,7 +52,7 @@ def test_registry_names_and_lookup():
     from sd_lora.network.config import NetworkConfig
 
     errors = NetworkConfig(method="oft").validate()
-    assert len(errors) == 1 and "'oft' is not supported" in errors[0]
+    assert len(errors) == 1 and "unknown 'oft'" in errors[0] and "adalora" in errors[0]
 
 
 def test_method_modules_and_registry_import_without_torch():
