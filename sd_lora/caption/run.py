@@ -28,18 +28,9 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageOps
 
+from ..data.captions import join_tags, split_tags
 from .base import Captioner, Source, get_captioner
-from .edit import (
-    check_caption_extension,
-    compose_caption,
-    existing_caption,
-    find_images,
-    folder_info,
-    join_tags,
-    read_caption,
-    split_tags,
-    write_caption,
-)
+from .edit import check_caption_extension, compose_caption, existing_caption, find_images, folder_info, read_caption, write_caption
 
 logger = logging.getLogger(__name__)
 
