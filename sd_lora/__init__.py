@@ -40,7 +40,8 @@ _PUBLIC = {
     "inject_network": "sd_lora.network",
     # captioning (caption/)
     "caption_folder": "sd_lora.caption",
-    # training (config.py, training/)
+    # training (config.py, data/, training/)
+    "scan_dataset": "sd_lora.data.dataset",
     "ConfigError": "sd_lora.config",
     "DataConfig": "sd_lora.config",
     "TrainConfig": "sd_lora.config",
@@ -48,6 +49,7 @@ _PUBLIC = {
     "TrainingStopped": "sd_lora.training.loop",
     "train": "sd_lora.training.loop",
     # tools/
+    "convert_lora": "sd_lora.tools",
     "extract_lora": "sd_lora.tools",
     "merge_into_model": "sd_lora.tools",
     "merge_loras": "sd_lora.tools",
