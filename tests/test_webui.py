@@ -241,6 +241,33 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
     assert p.losses == [(1, 0.5), (2, 0.25)] and p.samples == ["a.png"]
 
 
+def test_library_picture_and_listing_use_the_run_names(tmp_path):
+    """The library's picture for a LoRA is its run's last-step sample (by sd_lora.artifacts, not by sorting
+    file names); files inside a run's checkpoint/sample folders are not listed as LoRAs."""
+    from sd_lora import artifacts
+    from webui.security import Workspace
+    from webui.tabs.common import list_loras
+    from webui.tabs.library import sample_image
+
+    lib = tmp_path / "loras"
+    lora = lib / "style.safetensors"
+    for step, index in ((9, 0), (10, 1), (10, 0), (100, 0)):
+        p = artifacts.sample_image(lora, step, index) if step != 100 else artifacts.samples_dir(lora) / "step-100-x.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    assert sample_image(lora) == artifacts.sample_image(lora, 10, 0)  # last step, first prompt; step-100-x is no sample
+    lora.with_suffix(".preview.png").write_bytes(b"")
+    assert sample_image(lora) == lora.with_suffix(".preview.png")  # a preview next to the file wins
+
+    lora.write_bytes(b"")
+    artifacts.intermediate_lora(lora, 20).write_bytes(b"")
+    ckpt = artifacts.checkpoint_root(lora) / artifacts.checkpoint_name(20)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    (artifacts.samples_dir(lora) / "odd.safetensors").write_bytes(b"")
+    assert sorted(list_loras(Workspace(tmp_path))) == ["style", "style-step000020"]
+
+
 def test_server_restart_finalizes_orphaned_jobs(tmp_path):
     """A job recorded as running whose process is gone (server killed) gets its real end state at start-up."""
     from webui.jobs import JobQueue
