@@ -45,7 +45,6 @@ def make_event(kind: str, **fields) -> dict:
 
 class EventLog:
     def __init__(self, path: Path | None, on_event: Callable[[dict], None] | None = None, tensorboard_dir: Path | None = None):
-        self.path = path
         self.on_event = on_event
         self._file = None
         if path is not None:
