@@ -9,6 +9,10 @@
                               samples, saves and checkpoints every N steps
     finish                    the LoRA file, a loss-curve PNG and a sample grid next to it
 
+Each setup phase returns what it makes (Model, Caches, Optimization, History below); `run` keeps
+them, so where a value comes from is in its type. File names come from sd_lora.artifacts, event
+kinds and fields from events.EVENTS.
+
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
 batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state,
@@ -134,8 +138,8 @@ def _seed_for(*parts) -> int:
 def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None = None) -> Path:
     """Train a LoRA as `config` says; returns the path of the written LoRA file.
 
-    on_event(dict) is called with every event (see training/events.py); the same events go to
-    `<output stem>.events.jsonl`. Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
+    on_event(dict) is called with every event (schema: training/events.py); the same events go to
+    the run's events file (artifacts.events_file). Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
     stops after the current step with a resumable checkpoint and raises TrainingStopped.
     """
     config.check()  # every config error at once, before loading anything
@@ -195,7 +199,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         if self.main:
             cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
         # 1. data (before the model: a bad dataset fails in seconds)
