@@ -13,7 +13,7 @@ from sd_lora.examples.shapes import make_datasets
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate small captioned image sets in the kohya dataset-folder format, reproducibly.")
+    parser = argparse.ArgumentParser(description="Write the example image sets (kohya dataset-folder format), reproducibly.")
     parser.add_argument("--out", default="datasets/generated", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)

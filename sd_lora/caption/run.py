@@ -30,7 +30,15 @@ from PIL import Image, ImageOps
 
 from ..data.captions import join_tags, split_tags
 from .base import Captioner, Source, get_captioner
-from .edit import check_caption_extension, compose_caption, existing_caption, find_images, folder_info, read_caption, write_caption
+from .edit import (
+    check_caption_extension,
+    compose_caption,
+    existing_caption,
+    find_images,
+    folder_info,
+    read_caption,
+    write_caption,
+)
 
 logger = logging.getLogger(__name__)
 

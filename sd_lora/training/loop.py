@@ -139,8 +139,9 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
     """Train a LoRA as `config` says; returns the path of the written LoRA file.
 
     on_event(dict) is called with every event (schema: training/events.py); the same events go to
-    the run's events file (artifacts.events_file). Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
-    stops after the current step with a resumable checkpoint and raises TrainingStopped.
+    the run's events file (artifacts.events_file). Setting `stop_event` (or creating
+    `config.stop_file`, or Ctrl-C) stops after the current step with a resumable checkpoint and
+    raises TrainingStopped.
     """
     config.check()  # every config error at once, before loading anything
     from accelerate import Accelerator
@@ -359,7 +360,7 @@ class _Trainer:
             params=[p for g in groups for p in g["params"]],
             optimizer=acc.prepare(optimizer),
             scheduler=scheduler,
-            models={"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None)},
+            models={name: getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")},
             unet=unet,
             text_encoders=text_encoders,
             wrapped=[m for m in [unet, *text_encoders] if m is not None and m is not getattr(m, "module", m)],
@@ -535,7 +536,8 @@ class _Trainer:
             bar.update()
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
-                                 lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4), eta_s=None if eta is None else round(eta, 1))
+                                 lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
+                                 eta_s=None if eta is None else round(eta, 1))
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (
                 (cfg.save_every and step % cfg.save_every == 0)
@@ -631,9 +633,9 @@ class _Trainer:
             from .sampling import load_prompts, render_samples
 
             prompts = load_prompts(self.cfg.sample_prompts)
-            paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution, self.cfg.sample_steps,
-                                   self.cfg.seed, autocast=self.acc.autocast, guidance_rescale=self.cfg.guidance_rescale,
-                                   zero_terminal_snr=self.cfg.zero_terminal_snr)
+            paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
+                                   self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
+                                   guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr)
             self.history.sample_paths += paths
             self.events.emit("sample", step=step, paths=[str(p) for p in paths])
         self.acc.wait_for_everyone()
