@@ -241,6 +241,25 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
     assert p.losses == [(1, 0.5), (2, 0.25)] and p.samples == ["a.png"]
 
 
+def test_job_progress_reads_only_fields_the_trainer_sends():
+    """Every event field the job page folds in is in the trainer's schema (no reading of never-sent fields)."""
+    import ast
+    import inspect
+
+    from sd_lora.training.events import EVENTS
+    from webui.jobs import fold_event
+
+    tree = ast.parse(inspect.getsource(fold_event))
+    read = {n.args[0].value for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "e"}
+    kinds = {c.value for n in ast.walk(tree) if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name)
+             and n.left.id == "kind" for c in n.comparators if isinstance(c, ast.Constant)}
+    assert read and kinds
+    assert read <= {"event"} | {f for fields in EVENTS.values() for f in fields}, read
+    assert kinds <= set(EVENTS), kinds
+
+
 def test_library_picture_and_listing_use_the_run_names(tmp_path):
     """The library's picture for a LoRA is its run's last-step sample (by sd_lora.artifacts, not by sorting
     file names); files inside a run's checkpoint/sample folders are not listed as LoRAs."""
