@@ -8,25 +8,38 @@ hundreds of argparse defaults). The same keys work in three places:
     [data] path = "x"    --data x               TrainConfig(data=DataConfig(path="x"))
     [network] rank = 16  --rank 16              TrainConfig(network=NetworkConfig(rank=16))
 
-`TrainConfig.validate()` checks everything that can be checked without loading a model (paths,
-ranges, option conflicts, optional packages) and returns all problems, each naming the key and the
-fix, so a mistake never surfaces after an hour of latent caching.
+Each field is declared with `setting(...)` (sd_lora/fields.py): its help, choices, unit and path
+marker live there, and the CLI flags, the web UI form, TOML path resolution and the key table in
+docs/training.md are derived from them (`config_keys()`).
+
+`TrainConfig.validate()` checks everything that can be checked without loading a model (types,
+choices, paths, ranges, option conflicts, optional packages) and returns all problems, each naming
+the key as a TOML file writes it and the fix, so a mistake never surfaces after an hour of latent
+caching. Importing this module is torch-free (the CLI's --help and the UI import it).
 """
 
 from __future__ import annotations
 
-import difflib
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+
+from . import artifacts
+from .fields import Key, describe, keys_of, problems, setting, suggest
+from .network.config import NetworkConfig
+from .sample_prompts import load_prompts
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")  # how training/base_precision.py stores each: its docstring
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LATENT_CACHE = ("ram", "disk", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class ConfigError(ValueError):
@@ -40,117 +53,128 @@ class ConfigError(ValueError):
         )
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class DataConfig:
     """Where the images are and how they become training batches."""
 
-    path: str = field(default="", metadata=_help("dataset folder: kohya `N_name` sub-folders (N = repeats) or a folder of images", flag="--data"))
-    reg_path: str | None = field(default=None, metadata=_help("regularization (class) images folder, same layout; enables prior preservation"))
-    prior_loss_weight: float = field(default=1.0, metadata=_help("loss weight of regularization images"))
-    caption_extension: str = field(default=".txt", metadata=_help("caption side-file extension tried first (.txt and .caption are also read)"))
-    instance_prompt: str | None = field(default=None, metadata=_help("caption for images without a caption file (default: the folder name after `N_`)"))
-    class_prompt: str | None = field(default=None, metadata=_help("caption for regularization images without a caption file"))
-    repeats: int = field(default=1, metadata=_help("repeats for folders not named `N_name`"))
-    resolution: int = field(default=512, metadata=_help("training resolution: bucket area <= resolution^2"))
-    buckets: bool = field(default=True, metadata=_help("aspect-ratio buckets (false: center-crop everything to a square)"))
-    bucket_step: int = field(default=64, metadata=_help("bucket sides are multiples of this"))
-    upscale: bool = field(default=False, metadata=_help("upscale small images to the full bucket area"))
-    shuffle_captions: bool = field(default=False, metadata=_help("shuffle comma-separated caption tags each step"))
-    keep_tokens: int = field(default=0, metadata=_help("with shuffle_captions: number of leading tags kept in place"))
-    caption_dropout: float = field(default=0.0, metadata=_help("probability of training an image with an empty caption"))
-    flip: bool = field(default=False, metadata=_help("random horizontal flip"))
-    cache_latents: str = field(default="ram", metadata=_help("latent cache: ram | disk | none (none: VAE-encode every step)"))
-    cache_dir: str | None = field(default=None, metadata=_help("disk cache folder (default: <data>/.sd-lora-cache)"))
-    cache_text: bool = field(default=True, metadata=_help("cache text-encoder outputs when the text encoder is frozen"))
-    max_image_pixels: int = field(default=64_000_000, metadata=_help("images with more pixels are skipped (decompression-bomb guard)"))
+    path: str = setting("", "dataset folder: kohya `N_name` sub-folders (N = repeats) or a folder of images", path="dir",
+                        flag="--data", kohya=("train_data_dir",))
+    reg_path: str | None = setting(None, "regularization (class) images folder, same layout; enables prior preservation",
+                                   path="dir", flag="--reg-data", kohya=("reg_data_dir",))
+    prior_loss_weight: float = setting(1.0, "loss weight of regularization images", minimum=0)
+    caption_extension: str = setting(".txt", "caption side-file extension tried first (.txt and .caption are also read)")
+    instance_prompt: str | None = setting(None, "caption for images without a caption file",
+                                          default_text="the folder name after `N_`")
+    class_prompt: str | None = setting(None, "caption for regularization images without a caption file",
+                                       default_text="the folder name after `N_`")
+    repeats: int = setting(1, "repeats for folders not named `N_name`", minimum=1)
+    resolution: int = setting(512, "training resolution: bucket area <= resolution^2; 512 for SD1, 768 for SD2-v, 1024 for SDXL",
+                              unit="px")
+    buckets: bool = setting(True, "aspect-ratio buckets (off: center-crop everything to a square)", kohya={"enable_bucket": True})
+    bucket_step: int = setting(64, "bucket sides are multiples of this", unit="px", kohya=("bucket_reso_steps",))
+    upscale: bool = setting(False, "upscale small images to the full bucket area", kohya={"bucket_no_upscale": False})
+    shuffle_captions: bool = setting(False, "shuffle comma-separated caption tags each step", kohya={"shuffle_caption": True})
+    keep_tokens: int = setting(0, "with shuffle_captions: number of leading tags kept in place", minimum=0)
+    caption_dropout: float = setting(0.0, "probability of training an image with an empty caption", kohya=("caption_dropout_rate",))
+    flip: bool = setting(False, "random horizontal flip", kohya={"flip_aug": True})
+    # kohya's --cache_latents caches in RAM, --cache_latents_to_disk on disk (declared in that order: disk wins)
+    cache_latents: str = setting("ram", "latent cache (none: VAE-encode every step)", choices=LATENT_CACHE,
+                                 kohya={"cache_latents": "ram", "cache_latents_to_disk": "disk"})
+    cache_dir: str | None = setting(None, "disk cache folder", path="dir", default_text="<data>/.sd-lora-cache")
+    cache_text: bool = setting(True, "cache text-encoder outputs when the text encoder is frozen")
+    max_image_pixels: int = setting(64_000_000, "images with more pixels are skipped (decompression-bomb guard)", minimum=1)
 
 
 @dataclass
 class TrainConfig:
     """Everything `sd_lora.train` needs. Only `model`, `data.path` and `output` have no usable default."""
 
-    model: str = field(default="", metadata=_help("base model: diffusers folder or .safetensors file"))
-    output: str = field(default="", metadata=_help("output LoRA file (.safetensors)"))
+    model: str = setting("", "base model: diffusers folder or .safetensors file", path="path",
+                         kohya=("pretrained_model_name_or_path",))
+    # kohya's --output_dir + --output_name give this file (sd_lora/commands/train.py joins them)
+    output: str = setting("", "output LoRA file (.safetensors); kohya's --output_dir + --output_name work too", path="file")
     data: DataConfig = field(default_factory=DataConfig)
-    network: Any = None  # sd_lora.network.config.NetworkConfig; filled in __post_init__
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
-    steps: int | None = field(default=None, metadata=_help("optimizer steps to train (or use epochs)"))
-    epochs: int | None = field(default=None, metadata=_help("epochs to train (or use steps)"))
-    batch_size: int = field(default=1, metadata=_help("images per batch per process"))
-    gradient_accumulation: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
-    lr: float = field(default=1e-4, metadata=_help("UNet LoRA learning rate"))
-    text_encoder_lr: float | None = field(default=None, metadata=_help("text-encoder LoRA learning rate (default: lr)"))
-    optimizer: str = field(default="adamw", metadata=_help("adamw | adamw8bit | lion8bit | paged_adamw8bit | paged_lion8bit"))
-    weight_decay: float = field(default=1e-2, metadata=_help("optimizer weight decay"))
-    lr_scheduler: str = field(default="constant", metadata=_help("diffusers get_scheduler name: " + " | ".join(SCHEDULERS)))
-    lr_warmup_steps: int = field(default=0, metadata=_help("learning-rate warm-up steps"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
-    mixed_precision: str = field(default="no", metadata=_help("no | fp16 | bf16"))
-    base_precision: str | None = field(default=None, metadata=_help(
-        "storage of the frozen UNet/text-encoder weights: fp32 | fp16 | bf16 | fp8 | nf4 | int8 (nf4/int8: CUDA + "
-        "bitsandbytes); upcast per layer to the mixed-precision dtype. Default: the mixed-precision dtype"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for memory"))
-    min_snr_gamma: float | None = field(default=None, metadata=_help("min-SNR loss weighting gamma (5 is usual)"))
-    noise_offset: float = field(default=0.0, metadata=_help("noise offset (0.05-0.1 helps very dark/bright images)"))
-    prediction_type: str | None = field(default=None, metadata=_help("override the model's prediction type: epsilon | v_prediction"))
-    zero_terminal_snr: bool = field(default=False, metadata=_help(
-        "rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2024; kohya --zero_terminal_snr): the "
-        "model learns to start from pure noise. Needs a v-prediction model (or prediction_type = \"v_prediction\")"))
-    vae: str | None = field(default=None, metadata=_help(
-        "replacement VAE for latent caching and samples: a diffusers VAE folder (or a model folder with vae/) or a "
-        "single .safetensors VAE file, e.g. madebyollin's sdxl-vae-fp16-fix for fp16 SDXL. Default: the base model's"))
-    seed: int = field(default=42, metadata=_help("random seed (data order, noise, timesteps)"))
+    steps: int | None = setting(None, "optimizer steps to train (or set epochs)", minimum=1, excludes="epochs",
+                                kohya=("max_train_steps",))
+    epochs: int | None = setting(None, "epochs to train (or set steps)", minimum=1, excludes="steps", kohya=("max_train_epochs",))
+    batch_size: int = setting(1, "images per batch per process", minimum=1, kohya=("train_batch_size",))
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",))
+    lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",))
+    text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate", metavar="LR", default_text="lr")
+    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes)", choices=OPTIMIZERS, kohya=("optimizer_type",))
+    weight_decay: float = setting(1e-2, "optimizer weight decay", minimum=0)
+    lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers get_scheduler)", choices=SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "learning-rate warm-up", unit="steps", minimum=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", minimum=0, zero="off")
+    mixed_precision: str = setting("no", "compute dtype (fp16: CUDA only)", choices=MIXED_PRECISION)
+    base_precision: str | None = setting(
+        None, "storage of the frozen UNet/text-encoder weights (nf4/int8: CUDA + bitsandbytes); upcast per layer to the "
+        "mixed-precision dtype", choices=BASE_PRECISIONS, default_text="the mixed-precision dtype")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    min_snr_gamma: float | None = setting(None, "min-SNR loss weighting gamma (5 is usual)", default_text="off")
+    noise_offset: float = setting(0.0, "noise offset (0.05-0.1 helps very dark/bright images)")
+    prediction_type: str | None = setting(None, "override the model's prediction type", choices=PREDICTION_TYPES,
+                                          default_text="the model's", kohya={"v_parameterization": "v_prediction"})
+    zero_terminal_snr: bool = setting(
+        False, "rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2024): the model learns to start "
+        "from pure noise. Needs a v-prediction model (or prediction_type = \"v_prediction\")")
+    vae: str | None = setting(
+        None, "replacement VAE for latent caching and samples: a diffusers VAE folder (or a model folder with vae/) or a "
+        "single .safetensors VAE file, e.g. madebyollin's sdxl-vae-fp16-fix for fp16 SDXL", path="path",
+        default_text="the base model's")
+    seed: int = setting(42, "random seed (data order, noise, timesteps)")
 
-    save_every: int | None = field(default=None, metadata=_help("save a LoRA file + resumable checkpoint every N steps"))
-    save_every_epochs: int | None = field(default=None, metadata=_help("save every N epochs"))
-    keep_checkpoints: int = field(default=3, metadata=_help("resumable checkpoints kept (newest); 0 keeps all"))
-    checkpoint_dir: str | None = field(default=None, metadata=_help("checkpoint folder (default: <output stem>-checkpoints next to the output)"))
-    resume: str | None = field(default=None, metadata=_help("'latest' (newest checkpoint of this output) or a checkpoint folder"))
+    save_every: int | None = setting(None, "save a LoRA file + resumable checkpoint every N steps", minimum=0, zero="never",
+                                     default_text="never", kohya=("save_every_n_steps",))
+    save_every_epochs: int | None = setting(None, "save every N epochs", minimum=0, zero="never", default_text="never",
+                                            kohya=("save_every_n_epochs",))
+    keep_checkpoints: int = setting(3, "resumable checkpoints kept (newest)", minimum=0, zero="keep all")
+    checkpoint_dir: str | None = setting(None, "checkpoint folder", path="dir",
+                                         default_text="<output stem>-checkpoints next to the output")
+    resume: str | None = setting(None, "continue the newest checkpoint of this output (latest, or the flag alone), or the "
+                                 "checkpoint folder given", path="dir", keywords=("latest",), metavar="latest|DIR")
 
-    sample_every: int | None = field(default=None, metadata=_help("render sample images every N steps"))
-    sample_prompts: list[str] | str | None = field(default=None, metadata=_help("prompt lines, or a file of them; kohya options --n --w --h --s --d --l"))
-    sample_steps: int = field(default=20, metadata=_help("default sampler steps for sample prompts"))
-    sample_guidance_rescale: float | None = field(default=None, metadata=_help(
-        "guidance rescale (0-1) for sample images; keeps high CFG from over-exposing zero-terminal-SNR models. "
-        "Default: 0.7 with zero_terminal_snr, else 0"))
+    sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
+                                       kohya=("sample_every_n_steps",))
+    sample_prompts: list[str] | str | None = setting(
+        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l", path="file", lines=True,
+        metavar="PROMPT_OR_FILE")
+    sample_steps: int = setting(20, "default sampler steps for sample prompts", minimum=1)
+    sample_guidance_rescale: float | None = setting(
+        None, "guidance rescale (0-1) for sample images; keeps high CFG from over-exposing zero-terminal-SNR models",
+        default_text="0.7 with zero_terminal_snr, else 0")
 
-    cpu_threads: int | None = field(default=None, metadata=_help("torch CPU threads for this run (default: torch's choice); 1 is much faster for tiny models on a busy machine"))
-    log_every: int = field(default=1, metadata=_help("write a step event every N steps"))
-    tensorboard: bool = field(default=False, metadata=_help("also log to TensorBoard (needs the tensorboard package)"))
-    comment: str = field(default="", metadata=_help("ss_training_comment stored in the file"))
+    cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
+                                      minimum=1, default_text="torch's choice")
+    log_every: int = setting(1, "write a step event every N steps", minimum=1)
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
+    comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",))
 
     def __post_init__(self):
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         if self.network is None or isinstance(self.network, dict):
-            from .network.config import NetworkConfig
-
             self.network = NetworkConfig(**(self.network or {}))
 
-    # ---- derived values -------------------------------------------------------------------------
+    # ---- derived values (file names: sd_lora/artifacts.py) ----------------------------------------------
     @property
     def output_path(self) -> Path:
         return Path(self.output)
 
     @property
     def checkpoint_root(self) -> Path:
-        if self.checkpoint_dir:
-            return Path(self.checkpoint_dir)
-        out = self.output_path
-        return out.parent / f"{out.stem}-checkpoints"
+        return artifacts.checkpoint_root(self.output, self.checkpoint_dir)
 
     @property
     def events_path(self) -> Path:
-        return self.output_path.parent / f"{self.output_path.stem}.events.jsonl"
+        return artifacts.events_file(self.output)
 
     @property
     def stop_file(self) -> Path:
         """Create this file to stop the run with a resumable checkpoint (checked every step)."""
-        return self.checkpoint_root / "STOP"
+        return artifacts.stop_file(self.checkpoint_root)
 
     @property
     def te_lr(self) -> float:
@@ -172,64 +196,63 @@ class TrainConfig:
 
     # ---- validation -----------------------------------------------------------------------------
     def validate(self, check_paths: bool = True) -> list[str]:
-        """Every problem with this config, as 'key: what is wrong; what to do' strings. [] when fine."""
+        """Every problem with this config, as 'key: what is wrong; what to do' strings. [] when fine.
+
+        Messages name keys as a TOML file writes them (`data.path`, `network.rank`); the CLI adds flags.
+        """
+        keys = config_keys()
+        # types, choices and minimums, from the field declarations; a key with one of those problems
+        # gets no further checks (they would only repeat it)
+        generic = problems(self, keys, None) + problems(self.data, keys, "data")
+        validate_network = getattr(self.network, "validate", None)
+        if validate_network is not None:
+            generic += [f"network.{m}" for m in validate_network()]
+        bad = {m.split(":", 1)[0] for m in generic}
+        # the rules below compare values: they run on a copy whose rejected values are the defaults
+        checked = copy.copy(self)
+        checked.data = copy.copy(self.data)
+        for key in keys:
+            if key.name in bad and key.section in (None, "data"):
+                key.set(checked, key.default)
+        errors = generic + [m for m in checked._rules(check_paths) if not (keys_of(m) & bad)]
+        order = {k.name: i for i, k in enumerate(keys)}  # in the order of the fields (and of the docs table)
+        return sorted(errors, key=lambda m: min((order.get(n, len(order)) for n in keys_of(m)), default=len(order)))
+
+    def _rules(self, check_paths: bool) -> list[str]:
+        """The checks that are more than a type, a choice or a minimum."""
         e: list[str] = []
         d = self.data
         if not self.model:
-            e.append("model: missing; pass a diffusers folder or a .safetensors file (--model PATH)")
+            e.append("model: missing; set it to a diffusers folder or a .safetensors file")
         elif check_paths and not Path(self.model).exists():
-            e.append(f"model: {self.model} does not exist; pass a diffusers folder or a .safetensors file")
+            e.append(f"model: {self.model} does not exist; set it to a diffusers folder or a .safetensors file")
         elif check_paths and Path(self.model).is_dir() and not (Path(self.model) / "model_index.json").is_file():
-            e.append(f"model: {self.model} is a folder without model_index.json; pass a diffusers model folder")
+            e.append(f"model: {self.model} is a folder without model_index.json; set it to a diffusers model folder")
         if not self.output:
-            e.append("output: missing; pass the LoRA file to write, e.g. --output out/my_lora.safetensors")
+            e.append("output: missing; set it to the LoRA file to write, e.g. out/my_lora.safetensors")
         elif Path(self.output).suffix != ".safetensors":
             e.append(f"output: {self.output} must end in .safetensors")
         if not d.path:
-            e.append("data.path: missing; pass the dataset folder (--data DIR)")
+            e.append("data.path: missing; set it to the dataset folder")
         elif check_paths:
             e += _check_image_folder("data.path", d.path)
         if d.reg_path and check_paths:
             e += _check_image_folder("data.reg_path", d.reg_path)
 
         if self.steps is None and self.epochs is None:
-            e.append("steps/epochs: set one of them, e.g. steps = 1000 (--steps 1000) or epochs = 10")
+            e.append("steps/epochs: set one of them, e.g. steps = 1000 or epochs = 10")
         if self.steps is not None and self.epochs is not None:
             e.append("steps/epochs: set only one of them (both are set)")
-        for key in ("steps", "epochs", "save_every", "save_every_epochs", "sample_every"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                e.append(f"{key}: must be a whole number >= 1 (got {v!r})")
-        for key in ("batch_size", "gradient_accumulation", "sample_steps", "log_every"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                e.append(f"{key}: must be a whole number >= 1 (got {v!r})")
-        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
-            e.append(f"cpu_threads: must be a whole number >= 1 (got {self.cpu_threads!r}), or unset")
-        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 0:
-            e.append(f"keep_checkpoints: must be >= 0 (0 keeps all), got {self.keep_checkpoints!r}")
         if not _positive(self.lr):
             e.append(f"lr: must be a number > 0 (got {self.lr!r}); 1e-4 is a usual LoRA value")
-        if self.text_encoder_lr is not None and not (_number(self.text_encoder_lr) and self.text_encoder_lr >= 0):
+        if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             e.append(f"text_encoder_lr: must be a number >= 0 (got {self.text_encoder_lr!r}); 5e-5 is usual")
-        if self.optimizer not in OPTIMIZERS:
-            e.append(f"optimizer: unknown {self.optimizer!r}{_suggest(self.optimizer, OPTIMIZERS)}; choose one of {', '.join(OPTIMIZERS)}")
-        elif "8bit" in self.optimizer and importlib.util.find_spec("bitsandbytes") is None:
+        if "8bit" in self.optimizer and importlib.util.find_spec("bitsandbytes") is None:
             e.append(f"optimizer: {self.optimizer} needs bitsandbytes (pip install bitsandbytes), or use optimizer = \"adamw\"")
-        if self.lr_scheduler not in SCHEDULERS:
-            e.append(f"lr_scheduler: unknown {self.lr_scheduler!r}{_suggest(self.lr_scheduler, SCHEDULERS)}; choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
-            e.append(f"lr_warmup_steps: must be >= 0 (got {self.lr_warmup_steps!r})")
-        if self.mixed_precision not in MIXED_PRECISION:
-            e.append(f"mixed_precision: unknown {self.mixed_precision!r}; choose no, fp16 or bf16")
-        elif self.mixed_precision == "fp16" and not _cuda_available():
+        if self.mixed_precision == "fp16" and not _cuda_available():
             e.append("mixed_precision: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
-        if self.base_precision is not None:
-            from .training.base_precision import precision_problems
-
-            e += precision_problems(self.base_precision, cuda=_cuda_available())
-        if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            e.append(f"prediction_type: must be epsilon or v_prediction (got {self.prediction_type!r}); leave it unset to use the model's")
+        if self.base_precision in ("nf4", "int8"):
+            e += quantized_base_problems(self.base_precision, _cuda_available())
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             e.append("zero_terminal_snr: needs v-prediction (at zero SNR an epsilon model's image estimate divides by zero), but "
                      "prediction_type = \"epsilon\"; set prediction_type = \"v_prediction\" or leave it unset with a "
@@ -238,56 +261,36 @@ class TrainConfig:
             e += _check_vae_path(self.vae)
         if self.min_snr_gamma is not None and not _positive(self.min_snr_gamma):
             e.append(f"min_snr_gamma: must be > 0 (got {self.min_snr_gamma!r}); 5 is usual, or leave it unset")
-        if not (_number(self.noise_offset) and 0 <= self.noise_offset <= 1):
+        if not 0 <= self.noise_offset <= 1:
             e.append(f"noise_offset: must be between 0 and 1 (got {self.noise_offset!r}); 0.05-0.1 is usual")
-        if not (_number(self.max_grad_norm) and self.max_grad_norm >= 0):
-            e.append(f"max_grad_norm: must be >= 0 (got {self.max_grad_norm!r}); 0 turns clipping off")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
-            e.append(f"resume: {self.resume} is not a checkpoint folder; pass one from {self.checkpoint_root} or 'latest'")
-        if self.resume == "latest" and check_paths and self.output:
-            from .training.checkpoint import latest_checkpoint
-
-            if latest_checkpoint(self.checkpoint_root) is None:
-                e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without --resume, or pass a checkpoint folder")
-        if self.sample_guidance_rescale is not None and not (_number(self.sample_guidance_rescale) and 0 <= self.sample_guidance_rescale <= 1):
+            e.append(f"resume: {self.resume} is not a checkpoint folder; set it to one from {self.checkpoint_root} or to latest")
+        if self.resume == "latest" and check_paths and self.output and not _has_checkpoint(self.checkpoint_root):
+            e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without resume, or set a checkpoint folder")
+        if self.sample_guidance_rescale is not None and not 0 <= self.sample_guidance_rescale <= 1:
             e.append(f"sample_guidance_rescale: must be between 0 and 1 (got {self.sample_guidance_rescale!r}); 0.7 is usual, "
                      "or leave it unset")
         if self.sample_every and not self.sample_prompts:
-            e.append("sample_prompts: sample_every is set but there are no prompts; pass prompt lines or a prompts file")
+            e.append("sample_prompts: sample_every is set but there are no prompts; set prompt lines or a prompts file")
         if isinstance(self.sample_prompts, str) and check_paths and "\n" not in self.sample_prompts and not Path(self.sample_prompts).is_file():
-            e.append(f"sample_prompts: file {self.sample_prompts} not found; pass a list of prompts or an existing file")
+            e.append(f"sample_prompts: file {self.sample_prompts} not found; set a list of prompts or an existing file")
         elif self.sample_prompts:
-            from .training.sampling import load_prompts
-
             try:
                 load_prompts(self.sample_prompts)
             except (ValueError, OSError) as err:
                 e.append(f"sample_prompts: {err}")
 
         # data
-        if not isinstance(d.resolution, int) or d.resolution < 64 or d.resolution % 64:
+        if d.resolution < 64 or d.resolution % 64:
             e.append(f"data.resolution: must be a multiple of 64, >= 64 (got {d.resolution!r}); 512 for SD1, 768 for SD2-v, 1024 for SDXL")
-        if not isinstance(d.bucket_step, int) or d.bucket_step < 8 or d.bucket_step % 8:
+        if d.bucket_step < 8 or d.bucket_step % 8:
             e.append(f"data.bucket_step: must be a multiple of 8 (got {d.bucket_step!r}); 64 is usual")
-        if not isinstance(d.repeats, int) or d.repeats < 1:
-            e.append(f"data.repeats: must be >= 1 (got {d.repeats!r})")
-        if not (_number(d.caption_dropout) and 0 <= d.caption_dropout < 1):
+        if not 0 <= d.caption_dropout < 1:
             e.append(f"data.caption_dropout: must be in [0, 1) (got {d.caption_dropout!r})")
-        if not isinstance(d.keep_tokens, int) or d.keep_tokens < 0:
-            e.append(f"data.keep_tokens: must be >= 0 (got {d.keep_tokens!r})")
-        if not (_number(d.prior_loss_weight) and d.prior_loss_weight >= 0):
-            e.append(f"data.prior_loss_weight: must be >= 0 (got {d.prior_loss_weight!r})")
-        if d.cache_latents not in LATENT_CACHE:
-            e.append(f"data.cache_latents: must be ram, disk or none (got {d.cache_latents!r})")
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
-
-        # network (its own checks, prefixed with the section name)
-        validate = getattr(self.network, "validate", None)
-        if validate is not None:
-            e += [m if m.startswith("network.") else f"network.{m}" for m in validate()]
         return e
 
     def check(self) -> None:
@@ -297,23 +300,47 @@ class TrainConfig:
             raise ConfigError(errors)
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+SECTIONS = {"data": DataConfig, "network": NetworkConfig}
+
+
+@lru_cache(maxsize=1)
+def config_keys() -> tuple[Key, ...]:
+    """Every training config key, described by its field: `model`, ..., `data.path`, ..., `network.rank`, ..."""
+    return describe(TrainConfig, SECTIONS)
+
+
+def config_key(name: str) -> Key:
+    """The Key named as a TOML file writes it (`lr`, `data.path`, `network.method`)."""
+    for key in config_keys():
+        if key.name == name:
+            return key
+    raise KeyError(f"{name}: not a training config key{suggest(name, [k.name for k in config_keys()])}")
+
+
+def quantized_base_problems(precision: str, cuda: bool) -> list[str]:
+    """Why nf4 / int8 base storage cannot be used here ([] when it can)."""
+    problems = []
+    if not cuda:
+        problems.append(f"base_precision: {precision} needs a CUDA GPU (bitsandbytes quantized layers); on this "
+                        "machine use base_precision = \"fp8\" (1 byte per weight, works on the CPU)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"base_precision: {precision} needs bitsandbytes (pip install bitsandbytes), or use \"fp8\"")
+    return problems
+
+
+def _has_checkpoint(root: Path) -> bool:
+    # the trainer skips incomplete folders when it resumes; here a step folder is enough to say "there is one"
+    return root.is_dir() and any(p.is_dir() and artifacts.checkpoint_step(p) is not None for p in root.iterdir())
 
 
 def _positive(v) -> bool:
-    return _number(v) and v > 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def _cuda_available() -> bool:
-    import torch
+    import torch  # only for the checks that need to know (fp16, nf4/int8): importing config stays torch-free
 
     return torch.cuda.is_available()
-
-
-def _suggest(value, choices) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -322,11 +349,11 @@ VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 def _check_vae_path(path: str) -> list[str]:
     p = Path(path)
     if not p.exists():
-        return [f"vae: {path} does not exist; pass a diffusers VAE folder (config.json + weights) or a .safetensors VAE file"]
+        return [f"vae: {path} does not exist; set it to a diffusers VAE folder (config.json + weights) or a .safetensors VAE file"]
     if p.is_file() and p.suffix.lower() not in VAE_FILE_SUFFIXES:
-        return [f"vae: {path} is not a weights file; pass a .safetensors VAE file or a diffusers VAE folder"]
+        return [f"vae: {path} is not a weights file; set it to a .safetensors VAE file or a diffusers VAE folder"]
     if p.is_dir() and not ((p / "config.json").is_file() or (p / "vae" / "config.json").is_file()):
-        return [f"vae: {path} has no config.json (nor vae/config.json); pass a diffusers VAE folder, a model folder "
+        return [f"vae: {path} has no config.json (nor vae/config.json); set it to a diffusers VAE folder, a model folder "
                 "with a vae/ subfolder, or a single .safetensors VAE file"]
     return []
 
@@ -344,80 +371,58 @@ def _check_image_folder(key: str, path: str) -> list[str]:
     ]
 
 
-# ---- TOML and flat key=value loading ----------------------------------------------------------------
-
-SECTIONS = ("data", "network")
+# ---- TOML loading -----------------------------------------------------------------------------------
 
 
-def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Build a TrainConfig from nested dict values (as read from TOML). Unknown keys raise ConfigError."""
-    from .network.config import NetworkConfig
+def config_from_dict(values: dict, base: TrainConfig | None = None, relative_to: str | os.PathLike | None = None,
+                     check_paths: bool = False) -> TrainConfig:
+    """Build a TrainConfig from nested dict values (as read from TOML).
 
+    relative_to: the folder relative paths are taken from (every key whose field is a path).
+    Unknown keys and wrong types raise ConfigError, together with every other problem of the values
+    that are fine (validate(check_paths)), so one mistake never hides the next.
+    """
     errors: list[str] = []
-    top = {f.name for f in fields(TrainConfig)} - set(SECTIONS)
-    known = {"data": {f.name for f in fields(DataConfig)}, "network": {f.name for f in fields(NetworkConfig)}}
-    flat_top, nested = {}, {"data": {}, "network": {}}
-    for key, value in values.items():
-        if key in SECTIONS:
+    keys = {k.name: k for k in config_keys()}
+    top = {k.attr for k in keys.values() if k.section is None}
+    given: dict[str, object] = {}
+    for name, value in values.items():
+        if name in SECTIONS:
             if not isinstance(value, dict):
-                errors.append(f"{key}: must be a [{key}] table")
+                errors.append(f"{name}: must be a [{name}] table")
                 continue
+            section_keys = [k.attr for k in keys.values() if k.section == name]
             for k, v in value.items():
-                if k in known[key]:
-                    nested[key][k] = v
+                if f"{name}.{k}" in keys:
+                    given[f"{name}.{k}"] = v
                 else:
-                    errors.append(f"{key}.{k}: unknown key{_suggest(k, known[key])}")
-        elif key in top:
-            flat_top[key] = value
+                    errors.append(f"{name}.{k}: unknown key{suggest(k, section_keys)}")
+        elif name in top:
+            given[name] = value
         else:
             # a section key written at top level is a common slip: say where it belongs
-            home = next((s for s in SECTIONS if key in known[s]), None)
-            errors.append(f"{key}: unknown key" + (f"; it belongs in the [{home}] table" if home else _suggest(key, top)))
-    for section, cls, items in ((None, TrainConfig, flat_top), ("data", DataConfig, nested["data"]), ("network", NetworkConfig, nested["network"])):
-        annotations = {f.name: f.type for f in fields(cls)}
-        for k, v in items.items():
-            problem = _type_problem(annotations.get(k), v)
-            if problem:
-                errors.append(f"{section + '.' if section else ''}{k}: {problem}")
-    if errors:
-        raise ConfigError(errors)
+            home = next((s for s in SECTIONS if f"{s}.{name}" in keys), None)
+            errors.append(f"{name}: unknown key" + (f"; it belongs in the [{home}] table" if home else suggest(name, top)))
+    wrong = set()
+    for name, value in given.items():
+        problem = keys[name].type_problem(value)
+        if problem:
+            errors.append(f"{name}: {problem}")
+            wrong.add(name)
     cfg = base or TrainConfig()
-    for k, v in flat_top.items():
-        setattr(cfg, k, v)
-    for k, v in nested["data"].items():
-        setattr(cfg.data, k, v)
-    for k, v in nested["network"].items():
-        setattr(cfg.network, k, v)
+    for name, value in given.items():
+        if name in wrong:
+            continue
+        key = keys[name]
+        path = key.path_value(value)
+        if relative_to is not None and path is not None and not Path(path).is_absolute():
+            value = str(Path(relative_to) / path)
+        key.set(cfg, value)
+    if errors:
+        # the rest of the config, checked too (keys with a wrong type kept their defaults: skip their messages)
+        errors += [m for m in cfg.validate(check_paths=check_paths) if not (keys_of(m) & wrong)]
+        raise ConfigError(errors)
     return cfg
-
-
-_TYPE_NAMES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,), "dict": (dict,), "None": ()}
-
-
-def _type_problem(annotation, value) -> str | None:
-    """'must be ...' when a TOML value has the wrong type for the field's annotation, else None."""
-    parts = [p.strip().split("[")[0] for p in str(annotation or "Any").split("|")]
-    if any(p not in _TYPE_NAMES for p in parts):
-        return None  # Any / types we do not check
-    allowed = tuple(t for p in parts for t in _TYPE_NAMES[p])
-    if isinstance(value, bool) and bool not in allowed:
-        ok = False  # TOML true is not the number 1
-    else:
-        ok = isinstance(value, allowed)
-    if ok and isinstance(value, float) and value != value:
-        return "must be a number, not nan"
-    if ok and isinstance(value, (list, dict)):  # element types: list[str], dict[str, int] ...
-        inner = str(annotation).split("list[" if isinstance(value, list) else "dict[str,", 1)
-        inner_type = _TYPE_NAMES.get(inner[1].split("]")[0].strip(), ()) if len(inner) == 2 else ()
-        items = value if isinstance(value, list) else list(value.values())
-        bad = [x for x in items if inner_type and (not isinstance(x, inner_type) or (isinstance(x, bool) and bool not in inner_type))]
-        if bad:
-            return f"has an element of the wrong type ({bad[0]!r})"
-    if ok:
-        return None
-    names = " or ".join({"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false",
-                         "list": "a list", "dict": "a table"}[p] for p in parts if p != "None")
-    return f"must be {names} (got {value!r})"
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -435,16 +440,7 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raise ConfigError([f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); save it as UTF-8"]) from e
     except OSError as e:
         raise ConfigError([f"{path}: cannot read the config file ({e.strerror or e})"]) from e
-    cfg = config_from_dict(values)
-    base = path.parent
-    for obj, key in ((cfg, "model"), (cfg, "output"), (cfg, "checkpoint_dir"), (cfg, "vae"), (cfg.data, "path"), (cfg.data, "reg_path"),
-                     (cfg.data, "cache_dir")):
-        v = getattr(obj, key)
-        if isinstance(v, str) and v and not Path(v).is_absolute():
-            setattr(obj, key, str(base / v))
-    if isinstance(cfg.sample_prompts, str) and "\n" not in cfg.sample_prompts and not Path(cfg.sample_prompts).is_absolute():
-        cfg.sample_prompts = str(base / cfg.sample_prompts)
-    return cfg
+    return config_from_dict(values, relative_to=path.parent, check_paths=True)
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -285,27 +285,23 @@ def lora_target_layers(pipe, arch: str = ARCH_SD1, conv: bool = False, text_enco
 
 def random_kohya_lora(pipe, arch: str = ARCH_SD1, seed: int = 0, rank: int = 4, alpha: float = 2.0, conv: bool = False,
                       text_encoder: bool = True, kind: str = "lora") -> dict[str, torch.Tensor]:
-    """A seeded random LoRA for `pipe` as a kohya state dict: LoRA/LoCon (kind="lora") or LyCORIS LoHa
-    (kind="loha", linear layers only). Up factors are small, so a weight-1 stack stays a perturbation."""
+    """A seeded random adapter for `pipe` as a kohya state dict, of method `kind` (a name in
+    sd_lora.methods; its `random_tensors`): LoRA/LoCon by default. Methods whose tensors do not say a
+    conv kernel (LoHa, LoKr) get linear layers only. Factors are small, so a weight-1 stack stays a
+    perturbation."""
+    from . import methods
     from .network.naming import kohya_module_name
 
+    method = methods.get(kind)
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for component, path, module in lora_target_layers(pipe, arch, conv, text_encoder):
-        name, w = kohya_module_name(component, path, arch), module.weight
-        if kind == "loha":
-            if w.dim() == 4:
-                continue
-            for i in (1, 2):
-                sd[f"{name}.hada_w{i}_a"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
-                sd[f"{name}.hada_w{i}_b"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
-        elif w.dim() == 4:
-            sd[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g)
-            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.1
-        else:
-            sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g)
-            sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
-        sd[f"{name}.alpha"] = torch.tensor(alpha)
+        name, shape = kohya_module_name(component, path, arch), tuple(module.weight.shape)
+        tensors = method.random_tensors(shape, rank, g)
+        if len(shape) == 4 and method.weight_shape(tensors) != shape and not method.needs_base:
+            continue  # a flat conv delta a reader could not reshape
+        tensors.setdefault("alpha", torch.tensor(alpha))
+        sd.update({f"{name}.{suffix}": t for suffix, t in tensors.items()})
     return sd
 
 

@@ -44,7 +44,7 @@ def test_bad_config_lists_every_error_before_loading_anything(tmp_path, monkeypa
         loop.train(cfg)
     msg = str(err.value)
     keys = ["model:", "output:", "data.path:", "steps/epochs:", "lr:", "optimizer:", "mixed_precision:",
-            "sample_prompts:", "data.resolution:", "data.caption_dropout:", "network.rank", "network.target preset"]
+            "sample_prompts:", "data.resolution:", "data.caption_dropout:", "network.rank:", "network.preset:"]  # keys as a TOML file writes them
     for key in keys:
         assert key in msg, f"{key} missing from:\n{msg}"
     assert len(err.value.errors) == len(keys)

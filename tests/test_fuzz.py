@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import re
 import struct
 import zipfile
@@ -33,7 +32,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sd_lora.config import ConfigError, load_config
-from sd_lora.formats.read import LoraFormatError, delta_shape_numel, load_lora
+from sd_lora.formats.read import LoraFormatError, load_lora
 from sd_lora.io import CheckpointError, read_safetensors_header, read_state_dict
 from sd_lora.models import ModelLoadError, load_base
 from sd_lora.data.images import ImageProblem, open_image
@@ -136,10 +135,11 @@ MODULES = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q
            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "lora_unet_input_blocks_1_1_proj_in"]
 SUFFIXES = ["lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "lora_mid.weight", "hada_w1_a", "hada_w1_b",
             "hada_w2_a", "hada_w2_b", "hada_t1", "lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "diff", "lora_A.weight",
-            "lora_B.weight", "lora_magnitude_vector", "unknown_suffix"]
+            "lora_B.weight", "lora_magnitude_vector", "oft_blocks", "oft_diag", "rescale", "unknown_suffix"]
 GROUPS = [["lora_down.weight", "lora_up.weight", "alpha"], ["lora_down.weight", "lora_up.weight", "alpha", "dora_scale"],
           ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"], ["lokr_w1", "lokr_w2"], ["lokr_w1", "lokr_w2_a", "lokr_w2_b"],
-          ["lora_A.weight", "lora_B.weight"], ["diff"], ["lora_down.weight", "lora_up.weight", "lora_mid.weight"]]
+          ["lora_A.weight", "lora_B.weight"], ["diff"], ["lora_down.weight", "lora_up.weight", "lora_mid.weight"],
+          ["oft_blocks", "alpha"], ["oft_diag", "rescale"]]
 
 
 @st.composite
@@ -175,10 +175,11 @@ def test_fuzz_load_lora(work, case, strict):
         return
     _ = lora.trigger_words
     for module in lora.modules.values():  # whatever loads must be usable: a delta of the size it declares
-        out, numel = delta_shape_numel(module)
-        base = torch.randn(out, numel // out)
-        delta = module.delta((out, numel // out), base_weight=base)
-        assert delta.shape == (out, numel // out) and torch.isfinite(delta).all()
+        out, numel = module.delta_shape()
+        rest = numel // out if numel is not None else 3  # (None: the delta fits any input width, as OFT's)
+        base = torch.randn(out, rest)
+        delta = module.delta((out, rest), base_weight=base)
+        assert delta.shape == (out, rest) and torch.isfinite(delta).all()
 
 
 # ---- base checkpoints ------------------------------------------------------------------------------

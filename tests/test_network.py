@@ -84,7 +84,7 @@ def test_config_validate_lists_every_problem():
                            train_unet=False, train_text_encoder=False).validate()
     assert len(errors) == 5
     assert NetworkConfig().validate() == []
-    with pytest.raises(ValueError, match="rank must be"):
+    with pytest.raises(ValueError, match="rank: must be"):  # messages name the key
         inject_network(tiny_pipeline("sd1"), NetworkConfig(rank=0))
 
 
@@ -126,7 +126,7 @@ def test_block_ranks_and_conv_rank():
 @pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr"])
 def test_kohya_state_dict_reproduces_peft_delta_and_reloads(method):
     from sd_lora.formats.lora_file import LoraModule
-    from sd_lora.formats.read import _kind_of
+    from sd_lora.methods import for_keys
 
     torch.manual_seed(1)
     pipe = tiny_pipeline("sdxl")
@@ -139,7 +139,7 @@ def test_kohya_state_dict_reproduces_peft_delta_and_reloads(method):
         layer = getattr(pipe, t.component).get_submodule(t.path)
         base = layer.get_base_layer().weight.detach()
         tensors = {k[len(t.kohya_name) + 1:]: v for k, v in sd.items() if k.startswith(t.kohya_name + ".")}
-        ours = LoraModule(t.kohya_name, _kind_of(tensors), tensors).delta(base.shape, base_weight=base)
+        ours = LoraModule(t.kohya_name, for_keys(tensors).name, tensors).delta(base.shape, base_weight=base)
         if method == "dora":  # PEFT's merged DoRA weight minus the base weight
             layer.merge(adapter_names=["sd_lora"])
             peft = layer.get_base_layer().weight.detach() - base

@@ -83,5 +83,6 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
 
 
 def test_resume_without_checkpoint_says_what_to_do(setup, tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint in .* yet; start without --resume"):
+    # validate() names keys (the CLI adds the flag: "resume (--resume): ...")
+    with pytest.raises(ValueError, match="no checkpoint in .* yet; start without resume"):
         train(_config(setup, tmp_path / "x.safetensors", resume="latest"))

@@ -227,6 +227,52 @@ def test_presets_and_toml_round_trip(server):
     assert "rank = 16" in toml and 'model = "models/tiny"' in toml and "steps = 10" in toml
 
 
+# ---- the train form, without a server ------------------------------------------------------------------
+
+
+def test_train_form_reads_values_as_their_keys_types():
+    from webui.tabs.train import FORM_KEYS, apply_form, form_values, parse_toml
+
+    cfg = parse_toml('model = "models/tiny"\nepochs = 3\n[data]\npath = "datasets/shapes"\n')
+    values = dict(zip(FORM_KEYS, form_values(cfg)))
+    # what Gradio sends: floats from number boxes, strings from text boxes
+    values.update({"steps": 40.0, "batch_size": "2", "lr": "3e-4", "network.rank": 8.0, "network.alpha": "4",
+                   "data.resolution": 64.0, "save_every": 0, "sample_every": 0.0, "output": "style",
+                   "sample_prompts": "a red circle\n\na blue square", "network.train_text_encoder": False, "seed": ""})
+    cfg = apply_form(cfg, [values[k] for k in FORM_KEYS])
+    assert (cfg.steps, cfg.epochs, cfg.batch_size, cfg.lr, cfg.network.rank, cfg.network.alpha) == (40, None, 2, 3e-4, 8, 4.0)
+    assert all(isinstance(v, int) for v in (cfg.steps, cfg.batch_size, cfg.network.rank, cfg.data.resolution))
+    assert (cfg.save_every, cfg.sample_every, cfg.output) == (0, 0, "loras/style.safetensors")  # 0: never
+    assert cfg.sample_prompts == ["a red circle", "a blue square"] and cfg.network.train_text_encoder is False
+    assert cfg.validate(check_paths=False) == ["seed: must be a whole number (got None)"]  # an emptied box, named by key
+    values["network.rank"] = 2.5
+    with pytest.raises(ValueError, match=r"^network.rank: must be a whole number \(got 2.5\)"):
+        apply_form(cfg, [values[k] for k in FORM_KEYS])
+
+
+def test_train_form_dropdowns_offer_the_keys_choices():
+    import gradio as gr
+
+    from sd_lora.config import config_key
+    from webui.tabs.train import _field
+
+    with gr.Blocks():
+        for name in ("network.method", "network.preset", "optimizer", "mixed_precision"):
+            dropdown = _field(name, name)
+            assert isinstance(dropdown, gr.Dropdown)
+            assert [value for _, value in dropdown.choices] == list(config_key(name).choices)
+        assert isinstance(_field("gradient_checkpointing", "gc"), gr.Checkbox)
+
+
+def test_train_presets_set_valid_values_of_real_keys():
+    from sd_lora.config import config_key
+    from webui.tabs.train import GPU_PRESETS, SIZE_PRESETS, apply_presets, default_config
+
+    for preset in [*GPU_PRESETS.values(), *SIZE_PRESETS.values()]:
+        cfg = apply_presets(default_config(), preset)  # a key that does not exist raises KeyError
+        assert [config_key(name).problem(config_key(name).get(cfg)) for name in preset] == [None] * len(preset), preset
+
+
 # ---- the job queue's on-disk state, without a server -------------------------------------------------
 
 
@@ -242,6 +288,52 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
         f.write('ep", "step": 2, "loss": 0.25}\n{"event": "sample", "step": 2, "paths": ["a.png"]}\n')
     p = tail.update()
     assert p.losses == [(1, 0.5), (2, 0.25)] and p.samples == ["a.png"]
+
+
+def test_job_progress_reads_only_fields_the_trainer_sends():
+    """Every event field the job page folds in is in the trainer's schema (no reading of never-sent fields)."""
+    import ast
+    import inspect
+
+    from sd_lora.training.events import EVENTS
+    from webui.jobs import fold_event
+
+    tree = ast.parse(inspect.getsource(fold_event))
+    read = {n.args[0].value for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "e"}
+    kinds = {c.value for n in ast.walk(tree) if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name)
+             and n.left.id == "kind" for c in n.comparators if isinstance(c, ast.Constant)}
+    assert read and kinds
+    assert read <= {"event"} | {f for fields in EVENTS.values() for f in fields}, read
+    assert kinds <= set(EVENTS), kinds
+
+
+def test_library_picture_and_listing_use_the_run_names(tmp_path):
+    """The library's picture for a LoRA is its run's last-step sample (by sd_lora.artifacts, not by sorting
+    file names); files inside a run's checkpoint/sample folders are not listed as LoRAs."""
+    from sd_lora import artifacts
+    from webui.security import Workspace
+    from webui.tabs.common import list_loras
+    from webui.tabs.library import sample_image
+
+    lib = tmp_path / "loras"
+    lora = lib / "style.safetensors"
+    for step, index in ((9, 0), (10, 1), (10, 0), (100, 0)):
+        p = artifacts.sample_image(lora, step, index) if step != 100 else artifacts.samples_dir(lora) / "step-100-x.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    assert sample_image(lora) == artifacts.sample_image(lora, 10, 0)  # last step, first prompt; step-100-x is no sample
+    lora.with_suffix(".preview.png").write_bytes(b"")
+    assert sample_image(lora) == lora.with_suffix(".preview.png")  # a preview next to the file wins
+
+    lora.write_bytes(b"")
+    artifacts.intermediate_lora(lora, 20).write_bytes(b"")
+    ckpt = artifacts.checkpoint_root(lora) / artifacts.checkpoint_name(20)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    (artifacts.samples_dir(lora) / "odd.safetensors").write_bytes(b"")
+    assert sorted(list_loras(Workspace(tmp_path))) == ["style", "style-step000020"]
 
 
 def test_server_restart_finalizes_orphaned_jobs(tmp_path):

@@ -86,6 +86,32 @@ def test_host_auth_and_warning():
     assert "without --auth" in exposure_warning("0.0.0.0", None)
 
 
+def test_every_path_key_of_a_training_config_is_confined(ws):
+    """The keys to confine come from the fields' path markers: each one, set outside, is refused by name."""
+    from sd_lora.config import TrainConfig, config_keys
+    from webui.security import confine_config
+
+    path_keys = [k for k in config_keys() if k.path]
+    assert {"model", "output", "vae", "checkpoint_dir", "resume", "sample_prompts", "data.path", "data.reg_path",
+            "data.cache_dir"} <= {k.name for k in path_keys}
+    for key in path_keys:
+        for bad in ("../outside", "/etc", "datasets/escape/secret.txt"):
+            cfg = TrainConfig()
+            key.set(cfg, bad)
+            with pytest.raises(PathError, match=f"^{key.name}: .*outside the workspace"):
+                confine_config(ws, cfg)
+    # values that are not paths pass untouched; paths inside come back absolute
+    cfg = TrainConfig(model="models/x", resume="latest", sample_prompts="a cat\na dog")
+    cfg.data.path = "datasets/cats"
+    confine_config(ws, cfg)
+    assert (cfg.model, cfg.data.path) == (str(ws.root / "models" / "x"), str(ws.root / "datasets" / "cats"))
+    assert (cfg.resume, cfg.sample_prompts) == ("latest", "a cat\na dog")
+    # a newline does not turn another path key into "text" that skips the check
+    cfg = TrainConfig(model="/etc\n")
+    with pytest.raises(PathError):
+        confine_config(ws, cfg)
+
+
 def test_cli_refuses_share_without_auth(tmp_path, capsys):
     from sd_lora.cli import main
 
@@ -130,7 +156,7 @@ def test_every_entry_point_refuses_escapes(app):
     for toml in ('model = "/etc"', 'output = "../../x.safetensors"', 'checkpoint_dir = "/tmp/x"', 'vae = "../outside"',
                  'steps = 1\n[data]\npath = "datasets/escape"', 'steps = 1\n[data]\ncache_dir = "../.."'):
         msg = client.predict(toml, api_name="/validate_config")
-        assert "outside the workspace" in msg, (key, msg)
+        assert "outside the workspace" in msg, (toml, msg)
         _, started = client.predict(toml, api_name="/start_job")
         assert "Not started" in started and "outside the workspace" in started
     assert not list((ws.root / "jobs").iterdir())

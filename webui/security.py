@@ -83,6 +83,21 @@ class Workspace:
         return self.path(parent / name, kind=kind)
 
 
+def confine_config(ws: Workspace, cfg):
+    """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError.
+
+    Which keys are paths is asked of the config's fields (their `path` marker), so a new path key is
+    confined as soon as it is declared; there is no list here to forget it in.
+    """
+    from sd_lora.config import config_keys
+
+    for key in config_keys():
+        path = key.path_value(key.get(cfg))
+        if path is not None:
+            key.set(cfg, str(ws.path(path, kind=key.name)))
+    return cfg
+
+
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")
 
 

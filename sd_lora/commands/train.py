@@ -1,92 +1,179 @@
 """`sd-lora train [CONFIG.toml] [--flags]`: train a LoRA. A thin layer over `sd_lora.train`.
 
-Every config key is also a flag (`lr` -> `--lr`, `[data] resolution` -> `--resolution`,
-`[network] rank` -> `--rank`, `[data] path` -> `--data`); flags override the TOML file.
+Every config key is also a flag, derived from its field (sd_lora/fields.py): `lr` -> `--lr`,
+`[data] resolution` -> `--resolution`, `[network] rank` -> `--rank`, `[data] path` -> `--data`;
+flags override the TOML file. kohya sd-scripts spellings that mean the same thing (`--network_dim`,
+`--learning_rate`, `--max_train_steps`, `--output_dir` + `--output_name`, ...) are accepted too, and
+the ones with no equivalent are answered with what to use instead. Importing this is torch-free, so
+`sd-lora train --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
+from pathlib import Path
 
-# Section fields whose flag is not simply --<name>
-FLAG_NAMES = {("data", "path"): "--data", ("data", "reg_path"): "--reg-data"}
-# TrainConfig fields that are sections, not flags
-SECTIONS = ("data", "network")
+# kohya sd-scripts flags (train_network.py, library/train_util.py at 48d368f) that have no equivalent
+# here, and what to do instead. The ones that do are declared on the fields (`kohya=`).
+KOHYA_HINTS = {
+    "unet_lr": "--lr is the UNet learning rate here (--text-encoder-lr the text encoder's)",
+    "network_module": "choose the adapter with --method (networks.lora is --method lora; LyCORIS algos are --method loha / lokr)",
+    "network_args": "conv layers: --preset full with --conv-rank / --conv-alpha; dropouts: --rank-dropout, --module-dropout",
+    "save_model_as": "LoRA files are always written as .safetensors (kohya keys)",
+    "xformers": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
+    "sdpa": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
+    "v2": "the architecture is read from the model; nothing to set",
+    "dataset_config": "use --data DIR (kohya `N_name` folders) and the [data] keys of a TOML config",
+}
+# kohya's --output_dir + --output_name give --output; its output name defaults to "last"
+# (library/train_util.py DEFAULT_LAST_OUTPUT_NAME)
+KOHYA_OUTPUT = ("output_dir", "output_name")
+KOHYA_DEFAULT_OUTPUT_NAME = "last"
+_CFG = "cfg:"  # dest prefix of the flags that set a config key
+_KOHYA = "kohya:"  # dest prefix of kohya switches that set a constant
 
 
-def _flag_type(annotation: str):
-    a = str(annotation)
-    if a.startswith("bool"):
-        return bool
-    if a.startswith("int"):
-        return int
-    if a.startswith("float"):
-        return float
-    if a.startswith("dict"):
-        return json.loads
-    return str
+class _TrainParser(argparse.ArgumentParser):
+    """The train parser: answers an unknown flag with the closest known one, or with what kohya's flag is called here."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for extra in extras:
+            if extra.startswith("--"):
+                self.error(unknown_flag_message(self, extra.split("=", 1)[0]))
+        return namespace, extras
 
 
-def _section_fields():
-    from ..config import DataConfig, TrainConfig
-    from ..network.config import NetworkConfig
+def unknown_flag_message(parser: argparse.ArgumentParser, flag: str) -> str:
+    name = flag[2:]
+    if name in KOHYA_HINTS:
+        return f"unrecognized argument {flag} (kohya): {KOHYA_HINTS[name]}"
+    # every spelling the parser knows (hidden aliases too), answered with the flag --help shows for it
+    shown = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS}
+    spellings = {}
+    for action in parser._actions:
+        dest = action.dest
+        if dest.startswith(_KOHYA) and dest.count(":") == 2:
+            dest = _CFG + dest.split(":")[1]
+        for s in action.option_strings:
+            spellings[s] = shown.get(dest, s)
+    close = difflib.get_close_matches(flag, list(spellings), n=1, cutoff=0.7)
+    hint = f" (did you mean {spellings[close[0]]}?)" if close else "; sd-lora train --help lists the flags"
+    return f"unrecognized argument {flag}{hint}"
 
-    yield from ((None, f) for f in fields(TrainConfig) if f.name not in SECTIONS)
-    yield from (("data", f) for f in fields(DataConfig))
-    yield from (("network", f) for f in fields(NetworkConfig))
+
+def _flag_type(key):
+    """argparse `type=` for a key: its own coercion, with the message argparse shows."""
+
+    def parse(text: str):
+        try:
+            return key.coerce(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    parse.__name__ = key.kind  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+def _help(key) -> str:
+    text = key.help_line()
+    if key.kohya:
+        text += " [kohya: " + ", ".join(f"--{name}" for name in key.kohya) + "]"
+    return text.replace("%", "%%")
 
 
 def register(subparsers) -> None:
+    from ..config import config_keys
+
     p = subparsers.add_parser(
         "train",
         help="train a LoRA from a dataset folder (TOML config and/or flags)",
-        description="Train a LoRA. Keys of the TOML config are also flags; flags win. "
+        description="Train a LoRA. Keys of the TOML config are also flags; flags win. kohya sd-scripts spellings "
+        "(--network_dim, --learning_rate, --max_train_steps, --output_dir/--output_name, ...) work too. "
         "Ctrl-C (or creating the STOP file in the checkpoint folder) saves a resumable checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # add_parser builds the parent's parser class; this one only adds the unknown-flag answer
+    p.__class__ = _TrainParser
     p.add_argument("config", nargs="?", help="TOML training config (see docs/training.md)")
     p.add_argument("--dry-run", action="store_true", help="validate, scan the dataset and print the step plan; load no model")
     p.add_argument("--json-events", action="store_true", help="print every event as a JSON line on stdout")
     groups = {None: p.add_argument_group("training"), "data": p.add_argument_group("data ([data] table)"),
               "network": p.add_argument_group("network ([network] table)")}
-    for section, f in _section_fields():
-        flag = FLAG_NAMES.get((section, f.name), "--" + f.name.replace("_", "-"))
-        dest = f"cfg__{section or 'top'}__{f.name}"
-        help_text = f.metadata.get("help", "") if f.metadata else ""
-        kind = _flag_type(f.type)
-        if f.name == "resume":
-            groups[section].add_argument(flag, dest=dest, nargs="?", const="latest", default=None,
-                                         help="continue the newest checkpoint of this output, or the checkpoint folder given")
-        elif f.name == "sample_prompts":
-            groups[section].add_argument(flag, dest=dest, action="append", default=None, metavar="PROMPT_OR_FILE",
-                                         help=help_text + " (repeat the flag for several prompts)")
-        elif kind is bool:
-            groups[section].add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    for key in config_keys():
+        group, dest = groups[key.section], _CFG + key.name
+        if key.kind == "bool":
+            options = dict(action=argparse.BooleanOptionalAction)
+        elif key.kind == "list":  # sample_prompts: one flag per prompt
+            options = dict(action="append", metavar=key.metavar)
+        elif key.meta.get("keywords"):  # --resume alone means --resume latest
+            options = dict(nargs="?", const=key.meta["keywords"][0], metavar=key.metavar, type=_flag_type(key))
+        elif key.choices is not None:
+            options = dict(choices=key.choices, metavar=key.metavar, type=_flag_type(key))
         else:
-            groups[section].add_argument(flag, dest=dest, type=kind, default=None, help=help_text or None)
+            options = dict(metavar=key.metavar, type=_flag_type(key))
+        group.add_argument(key.flag, dest=dest, default=None, help=_help(key), **options)
+        # hidden spellings: --batch_size for --batch-size, and kohya's names that take our value
+        underscore = "--" + key.flag[2:].replace("-", "_")
+        aliases = [f"--{name}" for name, const in key.kohya.items() if const is None]
+        if underscore != key.flag and underscore[2:] not in key.kohya:
+            aliases.append(underscore)
+        for alias in aliases:
+            if alias not in p._option_string_actions:
+                group.add_argument(alias, dest=dest, default=None, help=argparse.SUPPRESS, **options)
+        # kohya's value-less switches that set a constant (--flip_aug, --network_train_unet_only, ...)
+        for name, const in key.kohya.items():
+            if const is not None:
+                group.add_argument(f"--{name}", dest=f"{_KOHYA}{key.name}:{name}", action="store_const", const=const,
+                                   default=None, help=argparse.SUPPRESS)
+    for name in KOHYA_OUTPUT:
+        groups[None].add_argument(f"--{name}", dest=_KOHYA + name, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def config_from_args(args):
-    """TrainConfig from an optional TOML file plus the flags that were given."""
-    from pathlib import Path
+    """TrainConfig from an optional TOML file plus the flags that were given.
 
-    from ..config import TrainConfig, load_config
+    A flag replaces the file's value; a flag for `steps` also clears the file's `epochs` (and the
+    other way round), since the flag says how long to train.
+    """
+    from ..config import ConfigError, TrainConfig, config_keys, load_config
+    from ..fields import assign
 
     cfg = load_config(args.config) if args.config else TrainConfig()
-    for key, value in vars(args).items():
-        if not key.startswith("cfg__") or value is None:
-            continue
-        _, section, name = key.split("__", 2)
-        if name == "sample_prompts" and len(value) == 1 and Path(value[0]).is_file():
-            value = value[0]
-        target = cfg if section == "top" else getattr(cfg, section)
-        setattr(target, name, value)
+    given: dict[str, object] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(_CFG) and value is not None:
+            name = dest[len(_CFG):]
+            if name == "sample_prompts" and len(value) == 1 and Path(value[0]).is_file():
+                value = value[0]  # one flag naming a prompts file
+            given[name] = value
+    for dest, value in vars(args).items():  # kohya switches, in declaration order (--cache_latents_to_disk beats --cache_latents)
+        if dest.startswith(_KOHYA) and value is not None and dest.count(":") == 2:
+            given[dest.split(":")[1]] = value
+    output_dir, output_name = (getattr(args, _KOHYA + n, None) for n in KOHYA_OUTPUT)
+    if output_dir is not None or output_name is not None:
+        if "output" in given:
+            raise ConfigError(["output: given twice; pass --output FILE or kohya's --output_dir/--output_name, not both"])
+        given["output"] = str(Path(output_dir or ".") / f"{output_name or KOHYA_DEFAULT_OUTPUT_NAME}.safetensors")
+    assign(cfg, config_keys(), given)
     return cfg
+
+
+def with_flags(message: str) -> str:
+    """A config message with the flags of its keys: 'model: missing ...' -> 'model (--model): missing ...'."""
+    from ..config import config_keys
+    from ..fields import keys_of
+
+    flags = {k.name: k.flag for k in config_keys()}
+    names = [n for n in sorted(keys_of(message)) if n in flags]
+    if not names or ":" not in message:
+        return message
+    head, rest = message.split(":", 1)
+    return f"{head} ({' / '.join(flags[n] for n in names)}):{rest}"
 
 
 def run(args) -> int:
@@ -95,7 +182,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     errors = cfg.validate()
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError([with_flags(e) for e in errors])
     if args.dry_run:
         from ..data.dataset import scan_dataset
         from ..training.loop import make_plan

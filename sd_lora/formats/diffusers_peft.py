@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write, save_safetensors_atomic
-from .lora_file import KIND_LORA, LoraFile, LoraModule
+from ..methods import dora
+from ..methods.lora import DOWN, UP, METHOD as LORA
+from .lora_file import LoraFile, LoraModule
 
 # Multi-word identifiers in module paths (kohya names join every path part with "_").
 _MULTI = {
@@ -137,7 +139,7 @@ def _installed_module_path(name: str) -> tuple[str, str]:
 
 
 def _lora_modules(lora: LoraFile, target: str) -> list[LoraModule]:
-    bad = [n for n, m in lora.modules.items() if m.kind != KIND_LORA or "lora_mid.weight" in m.tensors]
+    bad = [n for n, m in lora.modules.items() if m.method is not LORA or not LORA.peft_exportable(m.tensors)]
     if bad:
         raise ValueError(
             f"{lora.path or 'LoRA'}: {len(bad)} modules are LyCORIS ({lora.modules[bad[0]].kind}) or CP-decomposed "
@@ -149,15 +151,14 @@ def _lora_modules(lora: LoraFile, target: str) -> list[LoraModule]:
 def _peft_tensors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lora_A, lora_B with the alpha/rank scale folded in, PEFT-shaped magnitude or None), fp32."""
     t = module.tensors
-    down = t["lora_down.weight"].float()
-    up = t["lora_up.weight"].float() * module.scale
+    down = t[DOWN].float()
+    up = t[UP].float() * module.scale
     magnitude = None
     if "dora_scale" in t:
-        m = t["dora_scale"].float()
-        out = up.shape[0]
-        if m.numel() != out:
-            raise ValueError(f"{module.name}: per-input-channel dora_scale (old LyCORIS DoRA) has no PEFT equivalent.")
-        magnitude = m.reshape(1, out, 1, 1) if up.dim() == 4 else m.reshape(out)
+        try:
+            magnitude = dora.to_peft(t["dora_scale"].float(), up)
+        except ValueError as e:
+            raise ValueError(f"{module.name}: {e}") from None
     return down, up, magnitude
 
 

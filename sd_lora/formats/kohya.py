@@ -1,9 +1,8 @@
 """Write LoRA files in kohya format: the one A1111 / Forge / ComfyUI / Civitai load.
 
-One `.safetensors` file; keys `<kohya module name>.<suffix>`:
-  LoRA / LoCon  lora_down.weight, lora_up.weight, alpha     (+ dora_scale for DoRA)
-  LoHa          hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2), alpha
-  LoKr          lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b (+ lokr_t2), alpha
+One `.safetensors` file; keys `<kohya module name>.<suffix>`, the suffixes those of the module's
+method (sd_lora.methods: LoRA / LoCon lora_down.weight, lora_up.weight, alpha (+ dora_scale for DoRA);
+LoHa hada_*; LoKr lokr_*; ...).
 Module names: lora_unet_..., lora_te_text_model_... (SD1/SD2), lora_te1_/lora_te2_ (SDXL, whose
 UNet names use the SGM layout like kohya's). All metadata values are strings.
 
@@ -20,18 +19,13 @@ from pathlib import Path
 
 import torch
 
+from .. import methods
 from ..io import atomic_path
 from .lora_file import LoraFile, is_finite
 from .metadata import compute_sshs_hashes
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KNOWN_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-KNOWN_SUFFIXES = (
-    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "diff", "diff_b",
-)
 
 
 class NonFiniteWeightsError(ValueError):
@@ -53,7 +47,8 @@ def lora_file_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
 
 
 def _check_keys(sd: dict[str, torch.Tensor]) -> None:
-    bad = [k for k in sd if not k.startswith(KNOWN_PREFIXES) or not any(k.endswith("." + s) for s in KNOWN_SUFFIXES)]
+    suffixes = methods.file_suffixes()
+    bad = [k for k in sd if not k.startswith(KNOWN_PREFIXES) or not any(k.endswith("." + s) for s in suffixes)]
     if bad:
         raise ValueError(
             f"{len(bad)} keys are not kohya LoRA keys (first: {', '.join(bad[:3])}); expected "
@@ -141,12 +136,7 @@ def _network_metadata(network) -> dict[str, str]:
     """Minimal metadata for a network saved without any: what A1111/ComfyUI need to show it."""
     from .metadata import build_training_metadata
 
-    cfg = network.config
-    return build_training_metadata(
-        arch=network.arch, method=cfg.method, rank=cfg.rank, alpha=cfg.alpha,
-        conv_rank=cfg.effective_conv_rank if cfg.preset == "full" else None,
-        conv_alpha=cfg.effective_conv_alpha if cfg.preset == "full" else None,
-    )
+    return build_training_metadata(arch=network.arch, **network.metadata_fields())
 
 
 def _canonicalize_header(path: Path) -> None:

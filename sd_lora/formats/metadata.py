@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .. import methods
 from ..models import ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL
 
 # kohya's ss_base_model_version / SAI modelspec.architecture per architecture.
@@ -93,7 +94,7 @@ def build_training_metadata(
 ) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata of a trained LoRA, all values strings.
 
-    arch: "sd1" / "sd2" / "sd2-v" / "sdxl". method: "lora" / "dora" / "loha" / "lokr" / "adalora".
+    arch: "sd1" / "sd2" / "sd2-v" / "sdxl". method: a name in sd_lora.methods (the trained method).
     tag_frequency: {dataset folder: {tag: count}} (trigger words are read back from it).
     dataset_dirs: {folder: {"n_repeats": 10, "img_count": 20}}.
     Other keyword fields (output_name, learning_rate, unet_lr, text_encoder_lr, steps, epoch,
@@ -112,21 +113,9 @@ def build_training_metadata(
     timestamp = time.time() if timestamp is None else timestamp
     md: dict[str, str] = {}
 
-    # Which network module kohya-compatible loaders should think made this file.
-    args = dict(network_args or {})
-    if method in ("lora", "adalora"):
-        module = "networks.lora"
-        if conv_rank is not None:
-            args.setdefault("conv_dim", str(conv_rank))
-            args.setdefault("conv_alpha", str(conv_alpha if conv_alpha is not None else alpha))
-    else:
-        module = "lycoris.kohya"
-        args.setdefault("algo", {"dora": "lora", "loha": "loha", "lokr": "lokr"}.get(method, method))
-        if method == "dora":
-            args.setdefault("dora_wd", "True")
-        if conv_rank is not None:
-            args.setdefault("conv_dim", str(conv_rank))
-            args.setdefault("conv_alpha", str(conv_alpha if conv_alpha is not None else alpha))
+    # Which network module kohya-compatible loaders should think made this file (the method says).
+    module, args = methods.get(method).network_args(alpha, conv_rank, conv_alpha)
+    args.update(network_args or {})
     md["ss_network_module"] = module
     if rank is not None:
         md["ss_network_dim"] = str(rank)

@@ -3,7 +3,8 @@
 Formats read (detected from the keys, never from the file name):
   kohya      lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* with lora_down/lora_up/alpha (LoRA, LoCon,
              DoRA dora_scale); UNet names in diffusers (down_blocks) or SAI/CompVis (input_blocks) layout
-  lycoris    the same prefixes with hada_* (LoHa, Tucker t1/t2), lokr_* (LoKr, t2), diff (full)
+  lycoris    the same prefixes with hada_* (LoHa, Tucker t1/t2), lokr_* (LoKr, t2), diff (full),
+             oft_blocks / oft_diag (OFT; kohya's oft_unet_ names too): the suffixes of sd_lora.methods
   diffusers  unet.<path>.lora_A.weight / .lora.down.weight / .lora_linear_layer.down.weight /
              .processor.to_q_lora.down.weight, text_encoder[_2].<path>...; alphas from diffusers'
              `lora_adapter_metadata` header or `.alpha` keys
@@ -26,11 +27,14 @@ from pathlib import Path
 
 import torch
 
+from .. import methods
 from ..io import CheckpointError, read_state_dict
+from ..methods import dora
+from ..methods.base import KOHYA_NETWORK, SHARED_SUFFIXES
 from ..models import ARCH_DESCRIPTIONS, ARCH_SD1, ARCH_SD2, ARCH_SD2_V, ARCH_SDXL, architecture_of
 from ..network.naming import kohya_module_name, module_index
-from .kohya import KNOWN_PREFIXES, KNOWN_SUFFIXES
-from .lora_file import KIND_FULL, KIND_LOHA, KIND_LOKR, KIND_LORA, LoraFile, LoraModule, is_finite
+from .kohya import KNOWN_PREFIXES
+from .lora_file import LoraFile, LoraModule, is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "s
 _UNET_HEADS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding", "conv_norm_out")
 # Real SDXL UNet layout (for SGM names of modules read from diffusers/PEFT files).
 _SDXL_LAYOUT = {"layers_per_block": 2, "up_attention": (True, True, False)}
+# Text-embedding width (= cross-attention key/value input) -> architecture.
+_CONTEXT_WIDTH = {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}
 
 
 class LoraFormatError(ValueError):
@@ -48,26 +54,16 @@ class LoraFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Key parsing
 # --------------------------------------------------------------------------------------------------
-_LYCORIS_PARAMS = "hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b|hada_t1|hada_t2|lokr_w1_a|lokr_w1_b|lokr_w1|lokr_w2_a|lokr_w2_b|lokr_w2|lokr_t2"
-_PEFT_SUFFIXES = [
-    # (regex on the end of the key, our suffix)
-    (re.compile(r"\.lora_A(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "lora_down.weight"),
-    (re.compile(r"\.lora_B(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "lora_up.weight"),
-    (re.compile(r"\.lora\.down\.weight$"), "lora_down.weight"),
-    (re.compile(r"\.lora\.up\.weight$"), "lora_up.weight"),
-    (re.compile(r"\.lora_linear_layer\.down\.weight$"), "lora_down.weight"),
-    (re.compile(r"\.lora_linear_layer\.up\.weight$"), "lora_up.weight"),
-    (re.compile(r"\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"), "dora_scale"),
-    (re.compile(r"\.alpha$"), "alpha"),
-]
-_PEFT_LYCORIS = re.compile(rf"\.({_LYCORIS_PARAMS})(?:\.[A-Za-z0-9_\-]+)?$")
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 def _split_kohya_key(key: str) -> tuple[str, str] | None:
+    for old, new in methods.name_prefixes().items():
+        if key.startswith(old):
+            key = new + key[len(old):]
     if not key.startswith(KNOWN_PREFIXES):
         return None
-    for suffix in KNOWN_SUFFIXES:
+    for suffix in methods.file_suffixes():
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return None
@@ -87,24 +83,15 @@ def _split_other_key(key: str) -> tuple[str | None, str, str] | None:
     if m:
         attn = m[2] if m[2] != "to_out" else "to_out.0"
         return component, f"{m[1]}.{attn}", f"lora_{m[3]}.weight"
-    for pattern, suffix in _PEFT_SUFFIXES:
+    for pattern, suffix in methods.peft_keys():
         m = pattern.search(rest)
         if m:
-            return component, rest[: m.start()], suffix
-    m = _PEFT_LYCORIS.search(rest)
-    if m:
-        return component, rest[: m.start()], m[1]
+            return component, rest[: m.start()], suffix or m[1]
     return None
 
 
-def _kind_of(suffixes) -> str:
-    if any(s.startswith("hada_") for s in suffixes):
-        return KIND_LOHA
-    if any(s.startswith("lokr_") for s in suffixes):
-        return KIND_LOKR
-    if "diff" in suffixes:
-        return KIND_FULL
-    return KIND_LORA
+def _module(name: str, tensors: dict[str, torch.Tensor]) -> LoraModule:
+    return LoraModule(name, methods.for_keys(tensors).name, tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,20 +120,19 @@ def arch_from_modules(modules: dict[str, LoraModule]) -> str | None:
         if in_features is None:
             continue
         if re.search(r"attn2_to_[kv]$", name):  # cross-attention width = text embedding width
-            return {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}.get(in_features)
+            return _CONTEXT_WIDTH.get(in_features)
     for name, module in modules.items():
         if name.startswith("lora_te_") and re.search(r"self_attn_q_proj$", name):
-            return {768: ARCH_SD1, 1024: ARCH_SD2}.get(_in_features(module))
+            # (lora_te_ is SD1/SD2: SDXL names its encoders te1/te2), so the same widths tell them apart
+            return _CONTEXT_WIDTH.get(_in_features(module))
     return None
 
 
 def _in_features(module: LoraModule) -> int | None:
-    t = module.tensors
-    if "lora_down.weight" in t:
-        return int(t["lora_down.weight"].shape[1])
-    if "hada_w1_b" in t and "hada_t1" not in t:
-        return int(t["hada_w1_b"].shape[1])
-    return None
+    """The base layer's input width, where the module's (complete) tensors show it."""
+    if not module.method.is_complete(module.tensors):
+        return None
+    return module.method.in_features(module.tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,28 +253,24 @@ def _load_lora(root: Path, strict: bool) -> LoraFile:
                 continue
             cfg = configs.get(comp) or configs.get(None) or {}
             tensors = dict(tensors)
-            kind = _kind_of(tensors)
-            if "alpha" not in tensors and cfg:
-                rank = _rank_of(kind, tensors)
+            method = methods.for_keys(tensors)
+            if "alpha" not in tensors and cfg and method.is_complete(tensors):
+                rank = method.rank(tensors)
                 r = _pattern_value(cfg.get("rank_pattern"), module_path, cfg.get("r", rank))
                 alpha_default = cfg.get("lora_alpha", cfg.get("alpha", r))
                 alpha = _pattern_value(cfg.get("alpha_pattern"), module_path, alpha_default)
-                if rank is not None and alpha is not None:
-                    # The tensors define the rank; keep PEFT's scale alpha / r whatever r says.
-                    tensors["alpha"] = torch.tensor(float(alpha) * rank / float(r or rank))
-                if kind == KIND_LOKR and rank is None and alpha is not None and r:
-                    # PEFT scales a LoKr with both factors full by alpha / r; LyCORIS does not: fold it in.
-                    tensors["lokr_w2"] = tensors["lokr_w2"].float() * (float(alpha) / float(r))
+                if alpha is not None:
+                    tensors = method.from_peft(tensors, alpha, r)
             if "dora_scale" in tensors:
-                tensors["dora_scale"] = _dora_scale_from_peft(tensors)
+                tensors["dora_scale"] = dora.from_peft(tensors["dora_scale"], tensors.get("lora_up.weight"))
             resolved.append((comp, module_path, tensors))
 
     if not kohya_parts and not resolved and not unknown:
         raise LoraFormatError(f"{root}: the file holds no tensors.")
     modules: dict[str, LoraModule] = {}
     for name, tensors in kohya_parts.items():
-        modules[name] = LoraModule(name, _kind_of(tensors), tensors)
-    if any(m.kind != KIND_LORA for m in modules.values()):
+        modules[name] = _module(name, tensors)
+    if modules and methods.network_module_of({m.kind for m in modules.values()}) != KOHYA_NETWORK:
         fmt = "lycoris"
 
     if resolved:
@@ -298,8 +280,9 @@ def _load_lora(root: Path, strict: bool) -> LoraFile:
             arch = ARCH_SDXL
         if arch is None:
             for comp, module_path, tensors in resolved:
-                if comp == "unet" and module_path.endswith("attn2.to_k") and "lora_down.weight" in tensors:
-                    arch = {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}.get(int(tensors["lora_down.weight"].shape[1]))
+                width = _in_features(_module(module_path, tensors)) if comp == "unet" and module_path.endswith("attn2.to_k") else None
+                if width is not None:
+                    arch = _CONTEXT_WIDTH.get(width)
                     break
         arch_for_names = arch or ARCH_SD1
         layout = _SDXL_LAYOUT if arch_for_names == ARCH_SDXL else None
@@ -312,9 +295,11 @@ def _load_lora(root: Path, strict: bool) -> LoraFile:
             if name in modules:
                 modules[name].tensors.update(tensors)
             else:
-                modules[name] = LoraModule(name, _kind_of(tensors), tensors)
+                modules[name] = _module(name, tensors)
 
-    incomplete = [n for n, m in modules.items() if not _is_complete(m)]
+    # Incomplete, or mixing keys of two methods (which one would apply is a guess): reported, not used.
+    incomplete = [n for n, m in modules.items()
+                  if not m.method.is_complete(m.tensors) or set(m.tensors) - set(m.method.suffixes) - set(SHARED_SUFFIXES)]
     if incomplete:
         unknown += [f"{n}.{s}" for n in incomplete for s in modules[n].tensors]
         for n in incomplete:
@@ -356,18 +341,8 @@ def _check_module(root: Path, module: LoraModule) -> None:
     if "alpha" in t and t["alpha"].numel() != 1:
         raise LoraFormatError(f"{what}: alpha must be a single number, found shape {tuple(t['alpha'].shape)}.")
     try:
-        out, numel = delta_shape_numel(module)
-        if module.kind == KIND_LORA and "lora_mid.weight" not in t:
-            # Plain LoRA/LoCon, most modules of most files: up @ down fits when the ranks agree. Checked
-            # by arithmetic, because the meta-device delta below costs ~0.25 ms a module in Python.
-            up, down = t["lora_up.weight"], t["lora_down.weight"]
-            if up.dim() < 2 or down.dim() < 2 or up[0].numel() != down.shape[0]:
-                raise ValueError(f"up {tuple(up.shape)} does not multiply down {tuple(down.shape)}")
-            delta_shape = (out, numel // out)
-        else:
-            meta = {k: v if k == "alpha" else torch.empty(v.shape, device="meta") for k, v in t.items() if k != "dora_scale"}
-            delta_shape = tuple(LoraModule(module.name, module.kind, meta).delta((out, numel // out), device="meta").shape)
-        if "dora_scale" in t and t["dora_scale"].numel() not in delta_shape[:2]:
+        delta_shape = module.method.check(t)
+        if "dora_scale" in t and not dora.fits(t["dora_scale"], delta_shape):
             raise ValueError(f"dora_scale has {t['dora_scale'].numel()} values for a {delta_shape} delta")
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:
         raise LoraFormatError(f"{what}: its tensor shapes do not fit together ({e}). The file is damaged.") from e
@@ -378,77 +353,16 @@ def _component_of(module_path: str, tensors: dict[str, torch.Tensor]) -> str | N
     if module_path.startswith(_UNET_HEADS):
         return "unet"
     if module_path.startswith(("text_model.", "encoder.layers.")):
-        down = tensors.get("lora_down.weight")
         # OpenCLIP ViT-bigG (SDXL's second encoder) is 1280 wide; CLIP-L 768, OpenCLIP-H 1024.
-        if down is not None and down.shape[-1] == 1280:
+        if _in_features(_module(module_path, tensors)) == 1280:
             return "text_encoder_2"
         return "text_encoder"
     return None
 
 
-def _rank_of(kind: str, tensors: dict[str, torch.Tensor]) -> int | None:
-    return LoraModule("", kind, tensors).rank
-
-
-def _dora_scale_from_peft(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    m = tensors["dora_scale"]
-    up = tensors.get("lora_up.weight")
-    out = int(up.shape[0]) if up is not None else int(m.numel())
-    dims = up.dim() if up is not None else 2
-    return m.reshape(out, *[1] * (dims - 1)) if m.numel() == out else m
-
-
-def _is_complete(module: LoraModule) -> bool:
-    t = module.tensors
-    if module.kind == KIND_LORA:
-        return "lora_down.weight" in t and "lora_up.weight" in t
-    if module.kind == KIND_LOHA:
-        return all(k in t for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-    if module.kind == KIND_LOKR:
-        return ("lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)) and (
-            "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
-        )
-    return "diff" in t
-
-
 # --------------------------------------------------------------------------------------------------
 # Matching against a pipeline
 # --------------------------------------------------------------------------------------------------
-def delta_shape_numel(module: LoraModule) -> tuple[int, int] | None:
-    """(out_features, total numel) of the delta a module produces, from its factor shapes only."""
-    t = module.tensors
-
-    def numel(shape) -> int:
-        n = 1
-        for s in shape:
-            n *= int(s)
-        return n
-
-    if module.kind == KIND_LORA:
-        up, down = t["lora_up.weight"], t["lora_down.weight"]
-        if "lora_mid.weight" in t:
-            mid = t["lora_mid.weight"]
-            return int(up.shape[0]), int(up.shape[0]) * int(down.shape[1]) * numel(mid.shape[2:])
-        return int(up.shape[0]), int(up.shape[0]) * numel(down.shape[1:])
-    if module.kind == KIND_LOHA:
-        if "hada_t1" in t:
-            out, inp = t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1]
-            return int(out), int(out) * int(inp) * numel(t["hada_t1"].shape[2:])
-        return int(t["hada_w1_a"].shape[0]), int(t["hada_w1_a"].shape[0]) * int(t["hada_w1_b"].shape[1])
-    if module.kind == KIND_LOKR:
-        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-        if "lokr_w2" in t:
-            w2 = tuple(t["lokr_w2"].shape)
-        elif "lokr_t2" in t:
-            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
-        else:
-            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
-        return int(w1[0]) * int(w2[0]), numel(w1) * numel(w2)
-    if module.kind == KIND_FULL:
-        return int(t["diff"].shape[0]), numel(t["diff"].shape)
-    return None
-
-
 def check_arch(lora: LoraFile, arch: str) -> None:
     """Raise if the file was made for another architecture family than the pipeline's."""
     if lora.arch is None:
@@ -478,12 +392,9 @@ def match_lora(lora: LoraFile, pipe, strict: bool = True) -> dict[str, tuple[str
             continue
         base = entry[2]
         weight_shape = tuple(base.weight.shape)
-        expect = delta_shape_numel(module)
-        numel = 1
-        for s in weight_shape:
-            numel *= s
-        if expect is None or expect != (weight_shape[0], numel):
-            mismatched.append(f"{name} (file gives {expect}, base weight is {weight_shape})")
+        out, numel = module.delta_shape()
+        if out != weight_shape[0] or numel not in (None, base.weight.numel()):
+            mismatched.append(f"{name} (file gives {(out, numel)}, base weight is {weight_shape})")
             continue
         matched[name] = entry
     problems = []

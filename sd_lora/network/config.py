@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
-METHODS = ("lora", "dora", "loha", "lokr", "adalora")
-PRESETS = ("attention", "kohya", "full")
+from ..fields import describe, keys_of, problems, setting
+
+PRESETS = ("attention", "kohya", "full")  # what each selects: sd_lora/network/presets.py
 BLOCKS = ("down", "mid", "up")
+
+
+def _trainable_methods() -> tuple[str, ...]:
+    # read from the method registry when asked (torch-free), so a new method needs no edit here
+    from ..methods import trainable_method_names
+
+    return trainable_method_names()
 
 
 @dataclass
@@ -27,66 +36,58 @@ class NetworkConfig:
         (modules outside the blocks and the text encoders keep rank / alpha).
     """
 
-    method: str = "lora"
-    preset: str = "kohya"
-    rank: int = 32
-    alpha: float = 16.0
-    conv_rank: int | None = None
-    conv_alpha: float | None = None
-    dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    train_unet: bool = True
-    train_text_encoder: bool = True
-    block_ranks: dict[str, int] | None = None
-    block_alphas: dict[str, float] | None = None
+    method: str = setting("lora", "adapter method", choices=_trainable_methods)
+    preset: str = setting("kohya", "which modules get an adapter: attention, kohya (kohya's default) or full (adds the "
+                          "ResNet convs: LoCon)", choices=PRESETS)
+    rank: int = setting(32, "adapter rank (dim); 16-32 is typical for SD1.5", kohya=("network_dim",), minimum=1)
+    alpha: float = setting(16.0, "adapter alpha; the scale applied is alpha / rank", kohya=("network_alpha",))
+    conv_rank: int | None = setting(None, "rank of 3x3 convs (full preset)", default_text="rank", minimum=1)
+    conv_alpha: float | None = setting(None, "alpha of 3x3 convs (full preset)", default_text="alpha")
+    dropout: float = setting(0.0, "dropout on the adapter input", kohya=("network_dropout",))
+    rank_dropout: float = setting(0.0, "probability of dropping each rank channel per sample")
+    module_dropout: float = setting(0.0, "probability of skipping a module's whole adapter for a step")
+    train_unet: bool = setting(True, "train adapters on the UNet", kohya={"network_train_text_encoder_only": False})
+    train_text_encoder: bool = setting(True, "train adapters on the text encoder(s)", kohya={"network_train_unet_only": False})
+    block_ranks: dict[str, int] | None = setting(None, "rank per UNet block family, e.g. {\"down\": 8, \"mid\": 16, \"up\": 32}",
+                                                  default_text="rank")
+    block_alphas: dict[str, float] | None = setting(None, "alpha per UNet block family, like block_ranks", default_text="alpha")
     # AdaLoRA only: the training length its rank schedule is planned over, and the average rank
     # to end with (PEFT's target_r). Ignored by the other methods.
-    adalora_total_steps: int | None = None
-    adalora_target_rank: int | None = None
+    adalora_total_steps: int | None = setting(None, "adalora: steps its rank schedule is planned over", unit="steps",
+                                              default_text="the run's steps")
+    adalora_target_rank: int | None = setting(None, "adalora: average rank to end with (PEFT's target_r)")
 
     def validate(self) -> list[str]:
-        """Every problem with these values, as sentences a user can act on (empty list if fine)."""
+        """Every problem with these values, as 'key: what is wrong; what to do' (empty list if fine)."""
+        keys = network_keys()
+        generic = problems(self, keys, None)  # types, choices, minimums (from the field declarations)
         errors = []
-        if self.method not in METHODS:
-            errors.append(f"network method {self.method!r} is not supported; choose one of {', '.join(METHODS)}.")
-        if self.preset not in PRESETS:
-            errors.append(f"target preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
-        for name in ("rank", "conv_rank"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                errors.append(f"{name} must be a whole number >= 1 (got {value!r}); 16-32 is typical for SD1.5.")
         for name in ("alpha", "conv_alpha"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-                errors.append(f"{name} must be a number > 0 (got {value!r}); rank/2 or rank is usual.")
+            if value is not None and isinstance(value, (int, float)) and value <= 0:
+                errors.append(f"{name}: must be a number > 0 (got {value!r}); rank/2 or rank is usual")
         for name in ("dropout", "rank_dropout", "module_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                errors.append(f"{name} must be in [0, 1) (got {value!r}).")
+            if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+                errors.append(f"{name}: must be in [0, 1) (got {value!r})")
         if not self.train_unet and not self.train_text_encoder:
-            errors.append("nothing to train: set train_unet or train_text_encoder (or both) to true.")
+            errors.append("train_unet/train_text_encoder: nothing to train; set one of them (or both) to true")
         for field_name, values, kind in (("block_ranks", self.block_ranks, int), ("block_alphas", self.block_alphas, float)):
-            if values is None:
-                continue
             if not isinstance(values, dict):
-                errors.append(f"{field_name} must map block names ({', '.join(BLOCKS)}) to numbers, e.g. {{'down': 8, 'up': 16}}.")
                 continue
             for block, v in values.items():
                 if block not in BLOCKS:
-                    errors.append(f"{field_name}: unknown block {block!r}; use {', '.join(BLOCKS)}.")
+                    errors.append(f"{field_name}: unknown block {block!r}; use {', '.join(BLOCKS)}")
                 elif kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                    errors.append(f"{field_name}[{block!r}] must be a whole number >= 1 (got {v!r}).")
+                    errors.append(f"{field_name}: [{block!r}] must be a whole number >= 1 (got {v!r})")
                 elif kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-                    errors.append(f"{field_name}[{block!r}] must be a number > 0 (got {v!r}).")
-        if self.method == "adalora":
-            if self.rank_dropout or self.module_dropout:
-                errors.append("adalora does not support rank_dropout / module_dropout; set them to 0.")
-            if self.block_ranks or self.block_alphas:
-                errors.append("adalora allocates ranks itself; remove block_ranks / block_alphas.")
-            if self.adalora_target_rank is not None and not (1 <= self.adalora_target_rank <= self.rank):
-                errors.append(f"adalora_target_rank must be between 1 and rank ({self.rank}).")
-        return errors
+                    errors.append(f"{field_name}: [{block!r}] must be a number > 0 (got {v!r})")
+        if self.method in _trainable_methods():
+            from ..methods import get as get_method
+
+            errors += get_method(self.method).validate(self)  # rules only that method has
+        bad = {m.split(":", 1)[0] for m in generic}
+        return generic + [m for m in errors if not (keys_of(m) & bad)]
 
     def check(self) -> None:
         """Raise ValueError listing every problem at once."""
@@ -112,3 +113,9 @@ class NetworkConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def network_keys():
+    """The self-describing keys of NetworkConfig (names without the `network.` prefix)."""
+    return describe(NetworkConfig, {})

@@ -150,8 +150,10 @@ def module_index(pipe_or_components, arch: str) -> dict[str, tuple[str, str, obj
 
 def _strip_peft_wrapping(path: str) -> str | None:
     """Map a module path inside a PEFT-wrapped model back to the base layer's path (None to skip)."""
-    if ".lora_" in path or ".hada_" in path or ".lokr_" in path or "lora_magnitude_vector" in path:
-        return None  # PEFT's own adapter sub-layers
+    if ".lora_" in path:
+        # PEFT's own adapter sub-layers (lora_A / lora_B ... of the LoRA family; LoHa / LoKr keep
+        # parameters, not Linear / Conv2d layers, so never reach here)
+        return None
     path = path.replace("base_model.model.", "")
     if path.endswith(".base_layer"):
         path = path[: -len(".base_layer")]

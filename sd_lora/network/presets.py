@@ -64,10 +64,15 @@ def _is_conv3x3(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
+def adapts_convs(preset: str) -> bool:
+    """The preset adapts the ResNet 3x3 convs (LoCon), so conv_rank / conv_alpha apply."""
+    return preset == "full"
+
+
 def unet_targets(unet, preset: str) -> list[tuple[str, nn.Module]]:
     """(path, module) of every UNet module the preset adapts, in model order."""
     found: dict[str, nn.Module] = {}
-    classes = TRANSFORMER_CLASSES + (RESNET_CLASSES if preset == "full" else ())
+    classes = TRANSFORMER_CLASSES + (RESNET_CLASSES if adapts_convs(preset) else ())
     for name, parent in unet.named_modules():
         if type(parent).__name__ not in classes:
             continue
@@ -120,19 +125,17 @@ def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool 
     return targets
 
 
-def estimate_file_bytes(targets: list[Target], config, bytes_per_param: int = 2) -> int:
-    """Tensor bytes of a kohya LoRA file for these targets (fp16 by default; alphas included).
+def estimate_file_bytes(targets: list[Target], config, bytes_per_param: int = 2) -> int | None:
+    """Tensor bytes of a kohya file for these targets (fp16 by default; alphas included), counted by
+    the method (sd_lora.methods: LoRA/LoCon/DoRA exactly, LoHa twice a LoRA); None where the method
+    cannot say in advance (LoKr: its factorisation depends on each layer's shape)."""
+    from .. import methods
 
-    LoRA/LoCon/DoRA count exactly (down: rank x in x k x k, up: out x rank, alpha: one value, DoRA:
-    out); LoHa is twice a LoRA of the same rank; LoKr depends on factorisation and is not estimated.
-    """
+    method = methods.get(config.method)
     total = 0
     for t in targets:
-        rank, _ = config.rank_alpha_for(t.block, t.conv3x3)
-        n = rank * (t.in_features * t.kernel_numel + t.out_features) + 1
-        if config.method == "loha":
-            n = 2 * (n - 1) + 1
-        if config.method == "dora":
-            n += t.out_features
+        n = method.file_params(t, config.rank_alpha_for(t.block, t.conv3x3)[0])
+        if n is None:
+            return None
         total += n * bytes_per_param
     return total

@@ -1,13 +1,22 @@
 """Weighted LoRA stacks fused into diffusers pipelines (exact restore, fast switching) and the
-`<lora:NAME:W>` prompt syntax. See docs/stack.md."""
+`<lora:NAME:W>` prompt syntax. See docs/stack.md.
 
-from .cache import LoraCache, default_cache, set_cache_limit
-from .fuse import AppliedStack, applied_stack, apply_loras, loras, remove_loras
-from .prompt import PromptLora, available_loras, parse_lora_prompt, prompt_to_stack, resolve_lora_name
-from .spec import LoraSpec
+Names are re-exported lazily (PEP 562): importing the package does not import torch.
+"""
 
-__all__ = [
-    "AppliedStack", "LoraCache", "LoraSpec", "PromptLora", "applied_stack", "apply_loras", "available_loras",
-    "default_cache", "loras", "parse_lora_prompt", "prompt_to_stack", "remove_loras", "resolve_lora_name",
-    "set_cache_limit",
-]
+_EXPORTS = {
+    "LoraCache": ".cache", "default_cache": ".cache", "set_cache_limit": ".cache",
+    "AppliedStack": ".fuse", "applied_stack": ".fuse", "apply_loras": ".fuse", "loras": ".fuse", "remove_loras": ".fuse",
+    "PromptLora": ".prompt", "available_loras": ".prompt", "parse_lora_prompt": ".prompt", "prompt_to_stack": ".prompt",
+    "resolve_lora_name": ".prompt",
+    "LoraSpec": ".spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ Optionally (`dense_bytes` > 0) the cache also keeps the dense deltas of modules 
 be computed densely anyway (LoHa, LoKr, LoCon with a CP core, full "diff" modules), in a second LRU
 with its own bound: switching back to such a file then skips the Hadamard/Kronecker products. Plain
 LoRA/LoCon modules never get a dense copy (their fused `addmm` from the factors costs no more than
-adding a stored delta would), nor do DoRA modules (their delta depends on the base weight).
+adding a stored delta would), nor do modules whose delta depends on the base weight (DoRA, OFT:
+`LoraModule.needs_base`).
 """
 
 from __future__ import annotations

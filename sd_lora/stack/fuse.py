@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.lora_file import KIND_LORA, LoraFile, LoraModule
+from ..formats.lora_file import LoraFile, LoraModule
 from ..models import architecture_of
 from ..network.naming import module_index, unet_diffusers_to_sgm, unet_layout
 from .cache import LoraCache, default_cache
@@ -167,24 +166,10 @@ def _resolve(pipe, st: _State, key: tuple, lora: LoraFile, label: str, strict: b
 def _check_shapes(label: str, name: str, mod: LoraModule, module: torch.nn.Module) -> None:
     """Raise a ValueError naming file and module unless `mod`'s delta fits `module`'s weight."""
     shape = tuple(module.weight.shape)
-    t = mod.tensors
     try:
-        if mod.kind == KIND_LORA and "lora_mid.weight" not in t:
-            up, down = t["lora_up.weight"], t["lora_down.weight"]
-            ok = (
-                up.shape[0] == shape[0]
-                and down.shape[0] == up.flatten(1).shape[1]
-                and down[0].numel() == (torch.Size(shape[1:]).numel())
-                and (len(shape) == 2 or down.dim() == 4 and tuple(down.shape[2:]) == shape[2:] or down.dim() == 2 and shape[2:] == (1, 1))
-            )
-            if not ok:
-                raise RuntimeError(f"up {tuple(up.shape)} x down {tuple(down.shape)}")
-        else:
-            # Any other method: run its delta formula on meta tensors (shapes only, no arithmetic).
-            meta = {k: (v if k == "alpha" else torch.empty(v.shape, device="meta")) for k, v in t.items()}
-            d = LoraModule(mod.name, mod.kind, meta).delta(shape, base_weight=torch.empty(shape, device="meta"))
-            if tuple(d.shape) != shape:
-                raise RuntimeError(f"delta shape {tuple(d.shape)}")
+        # The method checks (by arithmetic, or its delta formula on meta tensors: shapes only).
+        if not mod.method.fits(mod.tensors, shape):
+            raise RuntimeError(f"{mod.kind} factors {', '.join(f'{k} {tuple(v.shape)}' for k, v in mod.tensors.items() if v.dim())}")
         b = mod.bias_delta()
         if b is not None and (module.bias is None or tuple(b.shape) != tuple(module.bias.shape)):
             raise RuntimeError(f"bias delta {tuple(b.shape)}")
@@ -341,11 +326,11 @@ def _write(st: _State, t: TargetKey, contributions: tuple[Contribution, ...], fi
         mod = files[key].modules[name]
         if t[2] == "bias":
             dense.append(mod.bias_delta().to(device) * w)
-        elif mod.kind == KIND_LORA and "lora_mid.weight" not in mod.tensors and not mod.has_dora:
-            up = mod.tensors["lora_up.weight"].to(device=device, dtype=torch.float32).flatten(1)
-            ups.append(up * (mod.scale * w))
-            downs.append(mod.tensors["lora_down.weight"].to(device=device, dtype=torch.float32).flatten(1))
-        elif mod.has_dora or cache is None or key[0] == "memory":  # (in-memory files may change between calls)
+        elif (factors := mod.factors()) is not None:  # plain LoRA/LoCon: joins this layer's one low-rank update
+            up, down = factors
+            ups.append(up.to(device) * (mod.scale * w))
+            downs.append(down.to(device))
+        elif mod.needs_base or cache is None or key[0] == "memory":  # (in-memory files may change between calls)
             dense.append(mod.delta(param.shape, base_weight=backup, device=device).mul_(w))
         else:
             d = cache.dense_delta((key, name, tuple(param.shape), str(device)),

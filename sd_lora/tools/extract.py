@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from ..formats.lora_file import KIND_LORA, LoraFile, LoraModule
+from ..formats.lora_file import LoraFile, LoraModule
+from ..methods.lora import METHOD as LORA
 from ..models import architecture_of
 from .merge import lora_metadata, write_report
 from .svd import ToolReport, choose_rank, factors_to_tensors, module_report, split_factors, svd_of_dense
@@ -95,7 +96,7 @@ def extract_lora(
             u, s, vh = svd_of_dense(delta.reshape(shape[0], -1))
             new = choose_rank(s, limit, dynamic, param)
             up, down = split_factors(u, s, vh, new)
-            modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=new))
+            modules[name] = LoraModule(name, LORA.name, factors_to_tensors(up, down, shape, alpha=new))
             report.modules.append(module_report(name, s, new, None))
         total_sq = _total_diff_sq(pipe_a, pipe_b, text_encoder)
 

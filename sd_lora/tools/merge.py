@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from .. import methods
 from ..formats.kohya import save_lora
-from ..formats.lora_file import KIND_FULL, KIND_LOHA, KIND_LOKR, KIND_LORA, LoraFile, LoraModule
+from ..formats.lora_file import LoraFile, LoraModule
 from ..formats.metadata import build_training_metadata, data_sha256
 from ..formats.read import ARCH_FAMILY, load_lora
+from ..methods.lora import METHOD as LORA
 from ..stack.spec import LoraSpec, normalize_stack
 from .svd import (
     ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, is_plain_lora, lora_factors,
@@ -94,14 +96,13 @@ def lora_metadata(
 
     `keep` is the source's metadata (resize), whose training details stay true for the result.
     """
-    ranks = {m.rank for m in modules.values() if m.kind == KIND_LORA}
-    alphas = {m.alpha for m in modules.values() if m.kind == KIND_LORA}
-    methods = {m.kind for m in modules.values()}
+    ranks = {m.rank for m in modules.values() if m.method is LORA}
+    alphas = {m.alpha for m in modules.values() if m.method is LORA}
     title = Path(out).stem if out is not None else None
     md = dict(keep or {})
     if arch is not None:
         fresh = build_training_metadata(
-            arch, method="lora", rank=None, alpha=None, output_name=title, training_comment=comment,
+            arch, method=LORA.name, rank=None, alpha=None, output_name=title, training_comment=comment,
             resolution=_resolution(keep),
         )
         # The source's own training details (tag frequency, steps, ...) stay; what we changed is replaced.
@@ -113,7 +114,7 @@ def lora_metadata(
         md["ss_training_comment"] = comment
         if title:
             md["ss_output_name"] = title
-    md["ss_network_module"] = "networks.lora" if methods <= {KIND_LORA} else "lycoris.kohya"
+    md["ss_network_module"] = methods.network_module_of({m.kind for m in modules.values()})
     md["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     md["ss_network_alpha"] = str(float(next(iter(alphas)))) if len(alphas) == 1 and None not in alphas else "Dynamic"
     md.pop("ss_network_args", None)  # conv_dim etc. of the source no longer describe the file
@@ -215,14 +216,14 @@ def _merge_module(name, contribs, rank, conv_rank, modules: dict, report: ToolRe
     if target is None and len(contribs) == 1 and not is_plain_lora(contribs[0][0]):
         module, w = contribs[0]
         modules[name] = _weighted_copy(module, w)
-        norm = 0.0 if module.has_dora else float(dense_delta(module, w).norm())
+        norm = 0.0 if module.needs_base else float(dense_delta(module, w).norm())
         report.modules.append(ModuleReport(name, module.rank, module.rank or 0, 1.0, 0.0, norm))
         return
     if all(is_plain_lora(m) for m, _ in contribs):
         ups, downs = zip(*(lora_factors(m, w) for m, w in contribs))
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)
         if target is None:  # exact: the concatenated factors are the weighted sum
-            modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=down.shape[0]))
+            modules[name] = LoraModule(name, LORA.name, factors_to_tensors(up, down, shape, alpha=down.shape[0]))
             s = svd_of_product(up, down)[1]
             report.modules.append(module_report(name, s, len(s), old_rank))
             return
@@ -235,7 +236,7 @@ def _merge_module(name, contribs, rank, conv_rank, modules: dict, report: ToolRe
     else:
         keep = choose_rank(s, target)
     up, down = split_factors(u, s, vh, keep)
-    modules[name] = LoraModule(name, KIND_LORA, factors_to_tensors(up, down, shape, alpha=keep))
+    modules[name] = LoraModule(name, LORA.name, factors_to_tensors(up, down, shape, alpha=keep))
     report.modules.append(module_report(name, s, keep, old_rank))
 
 
@@ -263,16 +264,7 @@ def _weighted_copy(module: LoraModule, w: float) -> LoraModule:
             f"{module.name}: a DoRA module at weight {w:g} cannot be written as a LoRA (its effect is not linear in "
             "the weight). Use weight 1, or merge into a checkpoint with `sd-lora merge --into-model`."
         )
-    key = {
-        KIND_LORA: "lora_up.weight",
-        KIND_LOHA: "hada_w1_a",
-        KIND_LOKR: "lokr_w1" if "lokr_w1" in t else "lokr_w1_a",
-        KIND_FULL: "diff",
-    }[module.kind]
-    t[key] = t[key].float() * w
-    if module.kind == KIND_FULL and "diff_b" in t:
-        t["diff_b"] = t["diff_b"].float() * w
-    return LoraModule(module.name, module.kind, t)
+    return LoraModule(module.name, module.kind, module.method.scaled(t, w))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ import os
 import time
 from pathlib import Path
 
-from ..formats.lora_file import KIND_LORA, LoraFile, LoraModule
+from ..formats.lora_file import LoraFile, LoraModule
 from ..formats.metadata import data_sha256
 from ..formats.read import load_lora
+from ..methods.lora import METHOD as LORA
 from .merge import lora_metadata, write_report
 from .svd import (
     DYNAMIC_METHODS, ModuleReport, ToolReport, choose_rank, dense_delta, factors_to_tensors, module_report,
@@ -82,7 +83,7 @@ def resize_lora(
         new_module, module_rep = _resize_module(module, rank, dynamic, param, conv_rank)
         modules[name] = new_module
         report.modules.append(module_rep)
-        if module.kind != KIND_LORA or "lora_mid.weight" in module.tensors:
+        if module.method.factors(module.tensors) is None:  # (DoRA modules stay LoRA + dora_scale)
             converted.append(f"{name} ({module.kind})")
     if converted:
         report.notes.append(f"{len(converted)} LyCORIS/CP modules became plain LoRA modules: {', '.join(converted[:3])}"
@@ -110,12 +111,11 @@ def _resize_module(module: LoraModule, rank, dynamic, param, conv_rank) -> tuple
     conv = len(shape) == 4 and shape[2:] != (1, 1)
     limit = (conv_rank or rank) if conv else rank
     old_rank = module.rank
-    if module.kind == KIND_LORA and "lora_mid.weight" not in module.tensors:
+    factors = module.method.factors(module.tensors)  # (of the LoRA part: a DoRA magnitude is kept below)
+    if factors is not None:
         # kohya: SVD of up @ down without the scale; alpha follows the rank, so the scale stays.
         scale = module.scale
-        up = module.tensors["lora_up.weight"].float().flatten(1)
-        down = module.tensors["lora_down.weight"].float().flatten(1)
-        u, s, vh = svd_of_product(up, down)
+        u, s, vh = svd_of_product(*factors)
         new = choose_rank(s, limit, dynamic, param)
         if dynamic is None and old_rank is not None and old_rank <= new:
             # nothing to reduce: the module is copied as it is
@@ -124,11 +124,11 @@ def _resize_module(module: LoraModule, rank, dynamic, param, conv_rank) -> tuple
         tensors = factors_to_tensors(new_up, new_down, shape, alpha=scale * new)
         if module.has_dora:
             tensors["dora_scale"] = module.tensors["dora_scale"]
-        return LoraModule(name, KIND_LORA, tensors), module_report(name, s, new, old_rank, scale)
+        return LoraModule(name, LORA.name, tensors), module_report(name, s, new, old_rank, scale)
     u, s, vh = svd_of_dense(dense_delta(module))  # LoHa / LoKr / CP-LoCon / full -> LoRA
     new = choose_rank(s, limit if limit is not None else old_rank, dynamic, param)
     new_up, new_down = split_factors(u, s, vh, new)
-    return LoraModule(name, KIND_LORA, factors_to_tensors(new_up, new_down, shape, alpha=new)), module_report(name, s, new, old_rank)
+    return LoraModule(name, LORA.name, factors_to_tensors(new_up, new_down, shape, alpha=new)), module_report(name, s, new, old_rank)
 
 
 def _source_hash(source: LoraFile, path: Path | None) -> str:

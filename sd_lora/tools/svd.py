@@ -226,31 +226,18 @@ _CONV3X3_NAME = ("conv1", "conv2", "_conv", "_op", "conv_in", "conv_out", "in_la
 
 
 def is_plain_lora(module) -> bool:
-    """A LoRA/LoCon module whose delta is exactly up @ down * scale (no CP core, no DoRA)."""
-    from ..formats.lora_file import KIND_LORA
-
-    return module.kind == KIND_LORA and "lora_mid.weight" not in module.tensors and not module.has_dora
+    """A module whose delta is exactly up @ down * scale (plain LoRA/LoCon: no CP core, no DoRA)."""
+    return module.factors() is not None
 
 
 def weight_shape(module) -> tuple[int, ...]:
     """The shape of the base weight `module` changes, from its tensors alone."""
-    from ..formats.read import delta_shape_numel
-
-    t = module.tensors
-    if module.kind == "lora":
-        down = t["lora_down.weight"]
-        if "lora_mid.weight" in t:
-            return (int(t["lora_up.weight"].shape[0]), int(down.shape[1]), *map(int, t["lora_mid.weight"].shape[2:]))
-        return (int(t["lora_up.weight"].shape[0]), *map(int, down.shape[1:]))
-    if module.kind == "full":
-        return tuple(int(s) for s in t["diff"].shape)
-    if module.kind == "loha" and "hada_t1" in t:
-        return (int(t["hada_w1_a"].shape[1]), int(t["hada_w1_b"].shape[1]), *map(int, t["hada_t1"].shape[2:]))
-    if module.kind == "lokr" and ("lokr_t2" in t or ("lokr_w2" in t and t["lokr_w2"].dim() == 4)):
-        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-        w2 = t["lokr_w2"].shape if "lokr_w2" in t else (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
-        return (int(w1[0] * w2[0]), int(w1[1] * w2[1]), *map(int, w2[2:]))
-    out, numel = delta_shape_numel(module)
+    if module.method.needs_base:  # (OFT: the tensors give the output rows only)
+        _refuse_base_dependent(module)
+    shape = module.method.weight_shape(module.tensors)
+    if shape is not None:
+        return shape
+    out, numel = module.delta_shape()
     flat = numel // out
     if module.name.endswith(_CONV3X3_NAME) and flat % 9 == 0:
         return (out, flat // 9, 3, 3)
@@ -259,25 +246,28 @@ def weight_shape(module) -> tuple[int, ...]:
 
 def lora_factors(module, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) as fp32 2-D matrices with the module's alpha/rank scale and `weight` folded into up."""
-    up = module.tensors["lora_up.weight"].float().flatten(1) * (module.scale * weight)
-    return up, module.tensors["lora_down.weight"].float().flatten(1)
+    up, down = module.factors()
+    return up * (module.scale * weight), down
 
 
 def dense_delta(module, weight: float = 1.0) -> torch.Tensor:
     """The module's delta (scale and `weight` included) as a fp32 2-D matrix (out, in * kh * kw)."""
-    if module.has_dora:
-        raise ValueError(
-            f"{module.name}: a DoRA module's delta depends on the base weights, so it cannot be combined into a LoRA "
-            "without them. Merge it into a checkpoint instead (sd-lora merge --into-model BASE ...)."
-        )
+    if module.needs_base:
+        _refuse_base_dependent(module)
     shape = weight_shape(module)
     return module.delta(shape).reshape(shape[0], -1) * weight
 
 
+def _refuse_base_dependent(module) -> None:
+    what = "DoRA" if module.has_dora else module.kind.upper()
+    raise ValueError(
+        f"{module.name}: the delta of this {what} module depends on the base weights, so it cannot be combined into a "
+        "LoRA without them. Merge it into a checkpoint instead (sd-lora merge --into-model BASE ...)."
+    )
+
+
 def factors_to_tensors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...], alpha: float) -> dict[str, torch.Tensor]:
     """kohya tensors of a LoRA/LoCon module for a weight of `shape` (conv: 4-D down, 1x1 up)."""
-    rank = int(down.shape[0])
-    if len(shape) == 4:
-        down = down.reshape(rank, *shape[1:])
-        up = up.reshape(shape[0], rank, 1, 1)
-    return {"lora_down.weight": down.contiguous(), "lora_up.weight": up.contiguous(), "alpha": torch.tensor(float(alpha))}
+    from ..methods.lora import METHOD as LORA
+
+    return LORA.tensors_from_factors(up, down, shape, alpha)

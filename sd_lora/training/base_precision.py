@@ -35,35 +35,28 @@ end is an ordinary LoRA for the unquantized base (only adapter weights are saved
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")
+from ..config import BASE_PRECISIONS, config_key, quantized_base_problems
+
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def precision_problems(precision: str | None, cuda: bool | None = None) -> list[str]:
-    """Why `precision` cannot be used here ([] when it can), as 'base_precision: ...; do ...' strings."""
+    """Why `precision` cannot be used here ([] when it can), as 'base_precision: ...; do ...' strings.
+
+    The choices and the nf4/int8 requirements are the config's (checked there before anything loads).
+    """
     if precision is None:
         return []
     if precision not in BASE_PRECISIONS:
-        return [f"base_precision: unknown {precision!r}; choose one of {', '.join(BASE_PRECISIONS)} (or leave it unset "
-                "to store the base in the mixed-precision dtype)"]
+        return [config_key("base_precision").problem(precision)]
     if precision in ("nf4", "int8"):
-        if cuda is None:
-            cuda = torch.cuda.is_available()
-        problems = []
-        if not cuda:
-            problems.append(f"base_precision: {precision} needs a CUDA GPU (bitsandbytes quantized layers); on this "
-                            "machine use base_precision = \"fp8\" (1 byte per weight, works on the CPU)")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(f"base_precision: {precision} needs bitsandbytes (pip install bitsandbytes), or use \"fp8\"")
-        return problems
+        return quantized_base_problems(precision, torch.cuda.is_available() if cuda is None else cuda)
     return []
 
 

@@ -11,76 +11,30 @@ rescale (sample_guidance_rescale, 0.7 by default for them).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-_OPTION = re.compile(r"\s--(n|w|h|s|d|l)\s+")
-
-
-@dataclass
-class SamplePrompt:
-    prompt: str
-    negative: str = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    seed: int | None = None
-    guidance: float = 7.0
-
-
-def parse_prompt_line(line: str) -> SamplePrompt:
-    """Parse one line; raises ValueError naming the bad option."""
-    parts = _OPTION.split(" " + line.strip())
-    sp = SamplePrompt(prompt=parts[0].strip())
-    for opt, value in zip(parts[1::2], parts[2::2]):
-        value = value.strip()
-        try:
-            if opt == "n":
-                sp.negative = value
-            elif opt == "w":
-                sp.width = int(value)
-            elif opt == "h":
-                sp.height = int(value)
-            elif opt == "s":
-                sp.steps = int(value)
-            elif opt == "d":
-                sp.seed = int(value)
-            elif opt == "l":
-                sp.guidance = float(value)
-        except ValueError as e:
-            raise ValueError(f"sample prompt {line!r}: --{opt} needs a number, got {value!r}") from e
-    return sp
-
-
-def load_prompts(source) -> list[SamplePrompt]:
-    """Prompts from a list of lines, a multi-line string, or a file path."""
-    if source is None:
-        return []
-    if isinstance(source, str):
-        lines = source.splitlines() if "\n" in source else Path(source).read_text(encoding="utf-8").splitlines()
-    else:
-        lines = list(source)
-    return [parse_prompt_line(x) for x in lines if x.strip() and not x.lstrip().startswith("#")]
+from ..sample_prompts import SamplePrompt, load_prompts, parse_prompt_line  # noqa: F401 (the parser lives there, torch-free)
 
 
 @torch.no_grad()
-def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, resolution: int,
+def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, resolution: int,
                    default_steps: int, default_seed: int, autocast=None, guidance_rescale: float = 0.0,
                    zero_terminal_snr: bool = False) -> list[Path]:
-    """Render every prompt; returns the PNG paths (<out_dir>/step-000100-0.png ...).
+    """Render every prompt; returns the PNG paths, named by artifacts.sample_image for the run whose
+    LoRA file is `output` (`<stem>-samples/step-000100-0.png`, ...).
 
     zero_terminal_snr: sample with the pipeline's scheduler class set up for it (rescaled betas,
     trailing timesteps) and put the original scheduler back afterwards.
     """
     from contextlib import nullcontext
 
+    from .. import artifacts
     from ..io import atomic_path
     from ..models import use_zero_terminal_snr
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.samples_dir(output).mkdir(parents=True, exist_ok=True)
     scheduler = use_zero_terminal_snr(pipe) if zero_terminal_snr else pipe.scheduler  # the original, put back below
     modules = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
     was_training = [m.training for m in modules]
@@ -99,7 +53,7 @@ def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, 
                     num_inference_steps=sp.steps or default_steps, guidance_scale=sp.guidance,
                     guidance_rescale=guidance_rescale, generator=generator,
                 ).images[0]
-            path = out_dir / f"step-{step:06d}-{i}.png"
+            path = artifacts.sample_image(output, step, i)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             paths.append(path)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from sd_lora.config import ConfigError, TrainConfig, config_from_dict, dump_config
+from sd_lora.config import ConfigError, TrainConfig, config_from_dict, config_key, config_keys, dump_config
+from sd_lora.fields import assign
 
-from ..jobs import ACTIVE, FINISHED
-from ..security import PathError, safe_name
+from ..jobs import ACTIVE
+from ..security import PathError, confine_config, safe_name
 from .common import guard, list_dirs, list_models
 
 # Presets by GPU memory. Each sets only memory-relevant keys; the comment says why.
@@ -46,28 +47,12 @@ SIZE_PRESETS: dict[str, dict] = {
     "~4 MB SD1.5 (attention only, rank 8)": {"network.rank": 8, "network.alpha": 4.0, "network.preset": "attention"},
 }
 
-# The form: (config key, label). Order = the order of the form's components.
+# The form's config keys, in the order of its components. Types, choices and help come from the keys.
 FORM_KEYS = [
     "model", "data.path", "output", "steps", "batch_size", "lr", "network.method", "network.preset", "network.rank",
     "network.alpha", "data.resolution", "optimizer", "mixed_precision", "gradient_checkpointing",
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed",
 ]
-# Paths in a config from the browser: each must resolve inside the workspace.
-PATH_KEYS = ["model", "output", "checkpoint_dir", "vae", "data.path", "data.reg_path", "data.cache_dir"]
-
-
-def _get(cfg: TrainConfig, key: str):
-    obj = cfg
-    for part in key.split(".")[:-1]:
-        obj = getattr(obj, part)
-    return getattr(obj, key.split(".")[-1])
-
-
-def _set(cfg: TrainConfig, key: str, value) -> None:
-    obj = cfg
-    for part in key.split(".")[:-1]:
-        obj = getattr(obj, part)
-    setattr(obj, key.split(".")[-1], value)
 
 
 def default_config() -> TrainConfig:
@@ -86,48 +71,56 @@ def parse_toml(text: str) -> TrainConfig:
 
 def form_values(cfg: TrainConfig) -> list:
     out = []
-    for key in FORM_KEYS:
-        v = _get(cfg, key)
-        if key == "output":
+    for name in FORM_KEYS:
+        v = config_key(name).get(cfg)
+        if name == "output":
             v = Path(v).stem if v else ""
-        elif key == "sample_prompts":
+        elif name == "sample_prompts":
             v = "\n".join(v) if isinstance(v, list) else (v or "")
         out.append(v)
     return out
 
 
 def apply_form(cfg: TrainConfig, values: list) -> TrainConfig:
-    for key, v in zip(FORM_KEYS, values):
-        if key == "output":
-            name = (v or "").strip()
-            v = f"loras/{safe_name(name, 'output name')}.safetensors" if name else ""
-        elif key == "sample_prompts":
-            lines = [x.strip() for x in (v or "").splitlines() if x.strip()]
-            v = lines or None
-        elif key in ("steps", "batch_size", "network.rank", "data.resolution", "save_every", "sample_every", "seed"):
-            v = None if v in (None, "") else int(v)
-            if v == 0 and key in ("save_every", "sample_every"):
-                v = None
-        elif key in ("lr", "network.alpha"):
-            v = None if v in (None, "") else float(v)
-        _set(cfg, key, v)
-    if cfg.steps is not None:
-        cfg.epochs = None  # the form trains by steps; an epochs key from the TOML would conflict
+    """The form's values into `cfg`, each read as its key's type. The form trains by steps, so a
+    steps value clears an epochs key from the TOML (as a --steps flag does)."""
+    given = {}
+    for name, v in zip(FORM_KEYS, values):
+        if name == "output":
+            stem = (v or "").strip()
+            v = f"loras/{safe_name(stem, 'output name')}.safetensors" if stem else ""
+        elif name == "sample_prompts":
+            v = [x.strip() for x in (v or "").splitlines() if x.strip()] or None
+        else:
+            v = config_key(name).coerce(v)
+        given[name] = v
+    assign(cfg, config_keys(), given)
+    return cfg
+
+
+def apply_presets(cfg: TrainConfig, *presets: dict) -> TrainConfig:
+    for preset in presets:
+        for name, v in preset.items():
+            config_key(name).set(cfg, v)
     return cfg
 
 
 def confine(ctx, cfg: TrainConfig) -> TrainConfig:
     """Every path of a browser-given config resolved inside the workspace (absolute), or PathError."""
-    ws = ctx.workspace
-    for key in PATH_KEYS:
-        v = _get(cfg, key)
-        if v:
-            _set(cfg, key, str(ws.path(v, kind=key)))
-    if isinstance(cfg.sample_prompts, str) and "\n" not in cfg.sample_prompts:
-        cfg.sample_prompts = str(ws.path(cfg.sample_prompts, kind="sample_prompts"))
-    if cfg.resume not in (None, "latest"):
-        cfg.resume = str(ws.path(cfg.resume, kind="resume"))
-    return cfg
+    return confine_config(ctx.workspace, cfg)
+
+
+def _field(name: str, label: str, **kw):
+    """The form component for a config key: a dropdown of its choices, a checkbox, or a number box,
+    with the key's help as the hint under it."""
+    key = config_key(name)
+    if key.choices is not None:
+        return gr.Dropdown(list(key.choices), label=label, info=key.help, **kw)
+    if key.kind == "bool":
+        return gr.Checkbox(label=label, info=key.help, **kw)
+    if key.kind in ("int", "float"):
+        return gr.Number(label=label, info=key.help, precision=0 if key.kind == "int" else None, **kw)
+    return gr.Textbox(label=label, info=key.help, **kw)
 
 
 def _fmt_s(s) -> str:
@@ -234,8 +227,7 @@ def build(ctx, timer_s: float = 1.0) -> None:
             cfg = parse_toml(text)
         except ConfigError:
             cfg = default_config()
-        for key, v in {**GPU_PRESETS.get(gpu, {}), **SIZE_PRESETS.get(size, {})}.items():
-            _set(cfg, key, v)
+        apply_presets(cfg, GPU_PRESETS.get(gpu, {}), SIZE_PRESETS.get(size, {}))
         return [dump_config(cfg)] + form_values(cfg)
 
     # ---- validate / start / stop / resume ---------------------------------------------------------
@@ -337,24 +329,24 @@ def build(ctx, timer_s: float = 1.0) -> None:
                     f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True)
                     f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
                 with gr.Row():
-                    f_steps = gr.Number(label="steps", precision=0)
-                    f_batch = gr.Number(label="batch size", precision=0)
-                    f_lr = gr.Number(label="learning rate")
-                    f_seed = gr.Number(label="seed", precision=0)
+                    f_steps = _field("steps", "steps")
+                    f_batch = _field("batch_size", "batch size")
+                    f_lr = _field("lr", "learning rate")
+                    f_seed = _field("seed", "seed")
                 with gr.Row():
-                    f_method = gr.Dropdown(["lora", "dora", "loha", "lokr", "adalora"], label="method")
-                    f_preset = gr.Dropdown(["attention", "kohya", "full"], label="targets")
-                    f_rank = gr.Number(label="rank", precision=0)
-                    f_alpha = gr.Number(label="alpha")
+                    f_method = _field("network.method", "method")
+                    f_preset = _field("network.preset", "targets")
+                    f_rank = _field("network.rank", "rank")
+                    f_alpha = _field("network.alpha", "alpha")
                 with gr.Row():
-                    f_res = gr.Number(label="resolution", precision=0)
-                    f_opt = gr.Dropdown(["adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit"], label="optimizer")
-                    f_mp = gr.Dropdown(["no", "fp16", "bf16"], label="mixed precision")
-                    f_gc = gr.Checkbox(label="gradient checkpointing")
-                    f_te = gr.Checkbox(label="train text encoder")
+                    f_res = _field("data.resolution", "resolution")
+                    f_opt = _field("optimizer", "optimizer")
+                    f_mp = _field("mixed_precision", "mixed precision")
+                    f_gc = _field("gradient_checkpointing", "gradient checkpointing")
+                    f_te = _field("network.train_text_encoder", "train text encoder")
                 with gr.Row():
-                    f_save = gr.Number(label="save + checkpoint every N steps (0: end only)", precision=0)
-                    f_sample_every = gr.Number(label="sample every N steps (0: never)", precision=0)
+                    f_save = _field("save_every", "save + checkpoint every N steps (0: end only)")
+                    f_sample_every = _field("sample_every", "sample every N steps (0: never)")
                 f_prompts = gr.Textbox(label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
             with gr.Column(scale=2):
                 toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
