@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if argv is None and getattr(args, "prepare_process", None):
+        args.prepare_process()  # the command is this process (not main([...]) from Python): it may tune it
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -11,6 +11,12 @@ The rules, each written once, here:
 - **Stack.** `stack` entries are what `sd_lora.apply_loras` takes (`LoraSpec`, paths, `(path, w)`,
   `(path, w, te_w)`); `<lora:NAME:W>` tags in the prompt are resolved in `lora_dir` and appended to
   it. The tags are removed from the text that is encoded and kept in the PNG's prompt line.
+  Each file is applied once: named more than once (a stack entry and a tag, or two tags), it keeps
+  its first place and takes the weights of its last mention, so a tag (they come after the stack)
+  overrides a web UI dropdown's or `--lora`'s weight; `GenerationResult.notes` says so. (Applying it
+  twice, as before, silently doubled its effect.)
+- **Stack line.** `stack_line` writes the stack as the front-ends show it, with only the weights
+  that apply: no text-encoder weight for a UNet-only file ("ink x0.8", not "(TE x0.8)").
 - **Size.** width/height 0 or None: the model's native size; otherwise a multiple of 8 (the VAE's
   downscale) and at least 64 (below that even the tiny test models have no room for their
   downsampling blocks).
@@ -28,6 +34,11 @@ The rules, each written once, here:
 - **Several stacks, same seeds.** `sweep_weights=[0, 0.5, 1]` renders the first LoRA of the stack at
   each weight (its text-encoder weight scaled along); `compare=True` renders the base, each LoRA
   alone and (with two or more) the whole stack. `GenerationResult.grid()` lays them out labelled.
+- **CPU threads.** A UNet under 100 M parameters (the tiny demo and test models; every real SD
+  UNet has several hundred million) is run on one CPU thread: its many small ops give OpenMP threads
+  nothing to share, and on a busy machine they wait on each other (tiny-base, 64 px, 25 steps on a
+  loaded 2-core box: 12-86 s with torch's 2 threads, 2-4 s with one). `cpu_threads` sets the count
+  for any model; the previous count is put back after the call.
 - **PNG.** Each image carries an A1111-style `parameters` text (`parameters_text`, the one place
   that writes it) and the same settings as a dict; `save_png` writes both atomically.
 
@@ -40,6 +51,7 @@ the defaults below).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -59,6 +71,7 @@ MIN_SIZE = 64
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 DTYPES = ("fp32", "fp16", "bf16")
+SMALL_UNET_PARAMS = 100_000_000  # below this a CPU generation runs on one thread (module docstring)
 
 
 @dataclass
@@ -90,6 +103,7 @@ class GenerationResult:
     settings: dict[str, Any]  # the call's settings; its "loras" are the requested stack
     title: str | None = None  # the grid's title for a sweep or comparison
     labels: list[str] = field(default_factory=list)  # the variants, in order
+    notes: list[str] = field(default_factory=list)  # what the user should know (duplicates merged)
 
     @property
     def parameters(self) -> str:
@@ -174,14 +188,50 @@ def load_pipeline(model: str | os.PathLike, *, dtype=None, device: str | None = 
     return pipe
 
 
-def resolve_stack(prompt: str, stack=None, lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraSpec]]:
-    """(prompt without `<lora:...>` tags, `stack` normalised + the tags' LoRAs resolved in `lora_dir`)."""
-    from .stack.prompt import prompt_to_stack
+def resolve_stack(prompt: str, stack=None, lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraSpec], list[str]]:
+    """(prompt without `<lora:...>` tags, `stack` normalised + the tags' LoRAs resolved in `lora_dir`,
+    each file once (`merge_duplicates`), and the notes on the duplicates merged)."""
+    from .stack.prompt import parse_lora_prompt, prompt_to_stack
     from .stack.spec import normalize_stack
 
     specs = normalize_stack(stack)
     clean, tagged = prompt_to_stack(prompt, lora_dir)
-    return clean, specs + tagged
+    tags = [t.tag for t in parse_lora_prompt(prompt)[1]]  # the same tags, in the same order
+    merged, notes = merge_duplicates([(f"stack {_weights_text(s)}", s) for s in specs] + list(zip(tags, tagged)))
+    return clean, merged, notes
+
+
+def merge_duplicates(named: list[tuple[str, LoraSpec]]) -> tuple[list[LoraSpec], list[str]]:
+    """(stack with each file once, notes): `named` is (where it was named, spec) in stack order; a file
+    named again keeps its first place and takes the weights of its last mention."""
+    from .formats.lora_file import LoraFile
+
+    order, last, where = [], {}, {}
+    for text, spec in named:
+        key = id(spec.path) if isinstance(spec.path, LoraFile) else os.path.normcase(Path(spec.path).resolve())
+        if key not in last:
+            order.append(key)
+        last[key] = spec
+        where.setdefault(key, []).append(text)
+    notes = [f"{_name(last[k])} is named {len(where[k])} times ({', '.join(where[k])}): applied once, with the weights "
+             f"of the last ({where[k][-1]})" for k in order if len(where[k]) > 1]
+    return [last[k] for k in order], notes
+
+
+def stack_line(loras: list[dict]) -> str:
+    """A call's `settings["loras"]` as the front-ends show them: "ink x0.8, glow x1 (TE x0.5)". The
+    text-encoder weight only where the file has a text-encoder part and it differs from the UNet
+    weight; a file with only a text-encoder part shows "TE x..." alone."""
+    parts = []
+    for x in loras:
+        unet, te = "unet" in x["parts"], "text_encoder" in x["parts"]
+        if te and not unet:
+            parts.append(f"{x['name']} TE x{x['te_weight']:g}")
+        elif te and x["te_weight"] != x["weight"]:
+            parts.append(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})")
+        else:
+            parts.append(f"{x['name']} x{x['weight']:g}")
+    return ", ".join(parts) or "none"
 
 
 def sweep_variants(stack: list[LoraSpec], weights: Sequence[float]) -> list[tuple[str, list[LoraSpec]]]:
@@ -226,6 +276,7 @@ def generate(
     dtype=None,
     device: str | None = None,
     cpu_offload: bool = False,
+    cpu_threads: int | None = None,
 ) -> GenerationResult:
     """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
 
@@ -244,10 +295,13 @@ def generate(
         num_images: images per stack, with seeds seed, seed+1, ...
         sweep_weights / compare: several stacks with the same seeds (see the module docstring).
         keep_loras: leave the stack fused in a loaded pipeline instead of putting back its previous one.
+        cpu_threads: torch CPU threads for the call; None: one for a small UNet on the CPU, else torch's count.
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
     problems = _check(prompt, seed, width, height, steps, guidance, guidance_rescale, num_images, sweep_weights, compare)
+    if cpu_threads is not None and (not _whole(cpu_threads) or cpu_threads < 1):
+        problems.append(f"cpu threads {_show(cpu_threads)}: must be a whole number, at least 1 (empty: automatic)")
     is_path = isinstance(base, (str, os.PathLike))
     loaded = not is_path  # a pipeline, or a function that returns one
     if loaded:
@@ -262,7 +316,7 @@ def generate(
     if problems:
         raise ValueError("; ".join(problems))
     rescale = _guidance_rescale(guidance_rescale, zero_terminal_snr)
-    clean, specs = resolve_stack(prompt, stack, lora_dir)
+    clean, specs, notes = resolve_stack(prompt, stack, lora_dir)
     if sweep_weights is not None:
         if not specs:
             raise ValueError("weight sweep: it sweeps the first LoRA of the stack; add a LoRA (or a <lora:...> tag)")
@@ -287,9 +341,10 @@ def generate(
         "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
         "model": _model_name(base, pipe), "vae": Path(vae).name if vae else None, "loras": _loras(specs),
     }
-    images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
+    with _threads(cpu_threads or generation_threads(pipe)):
+        images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
-                            title=title, labels=[label for label, _ in variants])
+                            title=title, labels=[label for label, _ in variants], notes=notes)
 
 
 def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bool) -> list[GeneratedImage]:
@@ -330,6 +385,29 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
             else:
                 remove_loras(pipe)
     return out
+
+
+def generation_threads(pipe) -> int | None:
+    """The CPU thread count `generate` uses for `pipe` when not told: 1 for a UNet under
+    SMALL_UNET_PARAMS that runs on the CPU, None (torch's own count) otherwise."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device  # offloaded pipelines run on their GPU
+    if str(device).startswith("cpu") and sum(p.numel() for p in pipe.unet.parameters()) < SMALL_UNET_PARAMS:
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op CPU threads set to `n` for the block (None: left alone), then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check(prompt, seed, width, height, steps, guidance, rescale, num_images, sweep, compare) -> list[str]:
@@ -384,8 +462,26 @@ def _name(spec: LoraSpec) -> str:
     return Path(spec.label).stem
 
 
+def _weights_text(spec: LoraSpec) -> str:
+    te = spec.text_encoder_weight
+    return f"x{spec.unet_weight:g}" + (f" (TE x{te:g})" if te != spec.unet_weight else "")
+
+
 def _loras(stack: list[LoraSpec]) -> list[dict]:
-    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight} for s in stack]
+    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight,
+             "parts": _parts(s)} for s in stack]
+
+
+def _parts(spec: LoraSpec) -> list[str]:
+    """Which models the file changes: "unet" and/or "text_encoder" (from its kohya module names)."""
+    from .formats.lora_file import LoraFile
+    from .network.naming import TE_PREFIXES, UNET_PREFIX
+    from .stack import default_cache
+
+    lora = spec.path if isinstance(spec.path, LoraFile) else default_cache().get(spec.path)[1]
+    te_prefixes = tuple(prefix for family in TE_PREFIXES.values() for prefix in family.values())
+    return [part for part, prefixes in (("unet", (UNET_PREFIX,)), ("text_encoder", te_prefixes))
+            if any(name.startswith(prefixes) for name in lora.modules)]
 
 
 def _model_name(base, pipe) -> str:

@@ -251,3 +251,147 @@ def test_command_module_imports_no_torch():
         pytest.skip("`import sd_lora` still loads torch eagerly (the lazy public API lands separately)")
     code = "import sys, sd_lora.commands.generate, sd_lora.generation; print(sorted({'torch', 'diffusers', 'PIL'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_small_unet_on_the_cpu_runs_on_one_thread_and_the_count_is_put_back(pipe_and_files):
+    """Slow start (issue #20): torch's default threads made a 64 px tiny-base image take 12-86 s on a
+    busy 2-core box instead of 2-4 s. generate() runs a small UNet on one thread, then restores the count."""
+    from sd_lora.generation import generation_threads
+    from sd_lora.testing import full_size_unet
+
+    pipe, _, _ = pipe_and_files
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        sd_lora.generate(pipe, "a red circle", **COMMON)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        sd_lora.generate(pipe, "a red circle", cpu_threads=2, **COMMON)  # an explicit count wins
+        assert set(seen) == {2}
+    finally:
+        hook.remove()
+        torch.set_num_threads(1)
+    assert generation_threads(pipe) == 1
+
+    class FullSize:  # a full-size SD1 UNet (no storage) on the CPU keeps torch's own count
+        unet, device = full_size_unet(), torch.device("cpu")
+
+    assert generation_threads(FullSize()) is None
+    with pytest.raises(ValueError, match="cpu threads 0: must be a whole number, at least 1"):
+        sd_lora.generate(pipe, "a red circle", cpu_threads=0, **COMMON)
+
+
+def test_sd_lora_generate_runs_without_bitsandbytes_and_main_from_python_keeps_it(ws, tmp_path):
+    """Slow start (issue #20): as its own process `sd-lora generate` does without bitsandbytes (which
+    diffusers imports, and with it torch's compiler stack, when it is installed); main([...]) called
+    from Python leaves this process alone (the web UI and training need bitsandbytes)."""
+    import importlib.util
+
+    if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed here")
+    out = tmp_path / "p.png"
+    argv = ["sd-lora", "generate", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle",
+            "--steps", "1", "--width", "64", "--height", "64", "--out", str(out)]
+    code = (f"import sys; sys.argv = {argv!r}\nfrom sd_lora.cli import main\nrc = main()\n"
+            "print(rc, sys.modules.get('bitsandbytes', 'not imported'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.stdout.split() == ["0", "None"], run.stderr[-2000:]
+    assert Image.open(out).size == (64, 64)
+    assert cli_call(ws, tmp_path / "q.png", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle",
+                    "--steps", "1", "--width", "64", "--height", "64") == 0
+    assert importlib.util.find_spec("bitsandbytes") is not None
+
+
+# ---- the web UI's Generate tab: messages that stay, a symlinked model -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_page(app):
+    """The Generate button's handler (the page's; the API endpoint `generate` raises instead)."""
+    (fn,) = [f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "generate_on_page"]
+    return fn
+
+
+def test_a_generate_error_stays_on_the_page_until_the_next_click(app, ui, on_page):
+    """Messages (issue #20): a toast vanishes in seconds; the error goes into the box under the button."""
+    cells = ["", 1.0, None] * 4
+    args = ["models/tiny", "a red circle <lora:nosuch:1>", "", 3, 2, 64, 64, 7.0, False, *cells, None, False, False, "", 1]
+    gallery, info, error = on_page(*args)
+    assert error["visible"] is True and "no LoRA named &#x27;nosuch&#x27;" in error["value"]
+    assert gallery == {"__type__": "update"} and info == {"__type__": "update"}  # the last images stay
+    # the box is a component of the page, among the outputs of the button's event
+    (event,) = [f for f in app.fns.values() if f.fn is on_page]
+    assert event.outputs[2].elem_id == "generate-error" and isinstance(event.outputs[2], gr.HTML)
+    args[1] = "a red circle"
+    gallery, info, error = on_page(*args)
+    assert len(gallery) == 1 and info.startswith("LoRAs: none") and error == {"__type__": "update", "value": "", "visible": False}
+    with pytest.raises(gr.Error, match="no LoRA named"):  # API callers still get the error raised
+        ui_call(ui, prompt="a red circle <lora:nosuch:1>")
+
+
+def test_a_symlinked_model_says_its_target_is_outside_the_workspace(ws, ui, tmp_path):
+    from webui.security import Workspace
+    from webui.tabs.common import list_models
+
+    outside = tmp_path / "elsewhere"
+    tiny_pipeline("sd1").save_pretrained(outside)
+    (ws / "models" / "linked").symlink_to(outside, target_is_directory=True)
+    try:
+        assert "models/linked" in list_models(Workspace(ws))
+        with pytest.raises(gr.Error) as info:
+            ui_call(ui, model="models/linked")
+        text = str(info.value)
+        assert "'models/linked' is a symbolic link (at models/linked) whose target" in text
+        assert str(outside) in text and "Move or copy the files into the workspace" in text
+    finally:
+        (ws / "models" / "linked").unlink()
+
+
+def test_a_lora_in_the_stack_and_in_a_prompt_tag_is_applied_once_with_the_tags_weights(ws, pipe_and_files, ui):
+    """Smaller things (issue #20): a dropdown LoRA also written as a tag was applied twice, silently."""
+    pipe, ink, glow = pipe_and_files
+    both = sd_lora.generate(pipe, "a red circle <lora:ink:0.5>", [(ink, 1.0), (glow, 0.3)], lora_dir=ws / "loras", **COMMON)
+    assert [(s.path, s.unet_weight) for s in both.stack] == [(ink, 0.5), (glow, 0.3)]  # first place, last weights
+    assert both.notes == ["ink is named 2 times (stack x1, <lora:ink:0.5>): applied once, with the weights of the "
+                          "last (<lora:ink:0.5>)"]
+    once = sd_lora.generate(pipe, "a red circle", [(ink, 0.5), (glow, 0.3)], **COMMON)
+    assert not once.notes
+    a, b = (np.asarray(r.images[0].image) for r in (both, once))
+    assert np.array_equal(a, b)  # ink applied once, at 0.5
+    _, info = ui_call(ui, prompt="a red circle <lora:ink:0.5>", rows=[("ink", 1.0, None)])
+    assert info.startswith("LoRAs: ink x0.5\n")
+    assert "Note: ink is named 2 times (stack x1, &lt;lora:ink:0.5&gt;): applied once" in info
+
+
+def test_the_stack_line_shows_only_the_weights_that_apply(ws, ui, pipe_and_files):
+    """A UNet-only LoRA was shown as "(TE x0.8)"; a TE weight equal to the weight was shown too."""
+    from sd_lora.generation import stack_line
+
+    pipe, _, _ = pipe_and_files
+    path = write_random_lora(ws / "loras" / "unet-only.safetensors", pipe, seed=4, text_encoder=False)
+    try:
+        _, info = ui_call(ui, rows=[("unet-only", 1.0, 0.8), ("ink", 0.5, 0.5), ("glow", 0.8, 0.4)])
+        assert info.splitlines()[0] == "LoRAs: unet-only x1, ink x0.5, glow x0.8 (TE x0.4)"
+        result = sd_lora.generate(pipe, "a red circle", [(path, 1.0, 0.8)], **COMMON)
+        assert result.settings["loras"][0]["parts"] == ["unet"] and stack_line(result.settings["loras"]) == "unet-only x1"
+        assert stack_line([{"name": "te", "weight": 1.0, "te_weight": 0.5, "parts": ["text_encoder"]}]) == "te TE x0.5"
+    finally:
+        path.unlink()
+
+
+def test_grid_labels_and_titles_wrap_instead_of_being_cut():
+    """Smaller things (issue #20): the demo's row titles were cut mid-word in two-cell rows."""
+    from sd_lora.stack.grid import _wrap, label_grid
+
+    cells = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    one = label_grid(cells, ["base", "ink"], title="short")
+    title = "a large red circle on a blue background, striped, outlined"
+    wrapped = label_grid(cells, ["base", "stripes + outline"], title=title)
+    assert wrapped.width == one.width and wrapped.height > one.height  # more lines, not fewer letters
+    lines = _wrap(title, len, 24)
+    assert " ".join(lines) == title and all(len(x) <= 24 for x in lines)
+    assert _wrap("ab supercalifragilistic", len, 8) == ["ab", "supercal", "ifragili", "stic"]
+    # a row's labels share one band: the two-line label pushes both images down by the same amount
+    image_top = [next(y for y in range(wrapped.height) if wrapped.getpixel((x, y)) == c) for x, c in ((36, (255, 0, 0)), (104, (0, 0, 255)))]
+    assert image_top[0] == image_top[1] == wrapped.height - 4 - 64

@@ -53,6 +53,14 @@ class Workspace:
         # inside the workspace pointing out of it is caught here too.
         resolved = p.resolve()
         if not _inside(resolved, self.root):
+            link = _link_out(p, self.root)
+            if link:  # listed inside the workspace, but a symlink leads out: say so, and what to do
+                raise PathError(
+                    f"{kind}: {text!r} is a symbolic link (at {link.relative_to(self.root).as_posix()}) whose target {resolved} is outside "
+                    f"the workspace {self.root}; the UI reads only files inside it. Move or copy the files into the "
+                    "workspace (a link may point only inside it), or start the UI with --workspace set to a folder "
+                    "that holds them"
+                )
             raise PathError(
                 f"{kind}: {text!r} is outside the workspace {self.root}; use a path inside it "
                 "(relative paths are taken from the workspace)"
@@ -102,6 +110,19 @@ def safe_name(name: str, kind: str = "name") -> str:
             "(no slashes, not starting with a dot), at most 128 characters"
         )
     return name
+
+
+def _link_out(path: Path, root: Path) -> Path | None:
+    """The first symlink on `path` (a path under `root`, `..` not yet collapsed) if the path lies inside
+    `root` when read without following links; None when it leads out by itself (`../x`, an absolute path)."""
+    try:
+        parts = Path(os.path.normpath(path)).relative_to(root).parts
+    except ValueError:
+        return None
+    for i in range(1, len(parts) + 1):
+        if (root.joinpath(*parts[:i])).is_symlink():
+            return root.joinpath(*parts[:i])
+    return None
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -6,6 +6,7 @@ which owns every rule (sizes, steps, defaults, trigger words, the PNG text), sha
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 # Torch-free: the defaults and limits are generate()'s own (sd-lora --help imports this module).
@@ -47,8 +48,11 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (CUDA with little memory)")
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: 1 for a tiny model on the CPU, where more threads only wait "
+                        "on each other; otherwise torch's count)")
     p.add_argument("--out", required=True, help="output .png")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, prepare_process=without_bitsandbytes)
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -71,6 +75,16 @@ def _lora_path(name: str, lora_dir: str | None) -> Path:
     if lora_dir:
         return resolve_lora_name(name, lora_dir)
     raise ValueError(f"--lora {name!r}: no such file (pass --lora-dir to use names from a LoRA folder).")
+
+
+def without_bitsandbytes() -> None:
+    """Keep bitsandbytes out of this process: diffusers imports it whenever it is installed, and with
+    it torch's compiler stack (~2.5 of the ~14 CPU seconds of a 64 px tiny-base image on a 2-core
+    box), though generation never quantizes. A None in sys.modules makes `find_spec` report the
+    package missing, so diffusers, transformers and peft skip it. Only when `sd-lora generate` is the
+    process (cli.main calls it then, not for main([...]) from Python): the web UI and training check
+    and use bitsandbytes (8-bit optimizers, nf4 bases)."""
+    sys.modules.setdefault("bitsandbytes", None)  # already imported (the caller uses it): leave it
 
 
 def run(args) -> int:
@@ -97,8 +111,10 @@ def run(args) -> int:
         height=args.height, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         zero_terminal_snr=args.zero_terminal_snr, vae=args.vae, lora_dir=args.lora_dir,
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
-        dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload,
+        dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload, cpu_threads=args.cpu_threads,
     )
+    for note in result.notes:
+        log.warning("Note: %s", note)
     if result.trigger_words:
         log.info("Trigger words: %s", ", ".join(result.trigger_words))
     out = Path(args.out)

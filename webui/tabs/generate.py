@@ -10,18 +10,25 @@ base backup, so switching stacks is cheap and never drifts.
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
 
-from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE
+from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE, stack_line
 
 from ..security import PathError
 from .common import guard, list_loras, list_models
 
 LORA_ROWS = 4  # the generate handler names its four rows' parameters
+
+
+def error_html(message: str) -> str:
+    """An error as the box under the Generate button shows it: plain text (a `<lora:...>` in the
+    message must show, not be read as a tag), red, on its own line."""
+    return f'<div style="color: #b91c1c; white-space: pre-wrap"><b>Error:</b> {html.escape(str(message))}</div>'
 
 
 def build(ctx, tab=None) -> None:
@@ -81,11 +88,22 @@ def build(ctx, tab=None) -> None:
             path = ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png"
             im.save(path)  # with the same `parameters` text as the CLI's PNGs
             out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
-        stack_text = ", ".join(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})" for x in result.settings["loras"]) or "none"
-        info_md = f"LoRAs: {stack_text}"
+        info_md = f"LoRAs: {stack_line(result.settings['loras'])}"
+        for note in result.notes:  # escaped: a <lora:...> tag in a note must show, not vanish as HTML
+            info_md += f"\n\nNote: {html.escape(note)}"
         if result.trigger_words:
             info_md += f"\n\nTrigger words: {', '.join(result.trigger_words)}" + (" (added to the prompt)" if add_trigger_words else "")
         return out, info_md
+
+    def generate_on_page(*inputs):
+        """The Generate button's handler: `generate` with its error written into the box under the
+        button, where it stays until the next click (a toast is gone in seconds). API calls go to
+        `generate` itself (hidden button below), which raises, so scripts still get an error."""
+        try:
+            gallery, info_md = generate(*inputs)
+        except gr.Error as e:
+            return gr.update(), gr.update(), gr.update(value=error_html(e.message), visible=True)
+        return gallery, info_md, gr.update(value="", visible=False)
 
     def refresh():
         choices = list_loras(ws)
@@ -127,6 +145,8 @@ def build(ctx, tab=None) -> None:
                         te_rows.append(gr.Number(None, label=f"LoRA {i + 1} TE weight"))
             compare = gr.Checkbox(label="compare grid: base, each LoRA alone, and the stack (same seed)")
             go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+            error = gr.HTML(visible=False, elem_id="generate-error")
+            api_go = gr.Button(visible=False)  # the API's `generate` endpoint (errors raised, not shown)
         with gr.Column(scale=2):
             images = gr.Gallery(label="images", columns=2, height=520)
             info = gr.Markdown()
@@ -134,7 +154,10 @@ def build(ctx, tab=None) -> None:
     for i in range(LORA_ROWS):
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
     inputs += [rescale, zero_snr, add_triggers, vae, num_images]
-    go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1)
+    # the error box is emptied at the click, then filled again only if this run fails
+    go.click(lambda: gr.update(value="", visible=False), None, error, api_name=False, queue=False).then(
+        generate_on_page, inputs, [images, info, error], api_name=False, concurrency_limit=1, concurrency_id="generate")
+    api_go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1, concurrency_id="generate")
     refresh_btn.click(refresh, None, [model, *names], api_name=False)
     if tab is not None:
         tab.select(refresh, None, [model, *names], api_name=False)
