@@ -39,8 +39,12 @@ The rules, each written once, here:
   nothing to share, and on a busy machine they wait on each other (tiny-base, 64 px, 25 steps on a
   loaded 2-core box: 12-86 s with torch's 2 threads, 2-4 s with one). `cpu_threads` sets the count
   for any model; the previous count is put back after the call.
-- **PNG.** Each image carries an A1111-style `parameters` text (`parameters_text`, the one place
-  that writes it) and the same settings as a dict; `save_png` writes both atomically.
+- **Sampler.** `sampler` is an A1111 name ("Euler a", "DPM++ 2M Karras", ...; sd_lora.samplers),
+  built from the model's scheduler config for the call; None keeps the model's own scheduler.
+- **PNG.** Each image carries A1111's infotext as its `parameters` text (`parameters_text`, the one
+  place that writes it, in sd_lora.infotext's layout with AutoV2 model and A1111 LoRA hashes) and the
+  same settings as a dict; `save_png` writes both atomically. `settings_from_infotext` reads it back
+  (`sd-lora generate --from-png`).
 
 Validation happens before anything is loaded; a problem raises ValueError naming the argument the
 way both front-ends label it ("width 100: ..."), all problems of a call in one message.

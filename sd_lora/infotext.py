@@ -1,7 +1,8 @@
 """A1111's "infotext": the `parameters` text chunk of a PNG that A1111, Forge, ComfyUI's A1111 readers
 and Civitai read, written and read back here, with the hashes they match models and LoRAs by.
 
-Torch-free. Facts from AUTOMATIC1111/stable-diffusion-webui v1.10 (the read_file commit 03650022):
+Torch-free. Facts from AUTOMATIC1111/stable-diffusion-webui (read at commit 036500223de0, v1.10-era
+code; the same lines are in Forge):
 
 - Layout (modules/processing.py `create_infotext`): the prompt; a line `Negative prompt: ...` only when
   there is one; then one line of `Key: value` pairs joined by ", " in a fixed order (Steps, Sampler,
