@@ -195,3 +195,37 @@ def test_sampler_options_are_set(ws):
 def test_an_unknown_sampler_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="sampler 'Euler A': use one of 'Euler', 'Euler a'"):
         sd_lora.generate(tmp_path / "nothing", "a cat", sampler="Euler A")
+
+
+def test_from_png_reads_an_a1111_infotext_with_prompt_tags(ws, tmp_path):
+    text = ("a red circle <lora:ink:0.7>\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7, Seed: 3, "
+            "Size: 64x64, Model hash: 0123456789, Model: tiny, Version: v1.10.1")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    assert main(["generate", "--model", str(ws / "models" / "tiny"), "--lora-dir", str(ws / "loras"),
+                 "--from-png", str(tmp_path / "a1111.png"), "--out", str(tmp_path / "remade.png")]) == 0
+    # A1111's "Automatic" schedule for DPM++ 2M is Karras; the tag's LoRA is applied
+    direct = sd_lora.generate(ws / "models" / "tiny", "a red circle <lora:ink:0.7>", sampler="DPM++ 2M Karras",
+                              guidance=7.0, lora_dir=ws / "loras", **COMMON).images[0]
+    pixels, remade = _png(tmp_path / "remade.png")
+    assert pixels == direct.image.convert("RGB").tobytes() and remade == direct.parameters
+
+
+def test_the_web_ui_sampler_dropdown_writes_the_same_png_as_the_cli(ws, tmp_path):
+    from webui.app import build_app
+
+    demo = build_app(ws)
+    try:
+        (ui,) = [f.fn for f in demo.fns.values() if f.api_name == "generate"]
+        cells = ["", 1.0, None] * 4
+        gallery, _ = ui("models/tiny", "a red circle", "", 3, 2, 64, 64, 7.0, False, *cells,
+                        None, False, False, "", 1, "Euler a")
+    finally:
+        demo.sd_lora_context.queue.shutdown()
+    assert main(["generate", "--model", str(ws / "models" / "tiny"), "--prompt", "a red circle", "--sampler", "Euler a",
+                 "--seed", "3", "--steps", "2", "--width", "64", "--height", "64", "--out", str(tmp_path / "c.png")]) == 0
+    ui_pixels, ui_text = _png(gallery[0][0])
+    assert (ui_pixels, ui_text) == _png(tmp_path / "c.png") and "Sampler: Euler a, Schedule type: Automatic" in ui_text
