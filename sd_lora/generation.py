@@ -153,7 +153,7 @@ def parameters_text(settings: dict[str, Any]) -> str:
         "Model hash": settings.get("model_hash"), "Model": settings["model"], "VAE": settings.get("vae"),
         "Lora hashes": ", ".join(f"{lora_hash_name(x['name'])}: {x['hash']}" for x in loras if x.get("hash")) or None,
         "LoRAs": " ".join(f"{x['name']}:{_exact(x['weight'])}:{_exact(x['te_weight'])}" for x in loras) or None,
-        "Guidance rescale": f"{settings['guidance_rescale']:g}" if settings["guidance_rescale"] else None,
+        "Guidance rescale": _exact(settings["guidance_rescale"]) if settings["guidance_rescale"] else None,
         "Zero terminal SNR": "True" if settings["zero_terminal_snr"] else None,
         "Grid": " | ".join(settings["grid"]) if settings.get("grid") else None,
         "Version": f"sd-lora {__version__}",
@@ -168,7 +168,8 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
     """What a `parameters` text says about the call that made it, as `generate()` keyword arguments
     (prompt, negative_prompt, seed, steps, guidance, width, height, sampler, guidance_rescale,
     zero_terminal_snr) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from our
-    LoRAs field, "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths).
+    LoRAs field, "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid"
+    (a sweep's or comparison's labels: the text of a whole grid, not of one image).
 
     Reads A1111's and Forge's infotexts too (sd_lora.infotext.parse_infotext follows A1111's parser):
     their LoRAs are the prompt's <lora:...> tags, which generate() resolves itself."""
@@ -189,7 +190,7 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
         "guidance_rescale": float(res["Guidance rescale"]) if "Guidance rescale" in res else None,
         "zero_terminal_snr": res.get("Zero terminal SNR") == "True",
         "loras": loras, "lora_hashes": hashes, "model": res.get("Model"), "model_hash": res.get("Model hash"),
-        "vae": res.get("VAE"),
+        "vae": res.get("VAE"), "grid": res.get("Grid"),
     }
 
 

@@ -125,6 +125,11 @@ def test_png_text_has_a1111s_layout_and_hashes(ws):
         f"Version: sd-lora {sd_lora.__version__}")
     back = settings_from_infotext(text)
     assert back["loras"] == [("ink", 0.85, 0.4), ("glow", 0.8, 0.5)] and back["sampler"] == "DPM++ 2M Karras"
+    # a slider's 0.05 steps give weights like 0.8500000000000001: written in full, read back exactly
+    odd = sd_lora.generate(ws / "models" / "tiny", "a red circle", [(ink, 0.05 * 17, 0.1 + 0.2)], guidance_rescale=0.1 + 0.2,
+                           **COMMON).images[0].parameters
+    assert settings_from_infotext(odd)["loras"] == [("ink", 0.05 * 17, 0.1 + 0.2)] and 0.05 * 17 != 0.85
+    assert settings_from_infotext(odd)["guidance_rescale"] == 0.1 + 0.2
     # the model's own scheduler: named by its class; no empty Negative prompt line
     plain = sd_lora.generate(ws / "models" / "tiny", "a red circle", **COMMON).images[0].parameters
     assert plain.splitlines()[1].startswith("Steps: 2, Sampler: DDIMScheduler, CFG scale: 7.0, Seed: 3, Size: 64x64")
@@ -165,6 +170,13 @@ def test_from_png_says_what_is_missing(ws, tmp_path, capsys):
     assert main(["generate", "--model", str(ws / "models" / "tiny"), "--from-png", str(tmp_path / "bare.png"),
                  "--out", str(tmp_path / "y.png")]) == 1
     assert "has no `parameters` text" in capsys.readouterr().err
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(ws / "models" / "tiny"), "--lora", str(ws / "loras" / "ink.safetensors"),
+                 "--prompt", "a red circle", "--steps", "1", "--width", "64", "--height", "64", "--grid", "0,1",
+                 "--out", str(grid)]) == 0
+    assert main(["generate", "--model", str(ws / "models" / "tiny"), "--lora-dir", str(ws / "loras"),
+                 "--from-png", str(grid), "--out", str(tmp_path / "z.png")]) == 1
+    assert "is a grid (0 | 1); remake it with its own flags" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

@@ -106,6 +106,9 @@ def _from_png(args, log) -> tuple[dict, list]:
     from ..stack import LoraSpec
 
     png = settings_from_infotext(read_png_infotext(args.from_png))
+    if png["grid"]:
+        raise ValueError(f"--from-png: {args.from_png} is a grid ({png['grid']}); remake it with its own flags "
+                         "(--grid W1,W2,...), or pass one of its images' PNGs")
     chosen = {k: getattr(args, k) if getattr(args, k) != args.parser.get_default(k) else png[k] for k in FROM_PNG_SETTINGS}
     if png["vae"] and not args.vae:
         raise ValueError(f"--from-png: the image was made with the VAE {png['vae']!r}; pass it with --vae PATH")
