@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (CUDA with little memory)")
+    p.add_argument("--skip-mismatched", action="store_true",
+                   help="apply only the LoRA modules that fit the base model's layers (for a LoRA made for another base)")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=run)
 
@@ -98,6 +100,7 @@ def run(args) -> int:
         zero_terminal_snr=args.zero_terminal_snr, vae=args.vae, lora_dir=args.lora_dir,
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
         dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload,
+        strict=not args.skip_mismatched,
     )
     if result.trigger_words:
         log.info("Trigger words: %s", ", ".join(result.trigger_words))
