@@ -4,7 +4,7 @@
 
 Rows are the shape colours, columns the backgrounds (one shape per column, cycling circle / square /
 triangle), so a glance tells whether colour, background and shape follow the prompt. The script also
-prints how often style_measures reads back the prompted shape colour, background and shape.
+prints how often sd_lora.examples.measures reads back the prompted shape colour, background and shape.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import torch
 from PIL import Image
 
-import style_measures as sm
-from make_datasets import COLOURS, SHAPES
+from sd_lora.examples import measures as sm
+from sd_lora.examples.shapes import COLOURS, SHAPES
 
 
 def grid_prompts() -> list[list[tuple[str, str, str]]]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from make_datasets import STYLES, _seeded_rng, content_scenes, render, sampled_scenes
+from sd_lora.examples.shapes import STYLES, _seeded_rng, content_scenes, render, sampled_scenes
 
 # -- model configs ----------------------------------------------------------------------------------
 # SD 1.x block types at a much smaller width. The VAE downsamples 4x (SD: 8x) because 64 px images

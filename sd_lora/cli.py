@@ -23,7 +23,6 @@ COMMANDS = [
     "merge", "resize", "extract",
     "demo",
 ]
-# Command modules add themselves to this list (one line each).
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,23 +3,20 @@
 Trains two style LoRAs (stripes, outline) with the real trainer on the tiny pretrained base in
 `datasets/tiny-base`, then renders a picture grid: for a few prompts, the base and each LoRA at
 weights 0, 0.25, 0.5, 0.75, 1, and both LoRAs stacked; and measures each picture's style with
-`datasets/style_measures.py`, so the effect is a number as well as a picture.
+`sd_lora.examples.measures`, so the effect is a number as well as a picture.
 
-The demo needs the repository checkout (the tiny base and the dataset generator live in
-`datasets/`); it downloads nothing.
+The style sets are drawn by `sd_lora.examples.shapes`; the tiny base model is the repository's
+`datasets/tiny-base` unless another is passed. It downloads nothing.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATASETS_DIR = REPO / "datasets"
-DEFAULT_BASE = DATASETS_DIR / "tiny-base"
+DEFAULT_BASE = Path(__file__).resolve().parents[1] / "datasets" / "tiny-base"  # in the repository checkout
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PROMPTS = (
@@ -49,23 +46,13 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def _datasets_module(name: str):
-    if not DATASETS_DIR.is_dir():
-        raise FileNotFoundError(
-            f"{DATASETS_DIR} not found: the demo runs from a checkout of the sd-lora repository "
-            "(it needs datasets/tiny-base and datasets/make_datasets.py)."
-        )
-    if str(DATASETS_DIR) not in sys.path:
-        sys.path.insert(0, str(DATASETS_DIR))
-    return __import__(name)
-
-
 def train_style_loras(out_dir: Path, base: Path, steps: int, styles=tuple(STYLES), seed: int = 0, on_event=None) -> dict[str, Path]:
     """Make the example sets and train one LoRA per style with `sd_lora.train`."""
     from .config import DataConfig, TrainConfig
+    from .examples.shapes import make_datasets
     from .training.loop import train
 
-    roots = _datasets_module("make_datasets").make_datasets(out_dir / "data", seed=seed)
+    roots = make_datasets(out_dir / "data", seed=seed)
     loras = {}
     for style in styles:
         config = TrainConfig(
@@ -99,11 +86,11 @@ def render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int = 12, 
 def _render_grid(base: Path, loras: dict[str, Path], out: Path, steps: int, seed: int) -> DemoResult:
     from PIL import Image
 
+    from .examples import measures as sm
     from .generation import generate
     from .models import load_base
     from .stack.grid import label_grid, save_png
 
-    sm = _datasets_module("style_measures")
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
 
@@ -165,7 +152,8 @@ def run_demo(out_dir: str | Path = "out/demo", base: str | Path = DEFAULT_BASE, 
     out_dir = Path(out_dir)
     base = Path(base)
     if not (base / "model_index.json").is_file():
-        raise FileNotFoundError(f"{base}: the tiny base model is missing (expected a diffusers folder with model_index.json).")
+        raise FileNotFoundError(f"{base}: the tiny base model is missing (expected a diffusers folder with model_index.json). "
+                                "It ships in datasets/tiny-base of the sd-lora repository: pass --base with its path.")
     loras = train_style_loras(out_dir, base, steps, seed=seed, on_event=on_event)
     result = render_grid(base, loras, out_dir / "grid.png", seed=seed)
     result.seconds = time.perf_counter() - start

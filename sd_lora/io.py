@@ -14,8 +14,10 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # A safetensors header larger than this is refused: real LoRA/model headers are well under 10 MB,
 # and a hostile length field must not make us allocate gigabytes.
@@ -89,11 +91,17 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, st
     return header, metadata
 
 
-_TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+def _torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name, None when torch has no such dtype (U16/U32/U64).
+    torch is imported here, not at the top: atomic_write and the header reader serve torch-free code
+    (captions, the CLI, config checks)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }.get(name)
 
 
 def stream_safetensors(path: str | os.PathLike, dtype: torch.dtype | None = None):
@@ -133,7 +141,9 @@ def _data_start(f) -> int:
 
 
 def _read_tensor(f, data_start: int, path, name: str, info: dict, dtype: torch.dtype | None) -> torch.Tensor:
-    source = _TORCH_DTYPES.get(info["dtype"])
+    import torch
+
+    source = _torch_dtype(info["dtype"])
     if source is None:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold.")
     start, end = info["data_offsets"]
@@ -165,6 +175,8 @@ def load_pickle_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Anything that would need real unpickling (custom classes, `__reduce__` tricks) is refused.
     """
+    import torch
+
     path = Path(path)
     try:
         mmap = zipfile.is_zipfile(path)

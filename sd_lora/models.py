@@ -13,10 +13,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .io import CheckpointError, load_pickle_checkpoint, read_safetensors_header
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,8 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix.lower() == ".safetensors":
         header, _ = read_safetensors_header(path)
         return {k: tuple(v["shape"]) for k, v in header.items()}
+    import torch
+
     sd = load_pickle_checkpoint(path)
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
@@ -163,7 +167,7 @@ def _check_diffusers_folder(path: Path, check_tokenizers: bool = True) -> None:
 
 def load_base(
     path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     prediction_type: str | None = None,
     config_from: str | os.PathLike | None = None,
@@ -174,7 +178,7 @@ def load_base(
 
     Args:
         path: a diffusers folder (with model_index.json) or a single .safetensors / .ckpt file.
-        dtype, device: where the weights go.
+        dtype, device: where the weights go (dtype default: torch.float32).
         prediction_type: "epsilon" or "v_prediction" to override what was detected (SD2 single
             files do not always say which they are).
         config_from: a diffusers folder whose configs and tokenizers to use for a single file
@@ -184,8 +188,10 @@ def load_base(
 
     The detected architecture is logged and available as `architecture_of(pipe)`.
     """
+    import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    dtype = torch.float32 if dtype is None else dtype
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder. Pass a diffusers folder or a .safetensors file.")
@@ -308,7 +314,7 @@ class WeightReader:
         return read_safetensors_tensor(path, name, info, dtype)
 
 
-def load_vae(path: str | os.PathLike, base, dtype: torch.dtype = torch.float32):
+def load_vae(path: str | os.PathLike, base, dtype: torch.dtype | None = None):
     """Load a replacement VAE for the pipeline `base` (from load_base), offline, and check that it fits it.
 
     `path` is a diffusers VAE folder (config.json + weights), a model folder with a vae/ subfolder,
@@ -316,14 +322,16 @@ def load_vae(path: str | os.PathLike, base, dtype: torch.dtype = torch.float32):
     diffusers key layout, e.g. madebyollin's sdxl-vae-fp16-fix. A single file carries no config: it
     is built from the config we ship for the base's architecture, with the base VAE's shape and
     scaling factor (a drop-in VAE must match them), so nothing is fetched from a hub.
-    Put it in place with `pipe.vae = load_vae(path, pipe)`.
+    Put it in place with `pipe.vae = load_vae(path, pipe)`. dtype: default torch.float32.
     """
     import inspect
 
+    import torch
     from diffusers import AutoencoderKL
 
     from .io import read_state_dict
 
+    dtype = torch.float32 if dtype is None else dtype
     path = Path(path)
     base_vae = base.vae
     if path.is_dir():
@@ -408,6 +416,7 @@ def _random_pipeline_from_configs(path: Path, seed: int):
     """Instantiate every component of a diffusers folder from its config with seeded random weights."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     from diffusers import schedulers as diffusers_schedulers
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = json.loads((path / "model_index.json").read_text())

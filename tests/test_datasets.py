@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO / "datasets"
 TINY_BASE = DATASETS / "tiny-base"
 
-# datasets/ holds scripts, not a package (an importable `datasets` would shadow Hugging Face's).
-sys.path.insert(0, str(DATASETS))
-import make_datasets  # noqa: E402
-import style_measures as sm  # noqa: E402
-
-from sd_lora.testing import TINY_VOCAB_WORDS  # noqa: E402
+from sd_lora.examples import measures as sm
+from sd_lora.examples import shapes as make_datasets
+from sd_lora.testing import TINY_VOCAB_WORDS
 
 SETS = ("shapes", "stripes", "outline", "pastel", "reg")
 

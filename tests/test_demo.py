@@ -1,20 +1,17 @@
 """Proof that LoRAs learn a style and stack (issue #7): the demo trains a stripes and an outline LoRA
 on the shipped tiny base with the real trainer, renders a weight sweep and a two-LoRA stack for fixed
-prompts and seeds, and measures every picture with datasets/style_measures.py."""
+prompts and seeds, and measures every picture with sd_lora.examples.measures."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sd_lora.demo import DATASETS_DIR, STYLES, WEIGHTS, run_demo
-
-sys.path.insert(0, str(DATASETS_DIR))
-import style_measures as sm  # noqa: E402
+from sd_lora.demo import STYLES, WEIGHTS, run_demo
+from sd_lora.examples import measures as sm
 
 pytestmark = pytest.mark.timeout(900)
 

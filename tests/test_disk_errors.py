@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import importlib
 import errno
-import io
 import os
 import stat
 from pathlib import Path

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import re
 import struct
 import zipfile

@@ -411,7 +411,6 @@ def test_failure_while_writing_puts_back_the_previous_stack(pipe, files, monkeyp
 
 
 def test_failure_while_backing_up_changes_nothing(pipe, files, monkeypatch):
-    import sd_lora.stack.fuse as fuse
 
     apply_loras(pipe, [(files[0], 0.8)])
     before = weights(pipe)

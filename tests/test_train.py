@@ -101,6 +101,12 @@ def test_loss_falls_file_keys_metadata_events_report(tiny_models, tmp_path):
     assert start["total_steps"] == 30 and "4 images x repeats = 20 samples per epoch" in start["arithmetic"]
     step = next(e for e in seen if e["event"] == "step")
     assert {"step", "loss", "lr", "it_per_s", "eta_s", "epoch"} <= set(step)
+    # every event carries exactly the fields of its kind in the one schema (training/events.py)
+    from sd_lora.training.events import EVENTS
+
+    for e in seen:
+        assert set(e) - {"event", "time"} == set(EVENTS[e["event"]]), e["event"]
+    assert [e["path"] for e in seen if e["event"] == "saved"] == [str(out.parent / "circle-step000020.safetensors"), str(out)]
 
     # intermediate file, checkpoint folder, samples, loss curve and grid next to the output
     assert (out.parent / "circle-step000020.safetensors").is_file()
@@ -199,3 +205,39 @@ def test_save_every_epochs_and_tensorboard_log(tiny_models, tmp_path):
     assert sorted(tb) == sorted(steps) == list(range(1, 11))
     for step, loss in steps.items():
         assert tb[step] == pytest.approx(loss, rel=1e-6)
+
+
+def test_event_schema_refuses_what_it_does_not_list(tmp_path):
+    from sd_lora.training.events import EventLog, make_event
+
+    assert make_event("warning", message="x")["message"] == "x"
+    with pytest.raises(ValueError, match="unknown event kind 'progress'"):
+        make_event("progress", step=1)
+    with pytest.raises(ValueError, match="fields"):
+        make_event("checkpoint", step=1, path="p", lora="never sent")
+    log = EventLog(tmp_path / "e.jsonl")
+    with pytest.raises(ValueError):
+        log.emit("step", step=1)  # lr, loss, ... missing
+    log.close()
+    assert (tmp_path / "e.jsonl").read_text() == ""  # nothing written for a refused event
+
+
+def test_sample_grid_rows_by_step_from_artifact_names(tmp_path):
+    from sd_lora import artifacts
+    from sd_lora.training.report import draw_sample_grid
+
+    out = tmp_path / "style.safetensors"
+    paths = []
+    for step in (10, 2):  # not in name order: step 2 must still come first
+        for index in (0, 1):
+            p = artifacts.sample_image(out, step, index)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (64, 64), (255 * index, 0, step)).save(p)
+            paths.append(p)
+    stray = artifacts.samples_dir(out) / "notes.png"  # not a sample: left out
+    Image.new("RGB", (64, 64)).save(stray)
+    grid = draw_sample_grid(paths + [stray], artifacts.sample_grid(out), cell=64)
+    img = Image.open(grid)
+    assert img.size == (2 * 64, 2 * (64 + 16))
+    assert img.getpixel((32, 16 + 32)) == (0, 0, 2) and img.getpixel((96, 80 + 16 + 32)) == (255, 0, 10)
+    assert draw_sample_grid([stray], tmp_path / "none.png") is None

@@ -290,6 +290,52 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
     assert p.losses == [(1, 0.5), (2, 0.25)] and p.samples == ["a.png"]
 
 
+def test_job_progress_reads_only_fields_the_trainer_sends():
+    """Every event field the job page folds in is in the trainer's schema (no reading of never-sent fields)."""
+    import ast
+    import inspect
+
+    from sd_lora.training.events import EVENTS
+    from webui.jobs import fold_event
+
+    tree = ast.parse(inspect.getsource(fold_event))
+    read = {n.args[0].value for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "e"}
+    kinds = {c.value for n in ast.walk(tree) if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name)
+             and n.left.id == "kind" for c in n.comparators if isinstance(c, ast.Constant)}
+    assert read and kinds
+    assert read <= {"event"} | {f for fields in EVENTS.values() for f in fields}, read
+    assert kinds <= set(EVENTS), kinds
+
+
+def test_library_picture_and_listing_use_the_run_names(tmp_path):
+    """The library's picture for a LoRA is its run's last-step sample (by sd_lora.artifacts, not by sorting
+    file names); files inside a run's checkpoint/sample folders are not listed as LoRAs."""
+    from sd_lora import artifacts
+    from webui.security import Workspace
+    from webui.tabs.common import list_loras
+    from webui.tabs.library import sample_image
+
+    lib = tmp_path / "loras"
+    lora = lib / "style.safetensors"
+    for step, index in ((9, 0), (10, 1), (10, 0), (100, 0)):
+        p = artifacts.sample_image(lora, step, index) if step != 100 else artifacts.samples_dir(lora) / "step-100-x.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(p)
+    assert sample_image(lora) == artifacts.sample_image(lora, 10, 0)  # last step, first prompt; step-100-x is no sample
+    lora.with_suffix(".preview.png").write_bytes(b"")
+    assert sample_image(lora) == lora.with_suffix(".preview.png")  # a preview next to the file wins
+
+    lora.write_bytes(b"")
+    artifacts.intermediate_lora(lora, 20).write_bytes(b"")
+    ckpt = artifacts.checkpoint_root(lora) / artifacts.checkpoint_name(20)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    (artifacts.samples_dir(lora) / "odd.safetensors").write_bytes(b"")
+    assert sorted(list_loras(Workspace(tmp_path))) == ["style", "style-step000020"]
+
+
 def test_server_restart_finalizes_orphaned_jobs(tmp_path):
     """A job recorded as running whose process is gone (server killed) gets its real end state at start-up."""
     from webui.jobs import JobQueue

@@ -156,7 +156,7 @@ def test_every_entry_point_refuses_escapes(app):
     for toml in ('model = "/etc"', 'output = "../../x.safetensors"', 'checkpoint_dir = "/tmp/x"', 'vae = "../outside"',
                  'steps = 1\n[data]\npath = "datasets/escape"', 'steps = 1\n[data]\ncache_dir = "../.."'):
         msg = client.predict(toml, api_name="/validate_config")
-        assert "outside the workspace" in msg, (key, msg)
+        assert "outside the workspace" in msg, (toml, msg)
         _, started = client.predict(toml, api_name="/start_job")
         assert "Not started" in started and "outside the workspace" in started
     assert not list((ws.root / "jobs").iterdir())

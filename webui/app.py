@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
@@ -119,7 +118,3 @@ def stop(demo: gr.Blocks) -> None:
     demo.close()
     if ctx is not None:
         ctx.queue.shutdown()
-
-
-def workspace_file(ctx: UIContext, user_path: str, kind: str = "file") -> Path:
-    return ctx.workspace.path(user_path, must_exist=True, kind=kind)

@@ -6,7 +6,7 @@ closed laptop lid must all show the running job exactly as it is. So each job is
     <workspace>/jobs/<id>/
         config.toml     the full TrainConfig (absolute paths), written once at submit
         state.json      {"status", "created", "started", "finished", "pid", "returncode", ...}
-        events.jsonl    the trainer's events, one JSON object a line (sd_lora.train on_event)
+        events.jsonl    the trainer's events, one JSON object a line (schema: sd_lora.training.events)
         log.txt         the training process's stdout + stderr
 
 and the page is rebuilt from these files on every poll. Jobs run one after another, each in its
@@ -34,8 +34,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sd_lora import artifacts
 from sd_lora.config import ConfigError, TrainConfig, dump_config, load_config
 from sd_lora.io import atomic_write
+from sd_lora.training.events import make_event
 
 QUEUED, RUNNING, STOPPING, DONE, STOPPED, FAILED, CANCELLED = (
     "queued", "running", "stopping", "done", "stopped", "failed", "cancelled",
@@ -55,7 +57,7 @@ class JobError(ValueError):
 
 @dataclass
 class Progress:
-    """What the page shows for a job, folded from its events.jsonl (see sd_lora.training.events)."""
+    """What the page shows for a job, folded from its events.jsonl (fields: sd_lora.training.events.EVENTS)."""
 
     step: int = 0
     total_steps: int | None = None
@@ -71,7 +73,6 @@ class Progress:
     output: str | None = None
     error: str | None = None
     last_event: str | None = None
-    plan: dict = field(default_factory=dict)
 
 
 class EventTail:
@@ -105,9 +106,7 @@ def fold_event(p: Progress, e: dict) -> None:
     kind = e.get("event")
     p.last_event = kind
     if kind == "start":
-        p.plan = {k: v for k, v in e.items() if k not in ("event", "time")}
-        p.total_steps = e.get("steps", e.get("total_steps", p.total_steps))
-        p.step = e.get("start_step", e.get("step", p.step)) or 0
+        p.total_steps = e.get("total_steps", p.total_steps)
         p.stage = "starting"
     elif kind == "cache":
         p.stage = f"caching {e.get('stage', '')} {e.get('done', '?')}/{e.get('total', '?')}"
@@ -298,7 +297,8 @@ class JobQueue:
         if st["status"] in ACTIVE:
             raise JobError(f"job {job_id} is still {st['status']}; stop it first, then resume")
         cfg = self.config(job_id)
-        if not cfg.checkpoint_root.is_dir() or not any(cfg.checkpoint_root.iterdir()):
+        root = cfg.checkpoint_root
+        if not root.is_dir() or not any(artifacts.checkpoint_step(p) is not None for p in root.iterdir()):
             raise JobError(f"job {job_id} left no checkpoint in {cfg.checkpoint_root}; start it again instead")
         cfg.resume = "latest"
         return self.submit(cfg, name=st.get("name", ""), resume_of=job_id)
@@ -428,7 +428,7 @@ def run_job(job_dir: str | os.PathLike) -> int:
         if "stopped" in seen:  # the trainer stopped on request (TrainingStopped) after its checkpoint
             return 0
         if "error" not in seen:  # the trainer reports what it catches; add what it could not
-            on_event({"event": "error", "time": _now(), "message": f"{type(e).__name__}: {e}"})
+            on_event(make_event("error", message=f"{type(e).__name__}: {e}"))
         import traceback
 
         traceback.print_exc()

@@ -3,7 +3,7 @@
     from sd_lora.caption import caption_folder, get_captioner, available_captioners
     caption_folder("data/", "wd14", model="models/wd14", mode="fill", trigger="sks")
 
-Modules: base.py (interface + registry), simple.py (filename / folder / template),
+Modules: base.py (interface + registry), template.py (caption templates), simple.py (filename / folder / template),
 transformers_captioner.py (BLIP, GIT, Florence-2, ...), wd14.py (booru tagger, ONNX),
 edit.py (side files, dataset listing, bulk edits), run.py (caption_folder).
 """

@@ -20,7 +20,9 @@ from typing import Callable, Iterable
 
 from ..config import IMAGE_EXTENSIONS  # the image files the trainer reads
 from ..data.captions import caption_extensions  # the trainer's order: the configured extension, then .txt, .caption
+from ..data.captions import join_tags, split_tags  # the trainer's tag syntax (comma-separated)
 from ..io import atomic_write
+from .template import format_template
 
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _SAFE_EXT = re.compile(r"^\.[A-Za-z0-9_-]{1,16}$")
@@ -127,14 +129,6 @@ def list_dataset(root: str | Path, ext: str = ".txt") -> list[DatasetImage]:
 
 # ---------------------------------------------------------------------------------------------
 # Tags
-
-
-def split_tags(caption: str) -> list[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
-
-
-def join_tags(tags: Iterable[str]) -> str:
-    return ", ".join(t for t in tags if t)
 
 
 def tag_key(tag: str) -> str:
@@ -253,8 +247,6 @@ def fill_missing(target, template: str, trigger: str = "", ext: str = ".txt") ->
 
     Placeholders: {trigger}, {folder} (kohya folder name), {filename} (file stem, `_` as spaces), {stem}.
     """
-    from .simple import format_template
-
     root = Path(target) if isinstance(target, (str, Path)) else None
     written = 0
     for img in _images(target):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageOps
 
+from ..data.captions import join_tags, split_tags
 from .base import Captioner, Source, get_captioner
 from .edit import (
     check_caption_extension,
@@ -35,9 +36,7 @@ from .edit import (
     existing_caption,
     find_images,
     folder_info,
-    join_tags,
     read_caption,
-    split_tags,
     write_caption,
 )
 

@@ -1,3 +1,4 @@
-"""Dataset folders -> training items: scanning, captions, aspect buckets, latent/text caches."""
-
-from .dataset import Dataset, DatasetReport, Item, scan_dataset  # noqa: F401
+"""Dataset folders -> training items: dataset.py (scanning, repeats, reg images), captions.py (side
+files, caption augmentations), buckets.py (aspect buckets), images.py (decoding), cache.py (latent
+and text-embedding caches). Import from the modules; this package imports nothing, so captions.py
+stays cheap for the caption tools."""

@@ -35,7 +35,12 @@ def read_caption(image: Path, extensions: tuple[str, ...]) -> tuple[str | None, 
 
 
 def split_tags(caption: str) -> list[str]:
+    """Comma-separated tags; a sentence caption ("a photo of a dog") is one tag."""
     return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def join_tags(tags) -> str:
+    return ", ".join(t for t in tags if t)
 
 
 def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
@@ -43,7 +48,7 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
     tags = split_tags(caption)
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
-    return ", ".join(head + tail)
+    return join_tags(head + tail)
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:

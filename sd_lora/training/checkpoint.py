@@ -1,6 +1,6 @@
 """Resumable checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint is a folder `<checkpoint root>/step-00000100/` holding
+A checkpoint is a folder `<checkpoint root>/step-00000100/` (names: sd_lora.artifacts) holding
   trainable.safetensors  every trainable parameter (fp32, by its module path), bit-exact
   optimizer.pt           optimizer + LR scheduler (+ fp16 grad scaler) state, read back with
                          torch.load(weights_only=True): plain tensors and numbers, nothing executed
@@ -16,12 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .. import artifacts
 from ..io import atomic_write, load_safetensors, save_safetensors_atomic
 
-STEP_PREFIX = "step-"
+if TYPE_CHECKING:  # torch is imported by the functions that move tensors: listing checkpoints (config checks) needs none
+    import torch
+
+_FILES = ("trainable.safetensors", "optimizer.pt", "trainer.json")
 
 
 def trainable_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -33,6 +36,8 @@ def trainable_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tenso
 
 
 def load_trainable_state(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    import torch
+
     params = {
         f"{name}.{pname}": p
         for name, model in models.items() if model is not None
@@ -54,8 +59,10 @@ def load_trainable_state(models: dict[str, torch.nn.Module], state: dict[str, to
 
 def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, scaler, trainer: dict, keep: int = 0) -> Path:
     """Write checkpoint `root/step-XXXXXXXX` atomically; prune to the `keep` newest (0: keep all)."""
+    import torch
+
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{STEP_PREFIX}{step:08d}"
+    final = root / artifacts.checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -93,7 +100,7 @@ def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, s
 
 def _remove_stale_temporaries(root: Path) -> None:
     """Delete the `.step-*.{tmp,old,del}-PID` folders of processes that no longer run (killed runs)."""
-    for p in root.glob(".step-*-*"):
+    for p in root.glob(f".{artifacts.CHECKPOINT_PREFIX}*-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -109,9 +116,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-             and all((p / n).is_file() for n in ("trainable.safetensors", "optimizer.pt", "trainer.json"))]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and artifacts.checkpoint_step(p) is not None
+             and all((p / n).is_file() for n in _FILES)]
+    return sorted(found, key=artifacts.checkpoint_step)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -125,7 +132,9 @@ def read_trainer_state(folder: Path) -> dict:
 
 def load_checkpoint(folder: Path, models: dict, optimizer, scheduler, scaler) -> dict:
     """Restore weights, optimizer, scheduler (and scaler) from `folder`; returns trainer.json's dict."""
-    for name in ("trainable.safetensors", "optimizer.pt", "trainer.json"):
+    import torch
+
+    for name in _FILES:
         if not (folder / name).is_file():
             raise ValueError(f"{folder} is not a complete checkpoint ({name} is missing); pick another one from {folder.parent}")
     state, _ = load_safetensors(folder / "trainable.safetensors")

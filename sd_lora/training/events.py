@@ -1,19 +1,10 @@
 """Training events as JSON lines: one stream that the progress bar, the web UI and TensorBoard read.
 
-Every event is a dict with "event" (its kind) and "time"; the file `<output stem>.events.jsonl`
-next to the output gets one line per event, flushed at once, so another process (the web UI) can
-follow a run by reading the file. Kinds:
-
-  start       plan: images, repeats, epochs, batch, accumulation, steps, arithmetic
-  dataset     the dataset report (captions found, buckets, skipped images)
-  cache       {"stage": "latents"|"text", "done", "total"}
-  step        {"step", "epoch", "loss", "lr", "it_per_s", "eta_s"}
-  sample      {"step", "paths"}
-  checkpoint  {"step", "path", "lora"}
-  warning     {"message"}
-  stopped     {"step", "checkpoint"}     (stop flag, stop file or Ctrl-C)
-  done        {"step", "path", "loss_curve", "sample_grid"}
-  error       {"message"}
+Every event is a dict with "event" (its kind), "time" and the fields that EVENTS below lists for
+its kind: that table is the schema, and `EventLog.emit` refuses an event that does not match it.
+The file `<output stem>.events.jsonl` next to the output (artifacts.events_file) gets one line per
+event, flushed at once, so another process (the web UI) can follow a run by reading the file.
+Torch-free: readers import this module without the trainer.
 """
 
 from __future__ import annotations
@@ -23,10 +14,37 @@ import time
 from pathlib import Path
 from typing import Callable
 
+# kind -> its fields, in the order the trainer sends them (all of them, always; a value may be null)
+EVENTS: dict[str, tuple[str, ...]] = {
+    # the dataset report (data.dataset.DatasetReport.to_dict): captions found, buckets, skipped images
+    "dataset": ("images", "reg_images", "captions_by_extension", "fallback_captions", "skipped", "folders", "buckets"),
+    # the plan (loop.Plan) and its arithmetic: images x repeats x epochs / batch / accumulation / processes
+    "start": ("images", "samples_per_epoch", "batches_per_epoch", "steps_per_epoch", "total_steps", "epochs",
+              "arithmetic", "batch_size", "gradient_accumulation", "processes"),
+    "cache": ("stage", "done", "total"),  # stage: "latents" or "text"
+    "step": ("step", "total_steps", "epoch", "loss", "lr", "it_per_s", "eta_s"),  # every log_every steps and the last
+    "sample": ("step", "paths"),  # sample images rendered
+    "saved": ("step", "path"),  # a LoRA file written: intermediate (save_every) or the final one
+    "checkpoint": ("step", "path"),  # a resumable checkpoint folder written
+    "warning": ("message",),
+    "stopped": ("step", "checkpoint"),  # stop flag, stop file or Ctrl-C, after saving the checkpoint
+    "done": ("step", "path", "loss_curve", "sample_grid"),
+    "error": ("message",),
+}
+
+
+def make_event(kind: str, **fields) -> dict:
+    """One event record, checked against EVENTS (a mismatch is a bug in the sender, so it raises)."""
+    expected = EVENTS.get(kind)
+    if expected is None:
+        raise ValueError(f"unknown event kind {kind!r}; add it to EVENTS in sd_lora/training/events.py")
+    if set(fields) != set(expected):
+        raise ValueError(f"event {kind!r}: fields {sorted(fields)}, the schema in training/events.py says {sorted(expected)}")
+    return {"event": kind, "time": round(time.time(), 3), **fields}
+
 
 class EventLog:
     def __init__(self, path: Path | None, on_event: Callable[[dict], None] | None = None, tensorboard_dir: Path | None = None):
-        self.path = path
         self.on_event = on_event
         self._file = None
         if path is not None:
@@ -41,7 +59,7 @@ class EventLog:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def emit(self, event: str, **fields) -> dict:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
+        record = make_event(event, **fields)
         if self._file is not None:
             self._file.write(json.dumps(record, default=str) + "\n")
             self._file.flush()

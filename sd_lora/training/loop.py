@@ -9,6 +9,10 @@
                               samples, saves and checkpoints every N steps
     finish                    the LoRA file, a loss-curve PNG and a sample grid next to it
 
+Each setup phase returns what it makes (Model, Caches, Optimization, History below); `run` keeps
+them, so where a value comes from is in its type. File names come from sd_lora.artifacts, event
+kinds and fields from events.EVENTS.
+
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
 batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state,
@@ -31,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+from .. import artifacts
 from ..config import TrainConfig, dump_config
 from ..data.cache import LatentCache, TextCache
 from ..data.captions import shuffle_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
-from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from ..models import ArchInfo
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
@@ -82,6 +88,49 @@ def make_plan(cfg: TrainConfig, dataset: Dataset, world: int) -> Plan:
     return Plan(len(dataset.items), dataset.num_repeated, batches, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
 
+@dataclass
+class Model:
+    """What _load_model makes: the base pipeline with the adapters injected, and how to train it."""
+
+    pipe: object
+    arch: ArchInfo
+    network: object  # network.inject.LoraNetwork
+    weight_dtype: torch.dtype  # of the frozen weights (the mixed-precision dtype); adapters stay fp32
+    train_unet: bool
+    train_te: bool
+    noise_scheduler: object  # DDPMScheduler for the forward process
+    conditioner: TextConditioner
+
+
+@dataclass
+class Caches:
+    """What _build_caches makes: latents of every item (or the VAE to encode them), text outputs."""
+
+    latents: LatentCache
+    text: TextCache | None  # None when the text encoders run each step (trained, or shuffled captions)
+
+
+@dataclass
+class Optimization:
+    """What _prepare_optimization makes: optimizer, schedule, and the modules as the loop calls them."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: object
+    scheduler: object
+    models: dict  # name -> module whose trainable parameters a checkpoint holds
+    unet: torch.nn.Module  # wrapped by accelerate when it is trained
+    text_encoders: list
+    wrapped: list  # the DDP-wrapped modules (no gradient sync inside an accumulation window)
+
+
+@dataclass
+class History:
+    """What a run carries across a resume: the loss per step and the sample images so far."""
+
+    losses: list[tuple[int, float]]
+    sample_paths: list[Path]
+
+
 def _seed_for(*parts) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
@@ -89,9 +138,10 @@ def _seed_for(*parts) -> int:
 def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None = None) -> Path:
     """Train a LoRA as `config` says; returns the path of the written LoRA file.
 
-    on_event(dict) is called with every event (see training/events.py); the same events go to
-    `<output stem>.events.jsonl`. Setting `stop_event` (or creating `config.stop_file`, or Ctrl-C)
-    stops after the current step with a resumable checkpoint and raises TrainingStopped.
+    on_event(dict) is called with every event (schema: training/events.py); the same events go to
+    the run's events file (artifacts.events_file). Setting `stop_event` (or creating
+    `config.stop_file`, or Ctrl-C) stops after the current step with a resumable checkpoint and
+    raises TrainingStopped.
     """
     config.check()  # every config error at once, before loading anything
     from accelerate import Accelerator
@@ -119,7 +169,7 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
     events = EventLog(
         config.events_path if main else None,
         on_event if main else None,
-        tensorboard_dir=config.output_path.parent / f"{config.output_path.stem}-tensorboard" if (config.tensorboard and main) else None,
+        tensorboard_dir=artifacts.tensorboard_dir(config.output_path) if (config.tensorboard and main) else None,
     )
     threads = torch.get_num_threads()
     if config.cpu_threads:
@@ -142,8 +192,6 @@ class _Trainer:
         self.cfg, self.acc, self.events, self.stop_event = cfg, accelerator, events, stop_event
         self.main = accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.losses: list[tuple[int, float]] = []
-        self.sample_paths: list[Path] = []
         self._sigint = False
 
     def log(self, msg: str) -> None:
@@ -152,7 +200,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         if self.main:
             cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
         # 1. data (before the model: a bad dataset fails in seconds)
@@ -167,36 +215,38 @@ class _Trainer:
         self.events.emit("start", **self.plan.__dict__, arithmetic=self.plan.describe(cfg, self.world),
                          batch_size=cfg.batch_size, gradient_accumulation=cfg.gradient_accumulation, processes=self.world)
 
+        # Each phase returns what it makes; the loop and the saves read it from these attributes,
+        # which are set here and nowhere else.
         # 2. model + network
-        self._load_model()
+        self.model = self._load_model()
         # 3. caches
-        self._build_caches()
+        self.caches = self._build_caches(self.model)
         # 4. optimizer, schedule, accelerate
-        self._prepare_optimization()
+        self.opt = self._prepare_optimization(self.model)
         # 5. resume
-        start = self._maybe_resume()
+        start, self.history = self._resume(self.opt)
         # 6. loop
         with self._sigint_handler():
             try:
                 self._loop(start)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
-                    raise TrainingOutOfMemory(oom_advice(cfg, self.train_te)) from e
+                    raise TrainingOutOfMemory(oom_advice(cfg, self.model.train_te)) from e
                 raise
         return self._finish()
 
     # ------------------------------------------------------------------------------------------
-    def _load_model(self) -> None:
+    def _load_model(self) -> Model:
         from ..models import WeightReader, architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
-        self.arch = architecture_of(pipe)
-        self.log(f"model: {self.arch.description}, {self.arch.prediction_type}")
+        arch = architecture_of(pipe)
+        self.log(f"model: {arch.description}, {arch.prediction_type}")
         if cfg.zero_terminal_snr:
-            if self.arch.prediction_type != "v_prediction":
+            if arch.prediction_type != "v_prediction":
                 raise ValueError(
                     f"zero_terminal_snr: {cfg.model} is an epsilon-prediction model, and zero terminal SNR needs "
                     "v-prediction. Use a v-prediction model (e.g. SD 2.x 768-v), or set prediction_type = "
@@ -216,7 +266,7 @@ class _Trainer:
         # smaller base precision converts layer by layer from the files (readers, below) instead.
         from .base_precision import STORAGE_DTYPES, apply_base_precision
 
-        stored_small = cfg.base_precision is not None and STORAGE_DTYPES.get(cfg.base_precision) != self.weight_dtype
+        stored_small = cfg.base_precision is not None and STORAGE_DTYPES.get(cfg.base_precision) != weight_dtype
         readers = {}
         for name in ("unet", "text_encoder", "text_encoder_2"):
             m = getattr(pipe, name, None)
@@ -224,14 +274,13 @@ class _Trainer:
                 continue
             if stored_small:
                 readers[name] = WeightReader.for_model(m)
-            elif self.weight_dtype != torch.float32:
-                reload_in_dtype(m, self.weight_dtype)
+            elif weight_dtype != torch.float32:
+                reload_in_dtype(m, weight_dtype)
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        self.network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
-        self.train_te = bool(self.network.text_encoder_parameters()) and cfg.te_lr > 0
-        self.train_unet = bool(self.network.unet_parameters())
+        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
+        train_te = bool(network.text_encoder_parameters()) and cfg.te_lr > 0
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
-        applied = apply_base_precision(pipe, cfg.base_precision, self.weight_dtype, readers)
+        applied = apply_base_precision(pipe, cfg.base_precision, weight_dtype, readers)
         if applied["layers"]:
             self.log(f"base_precision {cfg.base_precision}: {applied['layers']} frozen layers stored small")
         # Frozen base weights in the mixed-precision dtype (half the memory); adapters stay fp32.
@@ -242,34 +291,34 @@ class _Trainer:
                 continue
             for p in m.parameters():
                 if not p.requires_grad:
-                    p.data = p.data.to(self.weight_dtype)
+                    p.data = p.data.to(weight_dtype)
             m.to(device)
         # The VAE stays fp32 for fp16 runs (the SD VAE overflows in fp16); bf16 is safe.
-        pipe.vae.to(device, torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32)
+        pipe.vae.to(device, torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-            if self.train_te:
+            if train_te:
                 for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
                     if te is not None:
                         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from diffusers import DDPMScheduler
 
-        self.pipe = pipe
         # zero_terminal_snr: betas rescaled so that the last timestep is pure noise (alphas_cumprod[-1] = 0).
         # Off, the base's own scheduler config decides (a zero-SNR fine-tune may already say so).
-        self.noise_scheduler = DDPMScheduler.from_config(
+        noise_scheduler = DDPMScheduler.from_config(
             pipe.scheduler.config, **({"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}))
-        self.conditioner = TextConditioner(pipe, self.arch.is_sdxl)
+        return Model(pipe, arch, network, weight_dtype, train_unet=bool(network.unet_parameters()), train_te=train_te,
+                     noise_scheduler=noise_scheduler, conditioner=TextConditioner(pipe, arch.is_sdxl))
 
-    def _build_caches(self) -> None:
+    def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
         items = self.dataset.items
         cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.path) / ".sd-lora-cache"
-        self.latents = LatentCache(items, self.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
+        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
         if d.cache_latents == "disk" and not self.main:
             self.acc.wait_for_everyone()  # the main process writes the disk cache, the others read it
         t0 = time.time()
-        counts = self.latents.build(
+        counts = latents.build(
             on_progress=lambda done, total: self.events.emit("cache", stage="latents", done=done, total=total) if self.main else None,
             show_progress=self.main,
         )
@@ -278,41 +327,48 @@ class _Trainer:
         if d.cache_latents != "none":
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
-        self.text_cache = None
-        if not self.train_te and d.cache_text and not d.shuffle_captions:
+        text = None
+        if not model.train_te and d.cache_text and not d.shuffle_captions:
             captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
-            self.text_cache = TextCache()
-            self.text_cache.build(captions, self.conditioner, self.acc.device, show_progress=self.main)
-            self.events.emit("cache", stage="text", done=len(self.text_cache.hidden), total=len(self.text_cache.hidden))
+            text = TextCache()
+            text.build(captions, model.conditioner, self.acc.device, show_progress=self.main)
+            self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
             # for sample images. Freeing them lowers the peak memory of the training steps.
-            self.pipe.vae.encoder = None
+            model.pipe.vae.encoder = None
             if not cfg.sample_prompts:
-                self.pipe.vae.decoder = None
+                model.pipe.vae.decoder = None
+        return Caches(latents, text)
 
-    def _prepare_optimization(self) -> None:
-        cfg, acc = self.cfg, self.acc
-        groups = param_groups(self.network.unet_parameters(), self.network.text_encoder_parameters() if self.train_te else [],
+    def _prepare_optimization(self, model: Model) -> Optimization:
+        cfg, acc, pipe = self.cfg, self.acc, model.pipe
+        groups = param_groups(model.network.unet_parameters(), model.network.text_encoder_parameters() if model.train_te else [],
                               cfg.lr, cfg.te_lr)
-        self.params = [p for g in groups for p in g["params"]]
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
-        self.scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, self.plan.total_steps)
-        self.models = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder, "text_encoder_2": getattr(self.pipe, "text_encoder_2", None)}
-        self.unet = acc.prepare(self.pipe.unet) if self.train_unet else self.pipe.unet
-        self.text_encoders = [
-            acc.prepare(te) if (self.train_te and any(p.requires_grad for p in te.parameters())) else te
-            for te in self.conditioner.encoders
+        scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, self.plan.total_steps)
+        unet = acc.prepare(pipe.unet) if model.train_unet else pipe.unet
+        text_encoders = [
+            acc.prepare(te) if (model.train_te and any(p.requires_grad for p in te.parameters())) else te
+            for te in model.conditioner.encoders
         ]
-        self.optimizer = acc.prepare(optimizer)
-        self.wrapped = [m for m in [self.unet, *self.text_encoders] if m is not None and m is not getattr(m, "module", m)]
+        return Optimization(
+            params=[p for g in groups for p in g["params"]],
+            optimizer=acc.prepare(optimizer),
+            scheduler=scheduler,
+            models={name: getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")},
+            unet=unet,
+            text_encoders=text_encoders,
+            wrapped=[m for m in [unet, *text_encoders] if m is not None and m is not getattr(m, "module", m)],
+        )
 
-    def _maybe_resume(self) -> int:
+    def _resume(self, opt: Optimization) -> tuple[int, History]:
+        """(the step to start from, the history so far): (0, empty) without resume."""
         cfg = self.cfg
         if not cfg.resume:
-            return 0
+            return 0, History([], [])
         folder = latest_checkpoint(cfg.checkpoint_root) if cfg.resume == "latest" else Path(cfg.resume)
         if folder is None:
             raise ValueError(f"resume: no checkpoint found in {cfg.checkpoint_root}; train without --resume first")
@@ -320,11 +376,10 @@ class _Trainer:
         if saved.get("processes", 1) != self.world:
             self.events.emit("warning", message=f"the checkpoint was written by {saved.get('processes')} process(es), this run has "
                              f"{self.world}: training continues, but the data order differs from the original run")
-        state = load_checkpoint(folder, self.models, self.optimizer, self.scheduler, getattr(self.acc, "scaler", None))
-        self.losses = [tuple(x) for x in state.get("losses", [])]
-        self.sample_paths = [Path(p) for p in state.get("samples", []) if Path(p).is_file()]
+        state = load_checkpoint(folder, opt.models, opt.optimizer, opt.scheduler, getattr(self.acc, "scaler", None))
         self.log(f"resumed from {folder} at step {state['step']}")
-        return int(state["step"])
+        return int(state["step"]), History(losses=[tuple(x) for x in state.get("losses", [])],
+                                           sample_paths=[Path(p) for p in state.get("samples", []) if Path(p).is_file()])
 
     # ------------------------------------------------------------------------------------------
     def _should_stop(self) -> bool:
@@ -366,7 +421,7 @@ class _Trainer:
             if d.caption_dropout and rng.random() < d.caption_dropout:
                 c = ""
             captions.append(c)
-        latents = torch.stack([self.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
+        latents = torch.stack([self.caches.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
         placements = []
         for it, f in zip(items, flips):
@@ -385,33 +440,34 @@ class _Trainer:
         generator = torch.Generator().manual_seed(_seed_for("noise", *key))
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
         latents, captions, weights, placements = self._batch(idxs, rng)
-        device = self.acc.device
+        device, model, text_cache = self.acc.device, self.model, self.caches.text
+        noise_scheduler = model.noise_scheduler
         with self.acc.autocast():
-            if self.text_cache is not None:
-                hidden, pooled = self.text_cache.get(captions)
-                hidden = hidden.to(device, self.weight_dtype)
-                pooled = pooled.to(device, self.weight_dtype) if pooled is not None else None
-            elif self.train_te:
-                hidden, pooled = self.conditioner.encode(captions, device, encoders=self.text_encoders)
+            if text_cache is not None:
+                hidden, pooled = text_cache.get(captions)
+                hidden = hidden.to(device, model.weight_dtype)
+                pooled = pooled.to(device, model.weight_dtype) if pooled is not None else None
+            elif model.train_te:
+                hidden, pooled = model.conditioner.encode(captions, device, encoders=self.opt.text_encoders)
             else:
                 with torch.no_grad():
-                    hidden, pooled = self.conditioner.encode(captions, device)
+                    hidden, pooled = model.conditioner.encode(captions, device)
             noise = sample_noise(latents, generator, cfg.noise_offset)
-            timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, generator, device)
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             extra = {}
-            if self.arch.is_sdxl:
+            if model.arch.is_sdxl:
                 extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden, **extra).sample
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
-        loss = diffusion_loss(pred, target, timesteps, self.noise_scheduler, weights, cfg.min_snr_gamma)
-        reg = self.network.regularization_loss()
+            pred = self.opt.unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
+        target = training_target(noise_scheduler, latents, noise, timesteps)
+        loss = diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma)
+        reg = model.network.regularization_loss()
         return loss + reg if isinstance(reg, torch.Tensor) else loss
 
     def _loop(self, start: int) -> None:
         cfg, acc, plan = self.cfg, self.acc, self.plan
         accum = cfg.gradient_accumulation
-        for m in [self.unet, *self.text_encoders]:
+        for m in [self.opt.unet, *self.opt.text_encoders]:
             m.train()
         from tqdm.auto import tqdm
 
@@ -434,7 +490,7 @@ class _Trainer:
                 sync = micro == accum - 1
                 ctx = contextlib.ExitStack()
                 if not sync:
-                    for m in self.wrapped:
+                    for m in self.opt.wrapped:
                         ctx.enter_context(acc.no_sync(m))
                 with ctx:
                     loss = self._loss(idxs, step, micro)
@@ -444,13 +500,11 @@ class _Trainer:
             if not math.isfinite(mean_loss):
                 # NaN guard: skip the update (the fp16 grad scaler lowers its scale on its own).
                 nan_streak += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                self.opt.optimizer.zero_grad(set_to_none=True)
                 self.events.emit("warning", message=f"step {step + 1}: loss is {mean_loss}; update skipped")
                 if nan_streak >= 5:
                     # The last checkpoint saved before the streak began (steps are counted from 1 here).
-                    from .checkpoint import list_checkpoints
-
-                    good = [c for c in list_checkpoints(cfg.checkpoint_root) if int(c.name.split("-")[1]) < step - 3]
+                    good = [c for c in list_checkpoints(cfg.checkpoint_root) if artifacts.checkpoint_step(c) < step - 3]
                     last = good[-1] if good else None
                     raise ValueError(
                         f"step {step + 1}: the loss was NaN/inf 5 steps in a row (since step {step - 3}). Lower lr, use "
@@ -461,18 +515,18 @@ class _Trainer:
             else:
                 nan_streak = 0
                 if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.network.update_ranks(step)
-                self.optimizer.zero_grad(set_to_none=True)
+                    acc.clip_grad_norm_(self.opt.params, cfg.max_grad_norm)
+                self.opt.optimizer.step()
+                self.model.network.update_ranks(step)
+                self.opt.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 # After a skipped (NaN) update torch warns that the schedule steps before the optimizer;
                 # the schedule follows the step count on purpose.
                 warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+                self.opt.scheduler.step()
             step += 1
             n_done += 1
-            self.losses.append((step, mean_loss))
+            self.history.losses.append((step, mean_loss))
             elapsed = time.time() - t_start
             it_s = n_done / elapsed if elapsed > 0 else 0.0
             eta = (plan.total_steps - step) / it_s if it_s > 0 else None
@@ -480,35 +534,32 @@ class _Trainer:
             bar.update()
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
-                                 lr=self.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4), eta_s=None if eta is None else round(eta, 1))
+                                 lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
+                                 eta_s=None if eta is None else round(eta, 1))
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (
                 (cfg.save_every and step % cfg.save_every == 0)
                 or (cfg.save_every_epochs and end_of_epoch and (step // plan.steps_per_epoch) % cfg.save_every_epochs == 0)
             ):
-                self._save_lora(self._intermediate_path(step), step)
+                self._save_lora(artifacts.intermediate_lora(cfg.output_path, step), step)
                 self._save_checkpoint(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 self._samples(step)
         bar.close()
 
     # ------------------------------------------------------------------------------------------
-    def _intermediate_path(self, step: int) -> Path:
-        out = self.cfg.output_path
-        return out.parent / f"{out.stem}-step{step:06d}.safetensors"
-
     def _trainer_state(self) -> dict:
         return {
-            "losses": self.losses,
-            "samples": [str(p) for p in self.sample_paths],
+            "losses": self.history.losses,
+            "samples": [str(p) for p in self.history.sample_paths],
             "processes": self.world,
             "config": dump_config(self.cfg),
         }
 
     def _save_checkpoint(self, step: int) -> Path:
-        path = self.cfg.checkpoint_root / f"step-{step:08d}"
+        path = self.cfg.checkpoint_root / artifacts.checkpoint_name(step)
         if self.main:
-            path = save_checkpoint(self.cfg.checkpoint_root, step, self.models, self.optimizer, self.scheduler,
+            path = save_checkpoint(self.cfg.checkpoint_root, step, self.opt.models, self.opt.optimizer, self.opt.scheduler,
                                    getattr(self.acc, "scaler", None), self._trainer_state(), self.cfg.keep_checkpoints)
             self.cfg.stop_file.unlink(missing_ok=True)  # handled: a resume must not stop again at once
             self.events.emit("checkpoint", step=step, path=str(path))
@@ -524,8 +575,8 @@ class _Trainer:
             if not it.is_reg:
                 captions.setdefault(it.folder, []).append(it.caption)
         return build_training_metadata(
-            arch=self.arch.arch,
-            **self.network.metadata_fields(),
+            arch=self.model.arch.arch,
+            **self.model.network.metadata_fields(),
             resolution=cfg.data.resolution,
             tag_frequency=tag_frequency(captions),
             dataset_dirs={k: {"n_repeats": v, "img_count": sum(1 for i in self.dataset.items if i.folder == k)}
@@ -539,8 +590,8 @@ class _Trainer:
             num_reg_images=rep.reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
             learning_rate=cfg.lr,
-            unet_lr=cfg.lr if self.train_unet else 0.0,
-            text_encoder_lr=cfg.te_lr if self.train_te else 0.0,
+            unet_lr=cfg.lr if self.model.train_unet else 0.0,
+            text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             optimizer=cfg.optimizer,
             lr_scheduler=cfg.lr_scheduler,
             lr_warmup_steps=cfg.lr_warmup_steps,
@@ -565,7 +616,7 @@ class _Trainer:
         if self.main:
             from ..formats.kohya import save_lora
 
-            path = save_lora(path, self.network, self._metadata(step))
+            path = save_lora(path, self.model.network, self._metadata(step))
             self.events.emit("saved", step=step, path=str(path))
         self.acc.wait_for_everyone()
         return path
@@ -575,26 +626,25 @@ class _Trainer:
             from .sampling import load_prompts, render_samples
 
             prompts = load_prompts(self.cfg.sample_prompts)
-            out_dir = self.cfg.output_path.parent / f"{self.cfg.output_path.stem}-samples"
-            paths = render_samples(self.pipe, prompts, out_dir, step, self.cfg.data.resolution, self.cfg.sample_steps,
-                                   self.cfg.seed, autocast=self.acc.autocast, guidance_rescale=self.cfg.guidance_rescale,
-                                   zero_terminal_snr=self.cfg.zero_terminal_snr)
-            self.sample_paths += paths
+            paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
+                                   self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
+                                   guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr)
+            self.history.sample_paths += paths
             self.events.emit("sample", step=step, paths=[str(p) for p in paths])
         self.acc.wait_for_everyone()
 
     def _finish(self) -> Path:
         from .report import draw_loss_curve, draw_sample_grid
 
-        cfg = self.cfg
+        cfg, losses = self.cfg, self.history.losses
         step = self.plan.total_steps
-        if cfg.sample_prompts and not any(p.name.startswith(f"step-{step:06d}-") for p in self.sample_paths):
+        if cfg.sample_prompts and not any((artifacts.sample_step(p) or (None,))[0] == step for p in self.history.sample_paths):
             self._samples(step)  # always finish with samples of the final weights
         path = self._save_lora(cfg.output_path, step)
         if self.main:
             out = cfg.output_path
-            curve = draw_loss_curve([s for s, _ in self.losses], [v for _, v in self.losses], out.parent / f"{out.stem}-loss.png") if self.losses else None
-            grid = draw_sample_grid(self.sample_paths, out.parent / f"{out.stem}-samples.png")
+            curve = draw_loss_curve([s for s, _ in losses], [v for _, v in losses], artifacts.loss_curve(out)) if losses else None
+            grid = draw_sample_grid(self.history.sample_paths, artifacts.sample_grid(out))
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)
             self.log(f"saved {path}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .. import artifacts
 from ..io import atomic_path
 
 
@@ -54,12 +55,14 @@ def draw_loss_curve(steps: list[int], losses: list[float], path: Path, size=(800
 
 
 def draw_sample_grid(paths: list[Path], path: Path, columns: int | None = None, cell: int = 256) -> Path | None:
-    """All sample images in a grid: one row per sampling step, one column per prompt (label: file name)."""
-    if not paths:
+    """The training samples in a grid: one row per sampling step, one column per prompt (by the
+    step and prompt index that artifacts.sample_step reads from each file's name)."""
+    placed = sorted((artifacts.sample_step(p), p) for p in paths if artifacts.sample_step(p) is not None)
+    if not placed:
         return None
     rows: dict[str, list[Path]] = {}
-    for p in sorted(paths):
-        rows.setdefault(p.stem.rsplit("-", 1)[0], []).append(p)
+    for (step, _), p in placed:
+        rows.setdefault(f"step {step}", []).append(p)
     columns = columns or max(len(r) for r in rows.values())
     label = 16
     grid = Image.new("RGB", (columns * cell, len(rows) * (cell + label)), "white")

@@ -19,20 +19,22 @@ from ..sample_prompts import SamplePrompt, load_prompts, parse_prompt_line  # no
 
 
 @torch.no_grad()
-def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, resolution: int,
+def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, resolution: int,
                    default_steps: int, default_seed: int, autocast=None, guidance_rescale: float = 0.0,
                    zero_terminal_snr: bool = False) -> list[Path]:
-    """Render every prompt; returns the PNG paths (<out_dir>/step-000100-0.png ...).
+    """Render every prompt; returns the PNG paths, named by artifacts.sample_image for the run whose
+    LoRA file is `output` (`<stem>-samples/step-000100-0.png`, ...).
 
     zero_terminal_snr: sample with the pipeline's scheduler class set up for it (rescaled betas,
     trailing timesteps) and put the original scheduler back afterwards.
     """
     from contextlib import nullcontext
 
+    from .. import artifacts
     from ..io import atomic_path
     from ..models import use_zero_terminal_snr
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.samples_dir(output).mkdir(parents=True, exist_ok=True)
     scheduler = use_zero_terminal_snr(pipe) if zero_terminal_snr else pipe.scheduler  # the original, put back below
     modules = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
     was_training = [m.training for m in modules]
@@ -51,7 +53,7 @@ def render_samples(pipe, prompts: list[SamplePrompt], out_dir: Path, step: int, 
                     num_inference_steps=sp.steps or default_steps, guidance_scale=sp.guidance,
                     guidance_rescale=guidance_rescale, generator=generator,
                 ).images[0]
-            path = out_dir / f"step-{step:06d}-{i}.png"
+            path = artifacts.sample_image(output, step, i)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             paths.append(path)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from sd_lora import artifacts
+
 from ..jobs import JobError
 from ..security import PathError, Workspace
 
@@ -59,12 +61,13 @@ def list_models(ws: Workspace) -> list[str]:
 
 
 def list_loras(ws: Workspace) -> list[str]:
-    """LoRA files in `<workspace>/loras` (recursively), skipping checkpoint and hidden folders."""
+    """LoRA files in `<workspace>/loras` (recursively), skipping hidden folders and the folders a training
+    run writes besides its LoRA (checkpoints, samples, TensorBoard logs; see sd_lora.artifacts)."""
     base = ws.root / "loras"
     out = []
     for p in sorted(base.rglob("*.safetensors")) if base.is_dir() else []:
         rel = p.relative_to(base)
-        if any(part.startswith(".") or part.endswith("-checkpoints") for part in rel.parts[:-1]):
+        if any(part.startswith(".") or artifacts.is_run_output(part) for part in rel.parts[:-1]):
             continue
         out.append(rel.with_suffix("").as_posix())
     return out
@@ -74,10 +77,8 @@ def list_loras(ws: Workspace) -> list[str]:
 
 
 def captioner_names() -> list[str]:
-    try:
-        from sd_lora.caption.base import available_captioners
-    except ImportError:
-        return []
+    from sd_lora.caption import available_captioners
+
     return list(available_captioners())
 
 

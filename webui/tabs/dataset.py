@@ -12,7 +12,7 @@ from sd_lora.config import IMAGE_EXTENSIONS, DataConfig
 from sd_lora.caption.edit import existing_caption, find_images, write_caption
 
 from ..security import PathError, safe_name
-from .common import guard, list_dirs
+from .common import bulk_caption_edit, captioner_names, guard, list_dirs, run_captioner
 
 MAX_GALLERY = 400  # thumbnails shown; the check below still counts every image
 BULK_OPS = ["add trigger word", "add prefix", "add suffix", "find / replace", "fill missing", "remove tag"]
@@ -85,8 +85,6 @@ def build(ctx) -> None:
 
     @guard
     def bulk(folder: str, op: str, a: str, b: str):
-        from .common import bulk_caption_edit
-
         root = folder_of(folder)
         changed = bulk_caption_edit(root, op, a, b)
         items, note = gallery(folder)
@@ -95,8 +93,6 @@ def build(ctx) -> None:
     @guard
     def auto_caption(folder: str, captioner: str, mode: str, trigger: str, model: str, template: str,
                      progress=gr.Progress()):
-        from .common import run_captioner
-
         root = folder_of(folder)
         model_path = ws.path(model, must_exist=True, kind="captioner model") if (model or "").strip() else None
         summary = run_captioner(root, captioner, mode, trigger, model_path, template, progress)
@@ -105,10 +101,10 @@ def build(ctx) -> None:
 
     @guard
     def check(folder: str, repeats: int, resolution: int):
-        from sd_lora.data.dataset import scan_dataset
+        import sd_lora
 
         root = folder_of(folder)
-        ds = scan_dataset(DataConfig(path=str(root), repeats=int(repeats), resolution=int(resolution)))
+        ds = sd_lora.scan_dataset(DataConfig(path=str(root), repeats=int(repeats), resolution=int(resolution)))
         lines = ds.report.lines()
         lines.insert(1, f"{ds.num_repeated} samples per epoch (images x repeats)")
         return "\n".join(lines)
@@ -140,7 +136,8 @@ def build(ctx) -> None:
         bulk_btn = gr.Button("Apply to every caption")
     with gr.Accordion("Auto-caption", open=False):
         with gr.Row():
-            captioner = gr.Dropdown(_captioner_names(), label="captioner", value=(_captioner_names() or [None])[0])
+            names = captioner_names()
+            captioner = gr.Dropdown(names, label="captioner", value=names[0] if names else None)
             mode = gr.Radio(["fill", "replace", "append"], value="fill", label="existing captions")
             trigger = gr.Textbox(label="trigger word (optional)")
         with gr.Row():
@@ -171,9 +168,3 @@ def build(ctx) -> None:
     bulk_btn.click(bulk, [folder, op, arg_a, arg_b], [thumbs, note, status], api_name="bulk_caption")
     caption_btn.click(auto_caption, [folder, captioner, mode, trigger, cap_model, template], [thumbs, note, status], api_name="auto_caption")
     check_btn.click(check, [folder, repeats, resolution], report, api_name="check_dataset")
-
-
-def _captioner_names() -> list[str]:
-    from .common import captioner_names
-
-    return captioner_names()

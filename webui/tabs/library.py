@@ -1,13 +1,14 @@
 """Library tab: the LoRA files in loras/ with their metadata, trigger words, size, base model and a
-sample image; inspect one, convert it, and (when sd_lora.tools provides them) merge and resize."""
+sample image; inspect, convert, merge, resize and extract (sd_lora's public API)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import gradio as gr
+
+from sd_lora import artifacts
 
 from ..security import PathError, safe_name
 from .common import guard, list_loras, list_models
@@ -17,15 +18,16 @@ BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "
 
 def sample_image(path: Path) -> Path | None:
     """A picture for a LoRA: `<stem>.png` / `<stem>.preview.png` next to it (A1111/Civitai habit), else the
-    newest training sample in `<stem>-samples/`, else a sample grid."""
+    first prompt's sample of the last sampling step of its training run, else the run's sample grid."""
     for cand in (path.with_suffix(".png"), path.with_suffix(".preview.png")):
         if cand.is_file():
             return cand
-    samples = path.parent / f"{path.stem}-samples"
-    pngs = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
-    if pngs:
-        return pngs[-1]
-    grid = path.parent / f"{path.stem}-samples.png"
+    folder = artifacts.samples_dir(path)
+    samples = {artifacts.sample_step(p): p for p in folder.iterdir()} if folder.is_dir() else {}
+    samples.pop(None, None)  # files that are not samples
+    if samples:
+        return samples[max(samples, key=lambda at: (at[0], -at[1]))]  # at = (step, prompt index)
+    grid = artifacts.sample_grid(path)
     return grid if grid.is_file() else None
 
 
@@ -46,19 +48,9 @@ def summary(lora, path: Path) -> dict:
     }
 
 
-def tool(name: str):
-    """`sd_lora.tools.<name>` when the installed sd_lora has it (merge/resize are optional hooks)."""
-    try:
-        mod = importlib.import_module("sd_lora.tools")
-    except ImportError:
-        return None
-    return getattr(mod, name, None)
-
-
 def _error_text(report) -> str:
     """The approximation error a tool reports (sd_lora.tools.ToolReport), for the status line."""
-    err = getattr(report, "rel_error", None)
-    return "" if err is None else f" (relative delta error {err:.4f})"
+    return f" (relative delta error {report.rel_error:.4f})"
 
 
 def build(ctx, tab=None) -> None:
@@ -77,7 +69,7 @@ def build(ctx, tab=None) -> None:
     def table():
         import pandas as pd
 
-        from sd_lora.formats import load_lora
+        from sd_lora import load_lora
 
         rows = []
         for name in list_loras(ws):
@@ -92,7 +84,7 @@ def build(ctx, tab=None) -> None:
 
     @guard
     def inspect(name: str):
-        from sd_lora.formats import load_lora
+        from sd_lora import load_lora
 
         p = lora_path(name)
         lora = load_lora(p)
@@ -108,21 +100,19 @@ def build(ctx, tab=None) -> None:
 
     @guard
     def convert(name: str, fmt: str, new_name: str):
-        convert_fn = tool("convert_lora")
-        if convert_fn is None:
-            raise ValueError("convert: not available in this sd_lora build (sd_lora.tools.convert_lora)")
+        import sd_lora
+
         src = lora_path(name)
         stem = safe_name(new_name or f"{Path(name).name}-{fmt}", "new name")
         # PEFT adapters are folders; kohya and diffusers are single .safetensors files
         dst = ws.child(lib, stem if fmt == "peft" else f"{stem}.safetensors", kind="new name")
-        out = convert_fn(src, dst, fmt)
+        out = sd_lora.convert_lora(src, dst, fmt)
         return f"wrote {ws.relative(out)} ({fmt} format)"
 
     @guard
     def merge(names: list[str], weights: str, new_name: str):
-        merge_fn = tool("merge_loras")
-        if merge_fn is None:
-            raise ValueError("merge: not available in this sd_lora build (sd_lora.tools.merge_loras)")
+        import sd_lora
+
         paths = [lora_path(n) for n in names or []]
         if len(paths) < 2:
             raise ValueError("merge: choose at least two LoRAs")
@@ -130,31 +120,29 @@ def build(ctx, tab=None) -> None:
         if len(ws_) != len(paths):
             raise ValueError(f"merge: {len(paths)} LoRAs but {len(ws_)} weights; give one weight each, comma-separated")
         dst = ws.child(lib, f"{safe_name(new_name, 'new name')}.safetensors", kind="new name")
-        report = merge_fn(list(zip(paths, ws_)), dst)
+        report = sd_lora.merge_loras(list(zip(paths, ws_)), dst)
         return f"wrote loras/{dst.name}" + _error_text(report)
 
     @guard
     def resize(name: str, rank: int, new_name: str):
-        resize_fn = tool("resize_lora")
-        if resize_fn is None:
-            raise ValueError("resize: not available in this sd_lora build (sd_lora.tools.resize_lora)")
+        import sd_lora
+
         src = lora_path(name)
         dst = ws.child(lib, f"{safe_name(new_name or f'{Path(name).name}-r{int(rank)}', 'new name')}.safetensors", kind="new name")
-        report = resize_fn(src, dst, int(rank))
+        report = sd_lora.resize_lora(src, dst, int(rank))
         return f"wrote loras/{dst.name}" + _error_text(report)
 
     @guard
     def extract(base: str, tuned: str, rank: int, new_name: str):
-        extract_fn = tool("extract_lora")
-        if extract_fn is None:
-            raise ValueError("extract: not available in this sd_lora build (sd_lora.tools.extract_lora)")
+        import sd_lora
+
         if not base or not tuned:
             raise ValueError("extract: choose the base model and the fine-tuned model (from models/ in the workspace)")
         a = ws.path(base, must_exist=True, kind="base model")
         b = ws.path(tuned, must_exist=True, kind="fine-tuned model")
         stem = safe_name(new_name or f"{Path(tuned).stem}-extract-r{int(rank)}", "new name")
         dst = ws.child(lib, f"{stem}.safetensors", kind="new name")
-        report = extract_fn(a, b, dst, rank=int(rank))
+        report = sd_lora.extract_lora(a, b, dst, rank=int(rank))
         return f"wrote loras/{dst.name}" + _error_text(report)
 
     gr.Markdown("LoRA files in `loras/` of the workspace (trained ones land there too).")
@@ -173,24 +161,24 @@ def build(ctx, tab=None) -> None:
             fmt = gr.Dropdown(["kohya", "diffusers", "peft"], value="kohya", label="to format")
             conv_name = gr.Textbox(label="new name (optional)")
             conv_btn = gr.Button("Convert")
-    with gr.Accordion("Merge", open=False, visible=True):
+    with gr.Accordion("Merge", open=False):
         with gr.Row():
             merge_names = gr.Dropdown([], multiselect=True, label="LoRAs to merge", allow_custom_value=True)
             merge_weights = gr.Textbox(label="weights, comma-separated (default 1 each)")
             merge_name = gr.Textbox(label="new name")
-            merge_btn = gr.Button("Merge", interactive=tool("merge_loras") is not None)
+            merge_btn = gr.Button("Merge")
     with gr.Accordion("Resize (SVD to a lower rank)", open=False):
         with gr.Row():
             rank = gr.Number(8, label="new rank", precision=0)
             resize_name = gr.Textbox(label="new name (optional)")
-            resize_btn = gr.Button("Resize", interactive=tool("resize_lora") is not None)
+            resize_btn = gr.Button("Resize")
     with gr.Accordion("Extract (a LoRA from a fine-tuned model and its base)", open=False):
         with gr.Row():
             ex_base = gr.Dropdown(list_models(ws), label="base model (models/)")
             ex_tuned = gr.Dropdown(list_models(ws), label="fine-tuned model (models/)")
             ex_rank = gr.Number(16, label="rank", precision=0)
             ex_name = gr.Textbox(label="new name (optional)")
-            ex_btn = gr.Button("Extract", interactive=tool("extract_lora") is not None)
+            ex_btn = gr.Button("Extract")
     tool_status = gr.Markdown()
 
     def table_and_choices():

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# datasets/ holds scripts, not a package: run with datasets/ on sys.path (as `python datasets/x.py` does).
-from make_datasets import COLOURS, STRIPE_PERIOD, pastel
+from .shapes import COLOURS, STRIPE_PERIOD, pastel
 
 
 def as_array(img) -> np.ndarray:
