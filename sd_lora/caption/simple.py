@@ -18,7 +18,7 @@ class FilenameCaptioner(Captioner):
     options = {"strip_numbers": Option(True, "drop a trailing counter such as _03 or (2)")}
     needs_images = False
     default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
-    empty_reason = "no words in the file name"  # 000.png, IMG_0001.jpg with strip_numbers ...
+    empty_reason = "no words in the file name"  # 000.png, "(2).jpg": only a counter
     empty_advice = ("name the files after what they show (red_circle_03.png), or use the 'template' or 'folder' "
                     "captioner (e.g. '{trigger}, {folder}') or a model captioner (wd14, transformers)")
 
