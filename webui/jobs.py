@@ -108,6 +108,10 @@ def fold_event(p: Progress, e: dict) -> None:
     if kind == "start":
         p.total_steps = e.get("total_steps", p.total_steps)
         p.stage = "starting"
+    elif kind == "resumed":
+        _fold_resumed(p, e)
+    elif kind == "sampling":
+        p.stage = sampling_stage(e)
     elif kind == "cache":
         p.stage = f"caching {e.get('stage', '')} {e.get('done', '?')}/{e.get('total', '?')}"
     elif kind == "step":
@@ -137,6 +141,21 @@ def fold_event(p: Progress, e: dict) -> None:
     elif kind == "error":
         p.error = str(e.get("message", ""))
         p.stage = "error"
+
+
+def _fold_resumed(p: Progress, e: dict) -> None:
+    """A resumed run carries the loss history of the run it continues: the curve starts at step 1."""
+    before = [(int(s), float(v)) for s, v in e.get("losses") or [] if int(s) <= int(e.get("step") or 0)]
+    p.losses = before + [x for x in p.losses if x[0] > (before[-1][0] if before else 0)]
+    p.step = int(e.get("step") or p.step)
+    p.stage = f"resumed at step {p.step}"
+
+
+def sampling_stage(e: dict) -> str:
+    """'sampling (step 100): prompt 1/4, 12/20, ETA 35 s', from a "sampling" event."""
+    eta = e.get("eta_s")
+    return (f"sampling (step {e.get('step')}): prompt {e.get('prompt')}/{e.get('prompts')}, "
+            f"{e.get('sampler_step')}/{e.get('sampler_steps')}" + (f", ETA {eta:.0f} s" if eta is not None else ""))
 
 
 # ---- the queue ------------------------------------------------------------------------------------
