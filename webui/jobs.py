@@ -7,7 +7,8 @@ closed laptop lid must all show the running job exactly as it is. So each job is
         config.toml     the full TrainConfig (absolute paths), written once at submit
         state.json      {"status", "created", "started", "finished", "pid", "returncode", ...}
         events.jsonl    the trainer's events, one JSON object a line (schema: sd_lora.training.events)
-        log.txt         the training process's stdout + stderr
+        log.txt         the training process's stdout + stderr: sd-lora's own lines
+        debug.log       every log record of the training process, the libraries' too
 
 and the page is rebuilt from these files on every poll. Jobs run one after another, each in its
 own process (`python -m webui.jobs run <job dir>`), so a crash, an out-of-memory kill or a stuck
@@ -424,11 +425,23 @@ class JobQueue:
 # ---- the training process -------------------------------------------------------------------------
 
 
+def _job_logging(d: Path) -> None:
+    from sd_lora.logs import quiet_libraries, setup_logging
+
+    setup_logging(verbose=False, debug_log=d / "debug.log", stream=sys.stdout)
+    quiet_libraries(verbose=False)
+
+
 def run_job(job_dir: str | os.PathLike) -> int:
-    """Body of the training process: read config.toml, train, append every event to events.jsonl."""
+    """Body of the training process: read config.toml, train, append every event to events.jsonl.
+
+    Its stdout/stderr are the job's log.txt: sd-lora's own lines go there (dataset report, step
+    arithmetic, "resumed from", steps, "saved"), the libraries' records only to debug.log beside it.
+    """
+    d = Path(job_dir)
+    _job_logging(d)
     from sd_lora.training import train
 
-    d = Path(job_dir)
     events = open(d / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     seen = set()
 

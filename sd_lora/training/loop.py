@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -194,6 +195,9 @@ class _Trainer:
         self.main = accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self._sigint = False
+        # Progress bars on a terminal only: redrawn with \r they are noise in a log file (a web UI
+        # job's log.txt, a redirected CLI), which gets a log line per logged step instead.
+        self.bars = self.main and sys.stderr.isatty()
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -330,7 +334,7 @@ class _Trainer:
         t0 = time.time()
         counts = latents.build(
             on_progress=lambda done, total: self.events.emit("cache", stage="latents", done=done, total=total) if self.main else None,
-            show_progress=self.main,
+            show_progress=self.bars,
         )
         if d.cache_latents == "disk" and self.main:
             self.acc.wait_for_everyone()
@@ -341,7 +345,7 @@ class _Trainer:
         if not model.train_te and d.cache_text and not d.shuffle_captions:
             captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
             text = TextCache()
-            text.build(captions, model.conditioner, self.acc.device, show_progress=self.main)
+            text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
@@ -494,7 +498,7 @@ class _Trainer:
             m.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
+        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.bars, dynamic_ncols=True)
         epoch_cache: tuple[int, list] = (-1, [])
         t_start, n_done, nan_streak = time.time(), 0, 0
         step = start
@@ -559,6 +563,9 @@ class _Trainer:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
                                  lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
+                if not self.bars:
+                    self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {it_s:.2f} it/s"
+                             + (f", ETA {eta:.0f} s" if eta is not None else ""))
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (
                 (cfg.save_every and step % cfg.save_every == 0)
@@ -640,6 +647,7 @@ class _Trainer:
             from ..formats.kohya import save_lora
 
             path = save_lora(path, self.model.network, self._metadata(step))
+            self.log(f"saved {path}")
             self.events.emit("saved", step=step, path=str(path))
         self.acc.wait_for_everyone()
         return path
@@ -657,7 +665,8 @@ class _Trainer:
             steps = [sp.steps or self.cfg.sample_steps for sp in prompts]
             total, t0, last = sum(steps), time.time(), [0.0]
             self.log(f"samples for step {step}: {len(prompts)} prompt(s), {total} sampler steps")
-            bar = tqdm(total=total, desc=f"samples (step {step})", unit="step", leave=False, dynamic_ncols=True, disable=None)
+            bar = tqdm(total=total, desc=f"samples (step {step})", unit="step", leave=False, dynamic_ncols=True,
+                       disable=not self.bars)
 
             def progress(i: int, n: int, s: int, of: int) -> None:
                 bar.update()
@@ -706,7 +715,6 @@ class _Trainer:
             grid = draw_sample_grid(self.history.sample_paths, artifacts.sample_grid(out))
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)
-            self.log(f"saved {path}")
         return path
 
 
