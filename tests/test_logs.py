@@ -100,3 +100,30 @@ def test_python_warnings_outside_sd_lora_are_shown_only_verbose(verbose, capsys)
     err = capsys.readouterr().err
     assert "our line" in err
     assert ("a library's warning" in err) == verbose and ("gemm_4bit_forward" in err) == verbose
+
+
+# ---- the Library tab's table (issue #20 item 7) ------------------------------------------------------
+
+
+def test_library_lists_final_loras_first_and_steps_behind_the_toggle():
+    from webui.tabs.library import order_loras
+
+    names = ["style-step000020", "b", "style", "style-step000010", "a-step000100", "a"]
+    assert order_loras(names, False) == ["a", "b", "style"]
+    assert order_loras(names, True) == ["a", "b", "style", "a-step000100", "style-step000010", "style-step000020"]
+
+
+def test_library_row_click_selects_that_lora(tmp_path):
+    from types import SimpleNamespace
+
+    from webui.app import build_app
+    from webui.jobs import JobQueue
+    from webui.tabs.library import selected_name
+
+    assert selected_name(SimpleNamespace(row_value=["style", 9.4, "SD 1.x"], index=[0, 2])) == "style"
+    assert selected_name(SimpleNamespace(row_value=["", "", ""], index=[0, 0])) is None  # the empty-library row
+    demo = build_app(tmp_path, queue=JobQueue(tmp_path / "jobs"))
+    ids = {b._id: getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    wired = [(ids[d["targets"][0][0]], [ids[o] for o in d["outputs"]]) for d in demo.config["dependencies"]
+             if d["targets"] and d["targets"][0][1] == "select"]
+    assert ("library-table", ["library-name"]) in wired
