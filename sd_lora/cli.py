@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 # (module under sd_lora.commands, imported lazily so `sd-lora --help` stays fast)
@@ -30,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sd-lora",
         description="Train, share and apply LoRA adapters for Stable Diffusion, offline.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show debug logging, the libraries' warnings and progress bars, and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"sd_lora.commands.{name}").register(sub)
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .logs import setup_logging
+
+    setup_logging(args.verbose)  # our lines; the libraries' only with -v (sd_lora/logs.py)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -325,6 +325,7 @@ def generate(
     device: str | None = None,
     cpu_offload: bool = False,
     cpu_threads: int | None = None,
+    strict: bool = True,
 ) -> GenerationResult:
     """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
 
@@ -346,6 +347,8 @@ def generate(
         sweep_weights / compare: several stacks with the same seeds (see the module docstring).
         keep_loras: leave the stack fused in a loaded pipeline instead of putting back its previous one.
         cpu_threads: torch CPU threads for the call; None: one for a small UNet on the CPU, else torch's count.
+        strict: refuse a LoRA with modules that fit no layer of the base (made for another model);
+            False applies the modules that fit and logs the rest (CLI: --skip-mismatched).
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
@@ -396,12 +399,12 @@ def generate(
         "loras": _loras(specs), "sampler": sampler, "scheduler": type(pipe.scheduler).__name__,
     }
     with _threads(cpu_threads or generation_threads(pipe)):
-        images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras)
+        images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras, strict)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
                             title=title, labels=[label for label, _ in variants], notes=notes)
 
 
-def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bool) -> list[GeneratedImage]:
+def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bool, strict: bool = True) -> list[GeneratedImage]:
     """Each variant's stack fused in turn, `num_images` seeds each; the pipeline's stack, scheduler
     and VAE put back afterwards (also on an error)."""
     import torch
@@ -421,7 +424,7 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
         if vae:
             pipe.vae = load_vae(vae, pipe, dtype=old_vae.dtype).to(old_vae.device)
         for label, stack in variants:
-            apply_loras(pipe, stack)
+            apply_loras(pipe, stack, strict=strict)
             for i in range(num_images):
                 seed = settings["seed"] + i
                 generator = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: the same image on any device
@@ -438,7 +441,8 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
         pipe.scheduler, pipe.vae = scheduler, old_vae
         if not keep_loras:
             if previous:
-                apply_loras(pipe, previous)
+                # It was applied once, maybe with strict=False: non-strict puts back exactly that stack.
+                apply_loras(pipe, previous, strict=False)
             else:
                 remove_loras(pipe)
     return out

@@ -216,7 +216,9 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()
+def file_mode(directory: bool = False) -> int:
+    """The mode open() / mkdir() would give under the process's current umask (0644 / 0755 usually)."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager
@@ -229,9 +231,11 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; the result gets what open() would give
     try:
         yield Path(tmp)
+        # After the writer: mkstemp makes 0600 files, and a writer may replace the file with its own
+        # 0600 temporary (safetensors 0.8's save_file does). The result gets what open() would give.
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .io import CheckpointError, load_pickle_checkpoint, read_safetensors_header
+from .io import load_pickle_checkpoint, read_safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -414,7 +414,7 @@ def _is_sd1_or_sd2(path: Path) -> bool:
 
 def _random_pipeline_from_configs(path: Path, seed: int):
     """Instantiate every component of a diffusers folder from its config with seeded random weights."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers import schedulers as diffusers_schedulers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -108,6 +108,29 @@ def test_filename_and_folder_captioners(dataset):
     assert read_caption(dataset / "3_green_thing" / "sub" / "photo.jpg", ".caption") == "green thing"
 
 
+def test_filename_captioner_on_numbered_files_says_why_and_what_to_do(tmp_path, capsys):
+    """`000.png` has no words: each such image counts as skipped with the reason, the report names
+    them and says what to use instead (not a silent "wrote 0 captions")."""
+    root = tmp_path / "data"
+    for name in ("000.png", "001.png", "002.png", "blue_square_03.png", "red_circle_04.png"):
+        _img(root / "5_sks" / name, RED)
+    report = caption_folder(root, "filename", progress=False)
+    assert report.written == 2 and report.empty == 3
+    assert report.empty_examples == ["5_sks/000.png", "5_sks/001.png", "5_sks/002.png"]
+    lines = "\n".join(report.lines())
+    assert "3 skipped: no words in the file name, no file written (5_sks/000.png, 5_sks/001.png, 5_sks/002.png)" in lines
+    assert "'template' or 'folder' captioner" in lines
+    assert not (root / "5_sks" / "000.txt").exists() and read_caption(root / "5_sks" / "blue_square_03.png") == "blue square"
+    assert report.to_dict()["empty_reason"] == "no words in the file name"
+    # The CLI prints the same report.
+    for p in (root / "5_sks").glob("*.txt"):
+        p.unlink()
+    _img(root / "5_sks" / "003.png", RED)
+    assert cli_main(["caption", str(root), "--captioner", "filename"]) == 0
+    out = capsys.readouterr().out
+    assert "4 skipped: no words in the file name" in out and "5_sks/000.png, 5_sks/001.png, 5_sks/002.png ..." in out
+
+
 def test_modes_fill_replace_append(dataset):
     green = dataset / "3_green_thing" / "green.png"
     # fill: the existing caption is kept; a caption in another extension the trainer reads counts too

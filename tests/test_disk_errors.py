@@ -99,6 +99,27 @@ class _HalfWriter:
         self._f.close()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_get_the_umask_modes_not_0600(tmp_path, umask):
+    """mkstemp makes 0600 files and safetensors writes its own 0600 temporaries: what we write gets the
+    mode open() would give (0644 under the usual umask), like every other file the user has."""
+    from sd_lora.stack.grid import save_png
+
+    old = os.umask(umask)
+    try:
+        save_lora(tmp_path / "lora.safetensors", SD, dtype="fp32")
+        save_safetensors_atomic({"x": torch.zeros(4)}, tmp_path / "state.safetensors")
+        with atomic_write(tmp_path / "events.json", "w") as f:
+            f.write("{}")
+        from PIL import Image
+
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "sample.png", "a prompt")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["lora.safetensors", "state.safetensors", "events.json", "sample.png"], 0o666 & ~umask)
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_output_folder_is_a_clear_error(tmp_path):
     target = tmp_path / "out" / "lora.safetensors"

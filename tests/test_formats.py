@@ -225,3 +225,29 @@ def test_cli_inspect_and_convert(sd1, tmp_path, capsys):
         back = load_lora(out)
         assert back.format == to and set(back.modules) == set(load_lora(path).modules)
     assert main(["convert", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o.safetensors")]) == 1
+
+
+def test_trigger_words_are_instance_tokens_and_short_frequent_tags_not_sentences():
+    from sd_lora.formats.metadata import trigger_words
+
+    def words(freq, **extra):
+        return trigger_words({"ss_tag_frequency": json.dumps(freq), **{k: json.dumps(v) for k, v in extra.items()}})
+
+    # Tag-style captions (WD14 / booru): the folder's name is a trained tag; a stray sentence is not a trigger.
+    tags = {"5_mychar": {"mychar": 10, "1girl": 10, "long hair": 6, "smile": 4, "looking at viewer": 2,
+                         "a girl with long hair smiling at the camera": 1}}
+    assert words(tags) == ["mychar", "1girl", "long hair", "smile", "looking at viewer"]
+    # Sentence-style captions (BLIP / Florence): no sentence is a trigger; the instance token
+    # (`10_sks dog`, which the sentences contain) is.
+    sentences = {"10_sks dog": {"a photo of sks dog on the grass": 1, "sks dog running through a park at noon": 1,
+                                "A close-up of SKS DOG's face in the snow": 1}}
+    assert words(sentences) == ["sks dog"]
+    # A folder name the captions never mention was not trained: not a trigger (kohya keys are the folder names).
+    assert words({"10_images": {"inkstyle": 3, "monochrome": 1}}) == ["inkstyle", "monochrome"]
+    # Regularization folders (kohya counts their tags too) are left out.
+    with_reg = {"10_sks dog": {"sks dog": 5}, "1_dog": {"dog": 200, "a dog": 50}}
+    assert words(with_reg, ss_reg_dataset_dirs={"1_dog": {"n_repeats": 1, "img_count": 200}}) == ["sks dog"]
+    # Case and spacing repeats collapse; damaged metadata gives no words instead of an error.
+    assert words({"3_Ink Style": {"ink style": 3, "Ink  Style": 1}}) == ["Ink Style"]
+    assert trigger_words({"ss_tag_frequency": "[1, 2"}) == [] and trigger_words({}) == []
+    assert trigger_words({"ss_tag_frequency": '{"1_x": {"x": Infinity, "y": NaN, "z": 2}}'}) == ["x", "z"]

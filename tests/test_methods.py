@@ -175,6 +175,14 @@ def test_reader_round_trip_and_delta_formula(pipe, tmp_path, name):
     delta = back.delta(base.shape, base_weight=base)
     torch.testing.assert_close(delta, _reference_delta(name, tensors, base), atol=1e-5, rtol=1e-4)
     assert back.method.fits(back.tensors, tuple(base.shape)) and not back.method.fits(back.tensors, (32, 64))
+    # The shape messages show: (out, in), not (out, numel); OFT fits any input width.
+    assert back.method.shape(back.tensors) == ((64, None) if name == "oft" else tuple(base.shape))
+    conv = tuple(_weight(pipe, CONV).shape)
+    conv_tensors = method.random_tensors(conv, rank, g)
+    shape = method.shape(conv_tensors)
+    assert shape[0] == conv[0] and (shape[1] is None if name == "oft" else math.prod(shape) == math.prod(conv))
+    if name in ("lora", "full"):  # their tensors carry the kernel size
+        assert shape == conv
 
 
 # ---- OFT --------------------------------------------------------------------------------------------

@@ -86,3 +86,61 @@ def test_resume_without_checkpoint_says_what_to_do(setup, tmp_path):
     # validate() names keys (the CLI adds the flag: "resume (--resume): ...")
     with pytest.raises(ValueError, match="no checkpoint in .* yet; start without resume"):
         train(_config(setup, tmp_path / "x.safetensors", resume="latest"))
+
+
+def test_a_finished_run_extends_from_its_last_step(setup, tmp_path):
+    """A finished 6-step run keeps a checkpoint of step 6; `--resume --steps 8` continues from it (not
+    from an earlier save) and ends equal to an uninterrupted 8-step run. (A constant LR: a decaying
+    schedule over 6 steps is another run than one over 8; test_extended_schedule covers the rest.)"""
+
+    def config(out, steps=8, **kw):
+        cfg = _config(setup, out, **kw)
+        cfg.steps, cfg.lr_scheduler = steps, "constant"
+        return cfg
+
+    full = tmp_path / "full" / "lora.safetensors"
+    train(config(full))
+
+    out = tmp_path / "ext" / "lora.safetensors"
+    short = config(out, 6, save_every=4)
+    train(short)
+    assert [p.name for p in list_checkpoints(short.checkpoint_root)] == ["step-00000004", "step-00000006"]
+
+    train(config(out, resume="latest"))
+    events = read_events(out.parent / "lora.events.jsonl")
+    resumed = next(e for e in events if e["event"] == "resumed")
+    assert resumed["step"] == 6 and [s for s, _ in resumed["losses"]] == [1, 2, 3, 4, 5, 6]
+    a, _ = load_safetensors(full)
+    b, _ = load_safetensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    second = events[events.index(resumed):]
+    assert [e["step"] for e in second if e["event"] == "step"] == [7, 8]
+
+    # fewer steps than the checkpoint holds: said, with what to set
+    with pytest.raises(ValueError, match="at step 8, past this run's 6 steps; set steps to more than 8"):
+        train(config(out, 6, resume="latest"))
+
+
+def test_extended_schedule_sets_the_rate_of_the_longer_run():
+    """Loading a 6-step cosine schedule's state into an 8-step one: the optimizer's rate is the 8-step
+    schedule's at step 6 (torch saves no schedule function, so it held the 6-step rate, 0)."""
+    from sd_lora.training.loop import follow_schedule
+    from sd_lora.training.optim import make_scheduler
+
+    def schedule(total):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return opt, make_scheduler("cosine", opt, 0, total)
+
+    opt6, s6 = schedule(6)
+    opt8, s8 = schedule(8)
+    for _ in range(6):
+        opt6.step(), s6.step(), opt8.step(), s8.step()
+    opt, s = schedule(8)
+    opt.load_state_dict(opt6.state_dict())
+    s.load_state_dict(s6.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.0  # the shorter run's rate at its end
+    follow_schedule(s)
+    assert opt.param_groups[0]["lr"] == opt8.param_groups[0]["lr"] > 0
+    assert s.get_last_lr() == s8.get_last_lr()

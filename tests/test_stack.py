@@ -440,3 +440,57 @@ def test_trigger_words_of_the_applied_stack(pipe):
     info = apply_loras(pipe, [(ink, 0.8), (film, 0.5)])
     assert info.trigger_words == ["inkstyle", "monochrome", "1girl", "filmgrain"]
     assert apply_loras(pipe, [(ink, 0.0), (film, 0.5)]).trigger_words == ["filmgrain", "monochrome"]
+
+
+def test_lora_for_another_base_says_what_to_do_and_skip_mismatched_applies_the_rest(tmp_path, capsys):
+    """A full-size SD1.5 module (text encoder q_proj 768x768) in a file for the tiny SD1 base: the error
+    gives the delta's shape as the method computes it (not (out, numel)), the base weight's, the
+    model the metadata names, and a flag a CLI user can pass; --skip-mismatched applies the rest."""
+    from PIL import Image
+
+    from sd_lora.cli import main
+
+    base_dir = tmp_path / "base"
+    pipe = tiny_pipeline("sd1")
+    pipe.save_pretrained(base_dir)
+    width = pipe.text_encoder.config.hidden_size
+    sd = kohya_state_dict(pipe, "sd1", seed=1)
+    meta = {"ss_network_module": "networks.lora", "ss_sd_model_name": "v1-5-pruned-emaonly.safetensors"}
+    save_file(sd, str(tmp_path / "fits.safetensors"), metadata=meta)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert f"{key}.lora_down.weight" in sd  # the module replaced below is one the base has
+    sd = {**sd, f"{key}.lora_down.weight": torch.randn(4, 768), f"{key}.lora_up.weight": torch.randn(768, 4)}
+    save_file(sd, str(tmp_path / "full_size.safetensors"), metadata=meta)
+    common = ["generate", "--model", str(base_dir), "--steps", "1", "--width", "64", "--height", "64", "--prompt", "a red circle"]
+
+    assert main(common + ["--lora", str(tmp_path / "full_size.safetensors"), "--out", str(tmp_path / "no.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"{key} (the file's delta is (768, 768), the base weight is ({width}, {width}))" in err
+    assert "589824" not in err
+    assert "'v1-5-pruned-emaonly.safetensors'" in err and "--skip-mismatched" in err
+    assert not (tmp_path / "no.png").exists()
+
+    assert main(common + ["--lora", str(tmp_path / "full_size.safetensors"), "--skip-mismatched", "--out", str(tmp_path / "rest.png")]) == 0
+    assert main(common + ["--lora", str(tmp_path / "fits.safetensors"), "--out", str(tmp_path / "fits.png")]) == 0
+    fits_sd = {k: v for k, v in sd.items() if not k.startswith(key)}
+    save_file(fits_sd, str(tmp_path / "rest_only.safetensors"), metadata=meta)
+    assert main(common + ["--lora", str(tmp_path / "rest_only.safetensors"), "--out", str(tmp_path / "rest_only.png")]) == 0
+    rest = Image.open(tmp_path / "rest.png").tobytes()
+    assert rest == Image.open(tmp_path / "rest_only.png").tobytes()  # exactly the modules that fit
+    assert rest != Image.open(tmp_path / "fits.png").tobytes()  # and not the file's (skipped) q_proj module
+
+
+def test_generate_api_takes_strict(tmp_path):
+    import sd_lora
+
+    pipe = tiny_pipeline("sd1")
+    sd = kohya_state_dict(pipe, "sd1", seed=1)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    sd = {**sd, f"{key}.lora_down.weight": torch.randn(4, 768), f"{key}.lora_up.weight": torch.randn(768, 4)}
+    save_file(sd, str(tmp_path / "full_size.safetensors"))
+    before = weights(pipe)
+    with pytest.raises(ValueError, match=r"--skip-mismatched`, strict=False in Python"):
+        sd_lora.generate(pipe, "a red circle", [tmp_path / "full_size.safetensors"], steps=1, width=64, height=64)
+    result = sd_lora.generate(pipe, "a red circle", [tmp_path / "full_size.safetensors"], steps=1, width=64, height=64, strict=False)
+    assert len(result.images) == 1
+    assert_bitwise(weights(pipe), before)  # the call's non-strict stack is taken out again

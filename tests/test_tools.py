@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -203,6 +205,11 @@ def test_merged_checkpoint_loads_and_renders_like_the_stack(arch, tmp_path):
         loaded.append(load_base(folder))
         md = json.loads((folder / "sd_lora_merge.json").read_text())
         assert json.loads(md["sd_lora_merged_loras"])[0]["weight"] == 0.8
+        # Permissions under the test's umask, not mkdtemp's 0700 / safetensors' 0600.
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in [folder, *folder.rglob("*"), one_file]:
+            assert stat.S_IMODE(item.stat().st_mode) == (0o777 if item.is_dir() else 0o666) & ~umask, item
 
     def render(p):
         return p("a cat", num_inference_steps=1, height=32, width=32, output_type="np",

@@ -7,7 +7,8 @@ closed laptop lid must all show the running job exactly as it is. So each job is
         config.toml     the full TrainConfig (absolute paths), written once at submit
         state.json      {"status", "created", "started", "finished", "pid", "returncode", ...}
         events.jsonl    the trainer's events, one JSON object a line (schema: sd_lora.training.events)
-        log.txt         the training process's stdout + stderr
+        log.txt         the training process's stdout + stderr: sd-lora's own lines
+        debug.log       every log record of the training process, the libraries' too
 
 and the page is rebuilt from these files on every poll. Jobs run one after another, each in its
 own process (`python -m webui.jobs run <job dir>`), so a crash, an out-of-memory kill or a stuck
@@ -108,6 +109,10 @@ def fold_event(p: Progress, e: dict) -> None:
     if kind == "start":
         p.total_steps = e.get("total_steps", p.total_steps)
         p.stage = "starting"
+    elif kind == "resumed":
+        _fold_resumed(p, e)
+    elif kind == "sampling":
+        p.stage = sampling_stage(e)
     elif kind == "cache":
         p.stage = f"caching {e.get('stage', '')} {e.get('done', '?')}/{e.get('total', '?')}"
     elif kind == "step":
@@ -137,6 +142,21 @@ def fold_event(p: Progress, e: dict) -> None:
     elif kind == "error":
         p.error = str(e.get("message", ""))
         p.stage = "error"
+
+
+def _fold_resumed(p: Progress, e: dict) -> None:
+    """A resumed run carries the loss history of the run it continues: the curve starts at step 1."""
+    before = [(int(s), float(v)) for s, v in e.get("losses") or [] if int(s) <= int(e.get("step") or 0)]
+    p.losses = before + [x for x in p.losses if x[0] > (before[-1][0] if before else 0)]
+    p.step = int(e.get("step") or p.step)
+    p.stage = f"resumed at step {p.step}"
+
+
+def sampling_stage(e: dict) -> str:
+    """'sampling (step 100): prompt 1/4, 12/20, ETA 35 s', from a "sampling" event."""
+    eta = e.get("eta_s")
+    return (f"sampling (step {e.get('step')}): prompt {e.get('prompt')}/{e.get('prompts')}, "
+            f"{e.get('sampler_step')}/{e.get('sampler_steps')}" + (f", ETA {eta:.0f} s" if eta is not None else ""))
 
 
 # ---- the queue ------------------------------------------------------------------------------------
@@ -405,11 +425,23 @@ class JobQueue:
 # ---- the training process -------------------------------------------------------------------------
 
 
+def _job_logging(d: Path) -> None:
+    from sd_lora.logs import quiet_libraries, setup_logging
+
+    setup_logging(verbose=False, debug_log=d / "debug.log", stream=sys.stdout)
+    quiet_libraries(verbose=False)
+
+
 def run_job(job_dir: str | os.PathLike) -> int:
-    """Body of the training process: read config.toml, train, append every event to events.jsonl."""
+    """Body of the training process: read config.toml, train, append every event to events.jsonl.
+
+    Its stdout/stderr are the job's log.txt: sd-lora's own lines go there (dataset report, step
+    arithmetic, "resumed from", steps, "saved"), the libraries' records only to debug.log beside it.
+    """
+    d = Path(job_dir)
+    _job_logging(d)
     from sd_lora.training import train
 
-    d = Path(job_dir)
     events = open(d / "events.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     seen = set()
 

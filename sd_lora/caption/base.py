@@ -53,6 +53,10 @@ class Captioner:
     options: ClassVar[dict[str, Option]] = {}
     needs_images: ClassVar[bool] = True  # False: paths only, images are never decoded (fast)
     default_batch_size: ClassVar[int] = 8
+    # Why a caption came out empty, and what to do instead: the run's report says both, because
+    # "wrote 0 captions" alone leaves a newcomer guessing.
+    empty_reason: ClassVar[str] = "the captioner gave no text"
+    empty_advice: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))

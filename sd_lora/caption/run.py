@@ -59,7 +59,10 @@ class CaptionReport:
     unchanged: int = 0  # the new caption equals the existing one: file left as it was
     kept: int = 0  # fill mode: the image already had a caption
     resumed: int = 0  # done by the interrupted run this one resumed
-    empty: int = 0  # the captioner returned nothing usable: no file written
+    empty: int = 0  # the captioner returned nothing usable: skipped, no file written
+    empty_reason: str = ""  # why, in the captioner's words ("no words in the file name")
+    empty_advice: str = ""  # what to do instead
+    empty_examples: list[str] = field(default_factory=list)  # the first few skipped images
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     captions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -72,8 +75,12 @@ class CaptionReport:
             f"'{self.captioner}' in {self.mode} mode in {self.seconds:.1f} s",
         ]
         extra = [(self.kept, "already captioned (kept)"), (self.resumed, "done by the interrupted run (resumed)"),
-                 (self.unchanged, "unchanged"), (self.empty, "got an empty caption (no file written)")]
+                 (self.unchanged, "unchanged")]
         out += [f"  {n} {what}" for n, what in extra if n]
+        if self.empty:
+            more = " ..." if self.empty > len(self.empty_examples) else ""
+            out.append(f"  {self.empty} skipped: {self.empty_reason or 'empty caption'}, no file written "
+                       f"({', '.join(self.empty_examples)}{more})" + (f"; {self.empty_advice}" if self.empty_advice else ""))
         if self.failed:
             out.append(f"  {len(self.failed)} image(s) could not be read:")
             out += [f"    {p}: {why}" for p, why in self.failed]
@@ -193,7 +200,8 @@ def caption_folder(
     images = find_images(root)
     if not images:
         raise ValueError(f"no images found in {root} (looked for .png/.jpg/.jpeg/.webp/... files, also in sub-folders).")
-    report = CaptionReport(str(root), captioner.name, mode, ext, images=len(images), dry_run=dry_run)
+    report = CaptionReport(str(root), captioner.name, mode, ext, images=len(images), dry_run=dry_run,
+                           empty_reason=captioner.empty_reason, empty_advice=captioner.empty_advice)
     settings = {**captioner.fingerprint(), "mode": mode, "ext": ext, "trigger": trigger, "prefix": prefix,
                 "suffix": suffix, "blacklist": blacklist, "dedupe": dedupe}
     journal = _Journal(root, settings, enabled=mode != "fill" and resume and not dry_run)
@@ -237,6 +245,8 @@ def caption_folder(
                 body = join_tags(split_tags(" ".join((body or "").split())))
                 if not body:
                     report.empty += 1
+                    if len(report.empty_examples) < 3:
+                        report.empty_examples.append(img.relative_to(root).as_posix())
                     done.append(img.relative_to(root).as_posix())
                     continue
                 old = read_caption(img, ext)

@@ -18,6 +18,9 @@ class FilenameCaptioner(Captioner):
     options = {"strip_numbers": Option(True, "drop a trailing counter such as _03 or (2)")}
     needs_images = False
     default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
+    empty_reason = "no words in the file name"  # 000.png, "(2).jpg": only a counter
+    empty_advice = ("name the files after what they show (red_circle_03.png), or use the 'template' or 'folder' "
+                    "captioner (e.g. '{trigger}, {folder}') or a model captioner (wd14, transformers)")
 
     def caption(self, sources: list[Source]) -> list[str]:
         return [filename_words(s.path, bool(self.config["strip_numbers"])) if s.path else "" for s in sources]
@@ -30,6 +33,8 @@ class FolderCaptioner(Captioner):
     options = {}
     needs_images = False
     default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
+    empty_reason = "no words in the folder name"
+    empty_advice = "put the images in a folder named after what they show (10_sks dog), or use the 'template' captioner"
 
     def caption(self, sources: list[Source]) -> list[str]:
         return [s.folder for s in sources]
@@ -42,6 +47,8 @@ class TemplateCaptioner(Captioner):
     options = {"template": Option("{trigger}, {folder}", "the caption text; placeholders: " + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS))}
     needs_images = False
     default_batch_size = 64  # no model call: a batch only sets how often progress is recorded
+    empty_reason = "the template gave no text"
+    empty_advice = "use a template with fixed words, or pass a trigger word for {trigger}"
 
     def __init__(self, **options):
         super().__init__(**options)

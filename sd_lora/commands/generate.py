@@ -62,6 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: 1 for a tiny model on the CPU, where more threads only wait "
                         "on each other; otherwise torch's count)")
+    p.add_argument("--skip-mismatched", action="store_true",
+                   help="apply only the LoRA modules that fit the base model's layers (for a LoRA made for another base)")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=run, prepare_process=without_bitsandbytes, parser=p)
 
@@ -160,6 +162,7 @@ def run(args) -> int:
         sampler=chosen["sampler"], vae=args.vae, lora_dir=args.lora_dir,
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
         dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload, cpu_threads=args.cpu_threads,
+        strict=not args.skip_mismatched,
     )
     for note in result.notes:
         # a PNG's LoRAs field lists the prompt's tags too, so each tag is named twice by construction

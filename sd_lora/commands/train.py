@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -191,14 +190,14 @@ def run(args) -> int:
         print("\n".join(dataset.report.lines()))
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))
         return 0
+    from ..logs import quiet_libraries
     from ..training import TrainingStopped, train
 
+    quiet_libraries(getattr(args, "verbose", False))
     on_event = (lambda e: print(json.dumps(e, default=str), flush=True)) if args.json_events else None
     try:
-        path = train(cfg, on_event=on_event)
+        train(cfg, on_event=on_event)  # logs "saved <path>" for every LoRA file it writes
     except TrainingStopped as e:
         print(str(e), file=sys.stderr)
         return 130
-    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun every process returns here
-        print(f"saved {path}")
     return 0

@@ -109,20 +109,8 @@ class LoraFile:
 
     @property
     def trigger_words(self) -> list[str]:
-        """Most frequent tags from kohya's `ss_tag_frequency` metadata, the usual trigger words first."""
-        import json
+        """The words to type to call this LoRA up (instance tokens, then frequent short tags), from its
+        `ss_tag_frequency` metadata: sd_lora.formats.metadata.trigger_words decides them."""
+        from .metadata import trigger_words
 
-        raw = self.metadata.get("ss_tag_frequency")
-        if not raw:
-            return []
-        try:
-            freq = json.loads(raw)
-        except json.JSONDecodeError:
-            return []
-        counts: dict[str, int] = {}
-        for tags in freq.values() if isinstance(freq, dict) else []:
-            if isinstance(tags, dict):
-                for tag, n in tags.items():
-                    if isinstance(n, (int, float)):
-                        counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
-        return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:10]
+        return trigger_words(self.metadata)

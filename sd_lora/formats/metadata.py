@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
+import re
 import time
 
 import torch
@@ -213,3 +215,51 @@ def data_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# A tag is a trigger word candidate only when it is short: whole caption sentences ("a photo of sks
+# dog on the grass") are never typed as triggers, and a captioner's sentences would bury the real ones.
+MAX_TRIGGER_WORDS = 4
+_REPEATS_PREFIX = re.compile(r"^\d+_(.+)$")  # kohya's `N_name` image folders (N = repeats)
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
+    """The words to type to call a LoRA up, from its `ss_tag_frequency` ({folder: {tag: count}}, as
+    kohya and our trainer write it); the one place that decides them.
+
+    First the instance tokens: the `name` of each `N_name` training folder, where the captions
+    contain it (a folder's name is only trained as the caption of images without one, which kohya
+    and sd_lora.data both do; elsewhere it is just a folder name). Then the most frequent short tags
+    (comma-separated caption parts of at most MAX_TRIGGER_WORDS words), ties by name. Repeats are
+    dropped without regard to case. Regularization folders (`ss_reg_dataset_dirs`) are left out:
+    kohya counts their tags too (library/train_util.py, `set_tag_frequency` for every subset).
+    """
+    freq, reg = _json_dict(metadata.get("ss_tag_frequency")), _json_dict(metadata.get("ss_reg_dataset_dirs"))
+    counts: dict[str, int] = {}
+    instance: list[str] = []
+    for folder, tags in freq.items():
+        if folder in reg or not isinstance(tags, dict):
+            continue
+        for tag, n in tags.items():
+            if isinstance(tag, str) and tag.strip() and isinstance(n, (int, float)) and math.isfinite(n):
+                tag = " ".join(tag.split())
+                counts[tag] = counts.get(tag, 0) + int(n)
+        m = _REPEATS_PREFIX.match(str(folder))
+        name = " ".join(m[1].replace("_", " ").split()) if m else ""
+        word = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)", re.IGNORECASE)
+        if name and any(isinstance(t, str) and word.search(t) for t in tags):
+            instance.append(name)
+    short = sorted((t for t in counts if len(t.split()) <= MAX_TRIGGER_WORDS), key=lambda t: (-counts[t], t))
+    out: list[str] = []
+    for word in instance + short:
+        if word.lower() not in {w.lower() for w in out}:
+            out.append(word)
+    return out[:limit]
+
+
+def _json_dict(raw) -> dict:
+    try:
+        value = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}

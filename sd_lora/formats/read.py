@@ -394,7 +394,8 @@ def match_lora(lora: LoraFile, pipe, strict: bool = True) -> dict[str, tuple[str
         weight_shape = tuple(base.weight.shape)
         out, numel = module.delta_shape()
         if out != weight_shape[0] or numel not in (None, base.weight.numel()):
-            mismatched.append(f"{name} (file gives {(out, numel)}, base weight is {weight_shape})")
+            mismatched.append(f"{name} (the file's delta is {_shape_text(module.method.shape(module.tensors))}, "
+                              f"the base weight is {_shape_text(weight_shape)})")
             continue
         matched[name] = entry
     problems = []
@@ -408,6 +409,22 @@ def match_lora(lora: LoraFile, pipe, strict: bool = True) -> dict[str, tuple[str
     if problems:
         msg = f"{lora.path or 'LoRA'}: " + " and ".join(problems)
         if strict:
-            raise LoraFormatError(msg + ". The file may be for another model; pass strict=False to apply the rest.")
+            raise LoraFormatError(f"{msg}. {_other_base_hint(lora, arch)}")
         logger.warning("%s. These modules are skipped.", msg)
     return matched
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+
+
+def _other_base_hint(lora: LoraFile, arch: str) -> str:
+    """What a CLI / UI / Python user can do about modules that fit no layer of the pipeline."""
+    trained_on = lora.metadata.get("ss_sd_model_name")
+    made_for = f" (its metadata says it was trained on {trained_on!r})" if trained_on else ""
+    return (
+        f"This LoRA was made for another base model than this {FAMILY_NAMES[ARCH_FAMILY[arch]]} one{made_for}, "
+        "one with other layer sizes or layers (e.g. a full-size model vs a tiny or pruned one). "
+        "Pick the base model it was trained on, or apply only the modules that fit: `sd-lora generate "
+        "--skip-mismatched`, strict=False in Python (sd_lora.generate / apply_loras)."
+    )

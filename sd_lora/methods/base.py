@@ -77,6 +77,15 @@ class Method:
         """The base weight's full shape when the tensors say it (a conv kernel); None if only flat."""
         return None
 
+    def shape(self, t: dict) -> tuple[int | None, ...]:
+        """The delta's shape as the tensors give it, for messages: the whole weight shape where they
+        say it (a conv kernel), else (out, in); in is None where any input width fits (OFT)."""
+        full = self.weight_shape(t)
+        if full is not None:
+            return tuple(full)
+        out, n = self.delta_shape(t)
+        return (out, None if n is None else n // out)
+
     def in_features(self, t: dict) -> int | None:
         """The base layer's input width, when the tensors show it (architecture detection)."""
         return None

@@ -33,6 +33,7 @@ from ..formats.kohya import save_lora
 from ..formats.lora_file import LoraFile, LoraModule
 from ..formats.metadata import build_training_metadata, data_sha256
 from ..formats.read import ARCH_FAMILY, load_lora
+from ..io import file_mode
 from ..methods.lora import METHOD as LORA
 from ..stack.spec import LoraSpec, normalize_stack
 from .svd import (
@@ -330,6 +331,9 @@ def _save_folder_atomic(pipe, out: Path, dtype, own: bool, metadata: dict[str, s
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "sd_lora_merge.json").write_text(json.dumps({k: v for k, v in metadata.items()}, indent=2))
+        # mkdtemp makes a 0700 folder and safetensors 0600 files: give the model open()/mkdir()'s modes.
+        for item in [tmp, *tmp.rglob("*")]:
+            os.chmod(item, file_mode(directory=item.is_dir()))
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

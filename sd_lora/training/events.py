@@ -21,8 +21,14 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # the plan (loop.Plan) and its arithmetic: images x repeats x epochs / batch / accumulation / processes
     "start": ("images", "samples_per_epoch", "batches_per_epoch", "steps_per_epoch", "total_steps", "epochs",
               "arithmetic", "batch_size", "gradient_accumulation", "processes"),
+    # a resumed run: the checkpoint it continues and the loss per step before it ([[step, loss], ...]),
+    # so a reader of this run's events alone (a resumed web UI job) has the whole curve
+    "resumed": ("step", "checkpoint", "losses"),
     "cache": ("stage", "done", "total"),  # stage: "latents" or "text"
     "step": ("step", "total_steps", "epoch", "loss", "lr", "it_per_s", "eta_s"),  # every log_every steps and the last
+    # sample images being rendered (after each sampler step, at most about once a second):
+    # prompt i of prompts (1-based), sampler step of sampler_steps, the time left for the whole set
+    "sampling": ("step", "prompt", "prompts", "sampler_step", "sampler_steps", "eta_s"),
     "sample": ("step", "paths"),  # sample images rendered
     "saved": ("step", "path"),  # a LoRA file written: intermediate (save_every) or the final one
     "checkpoint": ("step", "path"),  # a resumable checkpoint folder written

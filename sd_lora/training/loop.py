@@ -7,7 +7,8 @@
     caches                    latents (VAE once per image) and text-encoder outputs (if frozen)
     loop                      noise -> UNet -> loss -> backward -> clip -> step, with events,
                               samples, saves and checkpoints every N steps
-    finish                    the LoRA file, a loss-curve PNG and a sample grid next to it
+    finish                    the LoRA file and a last checkpoint (so a finished run can be
+                              extended), then the final samples, a loss-curve PNG and a sample grid
 
 Each setup phase returns what it makes (Model, Caches, Optimization, History below); `run` keeps
 them, so where a value comes from is in its type. File names come from sd_lora.artifacts, event
@@ -27,6 +28,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -193,10 +195,19 @@ class _Trainer:
         self.main = accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self._sigint = False
+        # Progress bars on a terminal only: redrawn with \r they are noise in a log file (a web UI
+        # job's log.txt, a redirected CLI), which gets a log line per logged step instead.
+        self.bars = self.main and sys.stderr.isatty()
 
     def log(self, msg: str) -> None:
         if self.main:
             logger.info(msg)
+
+    def warn(self, msg: str) -> None:
+        """A warning for the user: in the log (CLI, job log) and as a "warning" event (web UI)."""
+        if self.main:
+            logger.warning("warning: %s", msg)
+        self.events.emit("warning", message=msg)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -219,6 +230,8 @@ class _Trainer:
         # which are set here and nowhere else.
         # 2. model + network
         self.model = self._load_model()
+        for message in cpu_warnings(cfg, self.acc.device.type, sum(p.numel() for p in self.model.pipe.unet.parameters())):
+            self.warn(message)
         # 3. caches
         self.caches = self._build_caches(self.model)
         # 4. optimizer, schedule, accelerate
@@ -233,7 +246,8 @@ class _Trainer:
                 if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
                     raise TrainingOutOfMemory(oom_advice(cfg, self.model.train_te)) from e
                 raise
-        return self._finish()
+            # 7. finish (Ctrl-C here skips what is left of the final samples; the files are saved first)
+            return self._finish()
 
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> Model:
@@ -320,7 +334,7 @@ class _Trainer:
         t0 = time.time()
         counts = latents.build(
             on_progress=lambda done, total: self.events.emit("cache", stage="latents", done=done, total=total) if self.main else None,
-            show_progress=self.main,
+            show_progress=self.bars,
         )
         if d.cache_latents == "disk" and self.main:
             self.acc.wait_for_everyone()
@@ -331,7 +345,7 @@ class _Trainer:
         if not model.train_te and d.cache_text and not d.shuffle_captions:
             captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
             text = TextCache()
-            text.build(captions, model.conditioner, self.acc.device, show_progress=self.main)
+            text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
@@ -374,16 +388,29 @@ class _Trainer:
             raise ValueError(f"resume: no checkpoint found in {cfg.checkpoint_root}; train without --resume first")
         saved = read_trainer_state(folder)
         if saved.get("processes", 1) != self.world:
-            self.events.emit("warning", message=f"the checkpoint was written by {saved.get('processes')} process(es), this run has "
-                             f"{self.world}: training continues, but the data order differs from the original run")
+            self.warn(f"the checkpoint was written by {saved.get('processes')} process(es), this run has "
+                      f"{self.world}: training continues, but the data order differs from the original run")
+        if int(saved["step"]) > self.plan.total_steps:
+            raise ValueError(f"resume: {folder} is at step {saved['step']}, past this run's {self.plan.total_steps} steps; "
+                             f"set steps to more than {saved['step']} to train on from it")
         state = load_checkpoint(folder, opt.models, opt.optimizer, opt.scheduler, getattr(self.acc, "scaler", None))
-        self.log(f"resumed from {folder} at step {state['step']}")
-        return int(state["step"]), History(losses=[tuple(x) for x in state.get("losses", [])],
-                                           sample_paths=[Path(p) for p in state.get("samples", []) if Path(p).is_file()])
+        # A run extended past the one that wrote the checkpoint has a longer schedule: the learning
+        # rate of the next step comes from this run's schedule, not the saved one.
+        follow_schedule(opt.scheduler)
+        step = int(state["step"])
+        history = History(losses=[(int(s), float(v)) for s, v in state.get("losses", [])],
+                          sample_paths=[Path(p) for p in state.get("samples", []) if Path(p).is_file()])
+        self.log(f"resumed from {folder} at step {step} of {self.plan.total_steps}")
+        self.events.emit("resumed", step=step, checkpoint=str(folder), losses=[list(x) for x in history.losses])
+        return step, history
 
     # ------------------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """This process's own view (no collective: the sampler asks it on the main process only)."""
+        return self._sigint or (self.stop_event is not None and self.stop_event.is_set()) or self.cfg.stop_file.exists()
+
     def _should_stop(self) -> bool:
-        local = self._sigint or (self.stop_event is not None and self.stop_event.is_set()) or self.cfg.stop_file.exists()
+        local = self._stop_requested()
         if self.world > 1:  # every process must agree, or the others would wait for it forever
             flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
             local = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
@@ -471,7 +498,7 @@ class _Trainer:
             m.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.main, dynamic_ncols=True)
+        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.bars, dynamic_ncols=True)
         epoch_cache: tuple[int, list] = (-1, [])
         t_start, n_done, nan_streak = time.time(), 0, 0
         step = start
@@ -501,7 +528,7 @@ class _Trainer:
                 # NaN guard: skip the update (the fp16 grad scaler lowers its scale on its own).
                 nan_streak += 1
                 self.opt.optimizer.zero_grad(set_to_none=True)
-                self.events.emit("warning", message=f"step {step + 1}: loss is {mean_loss}; update skipped")
+                self.warn(f"step {step + 1}: loss is {mean_loss}; update skipped")
                 if nan_streak >= 5:
                     # The last checkpoint saved before the streak began (steps are counted from 1 here).
                     good = [c for c in list_checkpoints(cfg.checkpoint_root) if artifacts.checkpoint_step(c) < step - 3]
@@ -536,6 +563,9 @@ class _Trainer:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
                                  lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
+                if not self.bars:
+                    self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {it_s:.2f} it/s"
+                             + (f", ETA {eta:.0f} s" if eta is not None else ""))
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (
                 (cfg.save_every and step % cfg.save_every == 0)
@@ -544,7 +574,7 @@ class _Trainer:
                 self._save_lora(artifacts.intermediate_lora(cfg.output_path, step), step)
                 self._save_checkpoint(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
-                self._samples(step)
+                self._samples(step)  # a stop while sampling ends it; the check above then saves the checkpoint
         bar.close()
 
     # ------------------------------------------------------------------------------------------
@@ -617,38 +647,121 @@ class _Trainer:
             from ..formats.kohya import save_lora
 
             path = save_lora(path, self.model.network, self._metadata(step))
+            self.log(f"saved {path}")
             self.events.emit("saved", step=step, path=str(path))
         self.acc.wait_for_everyone()
         return path
 
-    def _samples(self, step: int) -> None:
+    def _samples(self, step: int) -> bool:
+        """Render the sample prompts with the weights of `step`; False when a stop (Ctrl-C, stop flag
+        or file) interrupted them (the images finished before it are kept)."""
+        complete = True
         if self.main:
-            from .sampling import load_prompts, render_samples
+            from tqdm.auto import tqdm
+
+            from .sampling import SamplingInterrupted, load_prompts, render_samples
 
             prompts = load_prompts(self.cfg.sample_prompts)
-            paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
-                                   self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
-                                   guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr)
+            steps = [sp.steps or self.cfg.sample_steps for sp in prompts]
+            total, t0, last = sum(steps), time.time(), [0.0]
+            self.log(f"samples for step {step}: {len(prompts)} prompt(s), {total} sampler steps")
+            bar = tqdm(total=total, desc=f"samples (step {step})", unit="step", leave=False, dynamic_ncols=True,
+                       disable=not self.bars)
+
+            def progress(i: int, n: int, s: int, of: int) -> None:
+                bar.update()
+                done = sum(steps[:i]) + s
+                now = time.time()
+                if s == 1 or s == of or now - last[0] >= 1.0:  # at most about one event a second
+                    last[0] = now
+                    eta = (now - t0) / done * (total - done)
+                    self.events.emit("sampling", step=step, prompt=i + 1, prompts=n, sampler_step=s, sampler_steps=of,
+                                     eta_s=round(eta, 1))
+                    if s == of and bar.disable:  # no bar (a log file): one line per finished image
+                        self.log(f"samples for step {step}: prompt {i + 1}/{n} done, ETA {eta:.0f} s")
+
+            try:
+                paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
+                                       self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
+                                       guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
+                                       on_progress=progress, should_stop=self._stop_requested)
+            except (SamplingInterrupted, KeyboardInterrupt) as e:
+                paths, complete = getattr(e, "paths", []), False
+                self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
+            finally:
+                bar.close()
             self.history.sample_paths += paths
-            self.events.emit("sample", step=step, paths=[str(p) for p in paths])
+            if paths:
+                self.events.emit("sample", step=step, paths=[str(p) for p in paths])
         self.acc.wait_for_everyone()
+        return complete
 
     def _finish(self) -> Path:
+        """The files first (LoRA, then a checkpoint of the last step so `--resume --steps MORE` can
+        extend the run), the final samples after: a Ctrl-C while they render (minutes at 512 px on a
+        CPU) keeps the saved files, skips the rest of the samples and still ends with "done"."""
         from .report import draw_loss_curve, draw_sample_grid
 
         cfg, losses = self.cfg, self.history.losses
         step = self.plan.total_steps
-        if cfg.sample_prompts and not any((artifacts.sample_step(p) or (None,))[0] == step for p in self.history.sample_paths):
-            self._samples(step)  # always finish with samples of the final weights
         path = self._save_lora(cfg.output_path, step)
+        self._save_checkpoint(step)
+        if cfg.sample_prompts and not any((artifacts.sample_step(p) or (None,))[0] == step for p in self.history.sample_paths):
+            if not self._samples(step):  # always finish with samples of the final weights, unless stopped
+                self.warn(f"final samples interrupted; {path} and the checkpoint of step {step} are saved")
         if self.main:
             out = cfg.output_path
             curve = draw_loss_curve([s for s, _ in losses], [v for _, v in losses], artifacts.loss_curve(out)) if losses else None
             grid = draw_sample_grid(self.history.sample_paths, artifacts.sample_grid(out))
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)
-            self.log(f"saved {path}")
         return path
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the optimizer's learning rates to what `scheduler`'s own schedule gives at its current step.
+
+    diffusers' schedules are torch LambdaLRs, whose state_dict keeps the step but not the schedule
+    (a closure): after loading a checkpoint of a shorter run, the optimizer holds that run's rate.
+    The same formula LambdaLR.step uses, so an unchanged schedule gives bit-identical rates.
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    lrs = [base * lam(scheduler.last_epoch) for lam, base in zip(lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+# bf16 against fp32 on the 2-core AVX2 dev VM (no AVX512-BF16/AMX), one torch thread, 12 steps at
+# 64 px, batch 1, rank 4 (2026-12-01): the tiny base (UNet 2.6M parameters) trained at 2.98 it/s in
+# fp32 and 0.45 it/s in bf16 (0.15x; 1.04 vs 0.16 it/s, 0.15x, with another run beside it): on small
+# layers the casts cost more than the bf16 math saves. Full-size SD1.5 is the other way round on the
+# same VM (bench/README.md: 2.49 s/step fp32, 1.58 s/step bf16), so only small UNets get the warning.
+BF16_CPU_SMALL_UNET = 100_000_000  # parameters
+def cpu_warnings(cfg: TrainConfig, device_type: str, unet_parameters: int) -> list[str]:
+    """Settings that make a CPU run much slower than it needs to be, said before training starts."""
+    if device_type != "cpu":
+        return []
+    out = []
+    if cfg.sample_prompts:
+        from ..sample_prompts import load_prompts
+        from .sampling import sample_size
+
+        sizes = [sample_size(sp, cfg.data.resolution) for sp in load_prompts(cfg.sample_prompts)]
+        w, h = max(sizes, key=lambda wh: wh[0] * wh[1])
+        ratio = w * h / cfg.data.resolution ** 2
+        if ratio >= 4:
+            out.append(
+                f"sample images of {w}x{h} on the CPU: each sampler step costs about {ratio:.0f}x a training step at "
+                f"{cfg.data.resolution} px (x {cfg.sample_steps} steps x {len(sizes)} prompts, twice with guidance). "
+                "Set --w/--h in the prompt lines near the training resolution, or sample less often")
+    if cfg.mixed_precision == "bf16" and unet_parameters < BF16_CPU_SMALL_UNET:
+        out.append(
+            f"mixed_precision = \"bf16\" on the CPU with a small UNet ({unet_parameters / 1e6:.1f}M parameters) is slower "
+            "than fp32 (the tiny base trained at 0.15x of fp32's speed): use mixed_precision = \"no\" for this model")
+    return out
 
 
 def oom_advice(cfg: TrainConfig, train_te: bool) -> str:

@@ -18,15 +18,31 @@ import torch
 from ..sample_prompts import SamplePrompt, load_prompts, parse_prompt_line  # noqa: F401 (the parser lives there, torch-free)
 
 
+class SamplingInterrupted(Exception):
+    """`should_stop` said stop between two sampler steps; the images finished before it are kept."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        super().__init__(f"sampling interrupted after {len(paths)} image(s)")
+
+
+def sample_size(sp: SamplePrompt, resolution: int) -> tuple[int, int]:
+    """(width, height) a prompt line renders at: its --w/--h, else the training resolution, in 8 px steps."""
+    return max(64, (sp.width or resolution) // 8 * 8), max(64, (sp.height or resolution) // 8 * 8)
+
+
 @torch.no_grad()
 def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, resolution: int,
                    default_steps: int, default_seed: int, autocast=None, guidance_rescale: float = 0.0,
-                   zero_terminal_snr: bool = False) -> list[Path]:
+                   zero_terminal_snr: bool = False, on_progress=None, should_stop=None) -> list[Path]:
     """Render every prompt; returns the PNG paths, named by artifacts.sample_image for the run whose
     LoRA file is `output` (`<stem>-samples/step-000100-0.png`, ...).
 
     zero_terminal_snr: sample with the pipeline's scheduler class set up for it (rescaled betas,
     trailing timesteps) and put the original scheduler back afterwards.
+    on_progress(prompt index, prompts, sampler step, sampler steps) is called after every sampler
+    step; should_stop() is asked there too, and True raises SamplingInterrupted (a 512 px sample on a
+    CPU can take minutes, so a stop must not wait for the whole set).
     """
     from contextlib import nullcontext
 
@@ -44,14 +60,22 @@ def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, r
     paths = []
     try:
         for i, sp in enumerate(prompts):
-            w = max(64, (sp.width or resolution) // 8 * 8)
-            h = max(64, (sp.height or resolution) // 8 * 8)
+            w, h = sample_size(sp, resolution)
+            steps = sp.steps or default_steps
+
+            def step_end(pipe_, s, t, kwargs, i=i, steps=steps):
+                if on_progress is not None:
+                    on_progress(i, len(prompts), s + 1, steps)
+                if should_stop is not None and should_stop():
+                    raise SamplingInterrupted(paths)
+                return kwargs
+
             generator = torch.Generator(device="cpu").manual_seed(default_seed + i if sp.seed is None else sp.seed)
             with autocast() if autocast else nullcontext():
                 image = pipe(
                     sp.prompt, negative_prompt=sp.negative or None, width=w, height=h,
-                    num_inference_steps=sp.steps or default_steps, guidance_scale=sp.guidance,
-                    guidance_rescale=guidance_rescale, generator=generator,
+                    num_inference_steps=steps, guidance_scale=sp.guidance,
+                    guidance_rescale=guidance_rescale, generator=generator, callback_on_step_end=step_end,
                 ).images[0]
             path = artifacts.sample_image(output, step, i)
             with atomic_path(path) as tmp:

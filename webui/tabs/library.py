@@ -48,6 +48,28 @@ def summary(lora, path: Path) -> dict:
     }
 
 
+COLUMNS = ["name", "size_mb", "base_model", "format", "rank", "alpha", "modules", "trigger_words", "steps", "title"]
+# pixels per column: the headers fit on one line, the long text columns get the room
+COLUMN_WIDTHS = ["220px", "80px", "100px", "80px", "60px", "60px", "80px", "220px", "70px", "160px"]
+
+
+def order_loras(names: list[str], show_steps: bool) -> list[str]:
+    """Final LoRAs first (by name), then, if `show_steps`, the intermediate step files of training runs
+    (artifacts.intermediate_lora) grouped by run, oldest step first."""
+    steps = {n: artifacts.intermediate_step(f"{n}.safetensors") for n in names}
+    finals = sorted(n for n in names if steps[n] is None)
+    if not show_steps:
+        return finals
+    run = {n: n[: n.rindex("-step")] for n in names if steps[n] is not None}
+    return finals + sorted(run, key=lambda n: (run[n], steps[n]))
+
+
+def selected_name(evt) -> str | None:
+    """The LoRA of a clicked table row (gr.SelectData: the row's values, name first)."""
+    row = getattr(evt, "row_value", None)
+    return str(row[0]) if row and row[0] else None
+
+
 def _error_text(report) -> str:
     """The approximation error a tool reports (sd_lora.tools.ToolReport), for the status line."""
     return f" (relative delta error {report.rel_error:.4f})"
@@ -66,19 +88,19 @@ def build(ctx, tab=None) -> None:
         return p
 
     @guard
-    def table():
+    def table(show_steps: bool = False):
         import pandas as pd
 
         from sd_lora import load_lora
 
         rows = []
-        for name in list_loras(ws):
+        for name in order_loras(list_loras(ws), bool(show_steps)):
             p = lib / f"{name}.safetensors"
             try:
                 rows.append(summary(load_lora(p), p) | {"name": name})
             except (ValueError, OSError) as e:
                 rows.append({"name": name, "size_mb": round(p.stat().st_size / 1e6, 2), "base_model": f"unreadable: {e}"})
-        cols = ["name", "size_mb", "base_model", "format", "rank", "alpha", "modules", "trigger_words", "steps", "title"]
+        cols = COLUMNS
         frame = pd.DataFrame(rows, columns=cols).fillna("") if rows else pd.DataFrame([[""] * len(cols)], columns=cols)
         return frame, gr.update(choices=[r["name"] for r in rows])
 
@@ -146,8 +168,11 @@ def build(ctx, tab=None) -> None:
         return f"wrote loras/{dst.name}" + _error_text(report)
 
     gr.Markdown("LoRA files in `loras/` of the workspace (trained ones land there too).")
-    refresh = gr.Button("Refresh")
-    frame = gr.Dataframe(label="library", interactive=False, wrap=True)
+    with gr.Row():
+        refresh = gr.Button("Refresh")
+        show_steps = gr.Checkbox(False, label="show intermediate step files (name-step000100)")
+    frame = gr.Dataframe(label="library (click a row to select it)", interactive=False, wrap=False,
+                         column_widths=COLUMN_WIDTHS, elem_id="library-table")
     with gr.Row():
         with gr.Column(scale=3):
             name = gr.Dropdown([], label="LoRA", allow_custom_value=True, elem_id="library-name")
@@ -181,14 +206,21 @@ def build(ctx, tab=None) -> None:
             ex_btn = gr.Button("Extract")
     tool_status = gr.Markdown()
 
-    def table_and_choices():
-        f, upd = table()
+    def table_and_choices(steps: bool = False):
+        f, upd = table(steps)
         return f, upd, upd
 
-    refresh.click(table_and_choices, None, [frame, name, merge_names], api_name="library")
-    gr.context.Context.root_block.load(table_and_choices, None, [frame, name, merge_names], api_name=False)
+    refresh.click(table_and_choices, show_steps, [frame, name, merge_names], api_name="library")
+    show_steps.change(table_and_choices, show_steps, [frame, name, merge_names], api_name=False)
+    gr.context.Context.root_block.load(table_and_choices, show_steps, [frame, name, merge_names], api_name=False)
     if tab is not None:
-        tab.select(table_and_choices, None, [frame, name, merge_names], api_name=False)
+        tab.select(table_and_choices, show_steps, [frame, name, merge_names], api_name=False)
+
+    def pick(evt: gr.SelectData):
+        # the row's LoRA becomes the selection that Inspect, Convert and Resize act on
+        return gr.update(value=selected_name(evt)) if selected_name(evt) else gr.update()
+
+    frame.select(pick, None, name, api_name=False)
     inspect_btn.click(inspect, name, [details, preview, download], api_name="inspect_lora")
     conv_btn.click(convert, [name, fmt, conv_name], tool_status, api_name="convert_lora")
     merge_btn.click(merge, [merge_names, merge_weights, merge_name], tool_status, api_name="merge_loras")
