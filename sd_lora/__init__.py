@@ -36,6 +36,8 @@ _PUBLIC = {
     "GenerationResult": "sd_lora.generation",
     "GeneratedImage": "sd_lora.generation",
     "parameters_text": "sd_lora.generation",
+    "settings_from_infotext": "sd_lora.generation",
+    "SAMPLERS": "sd_lora.samplers",
     # LoRA files (formats/)
     "LoraFile": "sd_lora.formats",
     "load_lora": "sd_lora.formats",

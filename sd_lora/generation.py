@@ -39,8 +39,12 @@ The rules, each written once, here:
   nothing to share, and on a busy machine they wait on each other (tiny-base, 64 px, 25 steps on a
   loaded 2-core box: 12-86 s with torch's 2 threads, 2-4 s with one). `cpu_threads` sets the count
   for any model; the previous count is put back after the call.
-- **PNG.** Each image carries an A1111-style `parameters` text (`parameters_text`, the one place
-  that writes it) and the same settings as a dict; `save_png` writes both atomically.
+- **Sampler.** `sampler` is an A1111 name ("Euler a", "DPM++ 2M Karras", ...; sd_lora.samplers),
+  built from the model's scheduler config for the call; None keeps the model's own scheduler.
+- **PNG.** Each image carries A1111's infotext as its `parameters` text (`parameters_text`, the one
+  place that writes it, in sd_lora.infotext's layout with AutoV2 model and A1111 LoRA hashes) and the
+  same settings as a dict; `save_png` writes both atomically. `settings_from_infotext` reads it back
+  (`sd-lora generate --from-png`).
 
 Validation happens before anything is loaded; a problem raises ValueError naming the argument the
 way both front-ends label it ("width 100: ..."), all problems of a call in one message.
@@ -54,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,23 +133,65 @@ class GenerationResult:
 
 
 def parameters_text(settings: dict[str, Any]) -> str:
-    """The PNG `parameters` text for one image's (or a grid's) settings, in A1111's layout: the prompt,
-    a "Negative prompt:" line, then "Key: value" pairs. The one function that writes it."""
-    loras = " ".join(f"{x['name']}:{x['weight']:g}:{x['te_weight']:g}" for x in settings["loras"])
-    text = (
-        f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
-        f"Steps: {settings['steps']}, CFG scale: {settings['guidance']}, Seed: {settings['seed']}, "
-        f"Model: {settings['model']}, LoRAs: {loras or 'none'}"
-    )
-    if settings["guidance_rescale"]:
-        text += f", Guidance rescale: {settings['guidance_rescale']:g}"
-    if settings["zero_terminal_snr"]:
-        text += ", Zero terminal SNR: True"
-    if settings.get("vae"):
-        text += f", VAE: {settings['vae']}"
-    if settings.get("grid"):
-        text += f", Grid: {' | '.join(settings['grid'])}"
-    return text
+    """The PNG `parameters` text for one image's (or a grid's) settings, in A1111's infotext layout
+    (sd_lora.infotext): the prompt, a "Negative prompt:" line when there is one, then the pairs in
+    A1111's order, with its Model hash (AutoV2) and Lora hashes, then ours (A1111 keeps unknown keys):
+    "LoRAs" (each LoRA's name:unet_weight:te_weight, what --from-png re-applies), guidance rescale,
+    zero terminal SNR, the grid's labels. The one function that writes it."""
+    from . import __version__
+    from .infotext import format_infotext, lora_hash_name
+    from .samplers import a1111_fields
+
+    sampler, schedule = a1111_fields(settings.get("sampler"), None)
+    if settings.get("sampler") is None:
+        sampler = settings.get("scheduler") or sampler  # the model's own scheduler, by its class
+    loras = settings["loras"]
+    width, height = settings.get("width"), settings.get("height")
+    params = {
+        "Steps": settings["steps"], "Sampler": sampler, "Schedule type": schedule, "CFG scale": settings["guidance"],
+        "Seed": settings["seed"], "Size": f"{width}x{height}" if width and height else None,
+        "Model hash": settings.get("model_hash"), "Model": settings["model"], "VAE": settings.get("vae"),
+        "Lora hashes": ", ".join(f"{lora_hash_name(x['name'])}: {x['hash']}" for x in loras if x.get("hash")) or None,
+        "LoRAs": " ".join(f"{x['name']}:{_exact(x['weight'])}:{_exact(x['te_weight'])}" for x in loras) or None,
+        "Guidance rescale": _exact(settings["guidance_rescale"]) if settings["guidance_rescale"] else None,
+        "Zero terminal SNR": "True" if settings["zero_terminal_snr"] else None,
+        "Grid": " | ".join(settings["grid"]) if settings.get("grid") else None,
+        "Version": f"sd-lora {__version__}",
+    }
+    return format_infotext(settings["prompt"], settings["negative_prompt"], params)
+
+
+_LORA_ITEM = re.compile(r"\s*(.+?):([-+.\deE]+):([-+.\deE]+)(?=\s|$)")
+
+
+def settings_from_infotext(text: str) -> dict[str, Any]:
+    """What a `parameters` text says about the call that made it, as `generate()` keyword arguments
+    (prompt, negative_prompt, seed, steps, guidance, width, height, sampler, guidance_rescale,
+    zero_terminal_snr) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from our
+    LoRAs field, "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid"
+    (a sweep's or comparison's labels: the text of a whole grid, not of one image).
+
+    Reads A1111's and Forge's infotexts too (sd_lora.infotext.parse_infotext follows A1111's parser):
+    their LoRAs are the prompt's <lora:...> tags, which generate() resolves itself."""
+    from .infotext import parse_infotext
+    from .samplers import from_a1111
+
+    res = parse_infotext(text)
+    missing = [k for k in ("Steps", "Seed", "CFG scale") if k not in res]
+    if missing:
+        raise ValueError(f"parameters text without {', '.join(missing)}: not an A1111-style infotext")
+    loras = [(m[1], float(m[2]), float(m[3])) for m in _LORA_ITEM.finditer(res.get("LoRAs", ""))]
+    hashes = dict(item.rsplit(": ", 1) for item in res.get("Lora hashes", "").split(", ") if ": " in item)
+    return {
+        "prompt": res["Prompt"], "negative_prompt": res["Negative prompt"], "seed": int(res["Seed"]),
+        "steps": int(res["Steps"]), "guidance": float(res["CFG scale"]),
+        "width": int(res["Size-1"]) if "Size-1" in res else None, "height": int(res["Size-2"]) if "Size-2" in res else None,
+        "sampler": from_a1111(res.get("Sampler"), res.get("Schedule type")),
+        "guidance_rescale": float(res["Guidance rescale"]) if "Guidance rescale" in res else None,
+        "zero_terminal_snr": res.get("Zero terminal SNR") == "True",
+        "loras": loras, "lora_hashes": hashes, "model": res.get("Model"), "model_hash": res.get("Model hash"),
+        "vae": res.get("VAE"), "grid": res.get("Grid"),
+    }
 
 
 def default_device() -> str:
@@ -266,6 +313,7 @@ def generate(
     guidance: float = DEFAULT_GUIDANCE,
     guidance_rescale: float | None = None,
     zero_terminal_snr: bool = False,
+    sampler: str | None = None,
     vae: str | os.PathLike | None = None,
     lora_dir: str | os.PathLike | None = None,
     add_trigger_words: bool = False,
@@ -291,6 +339,8 @@ def generate(
         negative_prompt, seed, width, height, steps, guidance: as in A1111; see the module docstring.
         guidance_rescale: 0..1; None is 0.7 with `zero_terminal_snr`, else 0.
         zero_terminal_snr: sample with rescaled betas and trailing timesteps (v-prediction models only).
+        sampler: an A1111 sampler name from sd_lora.samplers.SAMPLERS ("Euler a", "DPM++ 2M Karras", ...);
+            None: the model's own scheduler.
         vae: a replacement VAE (diffusers folder or single file) for this call.
         add_trigger_words: prepend the LoRAs' trigger words to the prompt.
         num_images: images per stack, with seeds seed, seed+1, ...
@@ -302,9 +352,12 @@ def generate(
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
+    from .samplers import check_sampler
+
     problems = _check(prompt, seed, width, height, steps, guidance, guidance_rescale, num_images, sweep_weights, compare)
     if cpu_threads is not None and (not _whole(cpu_threads) or cpu_threads < 1):
         problems.append(f"cpu threads {_show(cpu_threads)}: must be a whole number, at least 1 (empty: automatic)")
+    problems += check_sampler(sampler)
     is_path = isinstance(base, (str, os.PathLike))
     loaded = not is_path  # a pipeline, or a function that returns one
     if loaded:
@@ -342,7 +395,8 @@ def generate(
         "prompt": written, "encoded_prompt": encoded, "negative_prompt": negative_prompt or "",
         "seed": int(seed), "steps": int(steps), "guidance": float(guidance), "guidance_rescale": rescale,
         "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
-        "model": _model_name(base, pipe), "vae": Path(vae).name if vae else None, "loras": _loras(specs),
+        "model": _model_name(base, pipe), "model_hash": _model_hash(base, pipe), "vae": Path(vae).name if vae else None,
+        "loras": _loras(specs), "sampler": sampler, "scheduler": type(pipe.scheduler).__name__,
     }
     with _threads(cpu_threads or generation_threads(pipe)):
         images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras, strict)
@@ -356,12 +410,15 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
     import torch
 
     from .models import load_vae, use_zero_terminal_snr
+    from .samplers import make_scheduler
     from .stack import applied_stack, apply_loras, remove_loras
 
     previous = applied_stack(pipe)
     scheduler, old_vae = pipe.scheduler, pipe.vae
     out: list[GeneratedImage] = []
     try:
+        if settings["sampler"]:  # before zero terminal SNR, which rescales the chosen scheduler's betas
+            pipe.scheduler = make_scheduler(settings["sampler"], scheduler)
         if settings["zero_terminal_snr"]:
             use_zero_terminal_snr(pipe)
         if vae:
@@ -473,7 +530,21 @@ def _weights_text(spec: LoraSpec) -> str:
 
 def _loras(stack: list[LoraSpec]) -> list[dict]:
     return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight,
-             "parts": _parts(s)} for s in stack]
+             "parts": _parts(s), "hash": _lora_hash(s)} for s in stack]
+
+
+def _lora_hash(spec: LoraSpec) -> str | None:
+    """A1111's LoRA hash of the file (None for a LoRA given in memory: there are no file bytes)."""
+    from .infotext import lora_hash
+
+    return lora_hash(spec.path) if isinstance(spec.path, (str, os.PathLike)) and Path(spec.path).is_file() else None
+
+
+def _exact(weight: float) -> str:
+    """A weight written short when that reads back as the same float (0.8), else in full (0.8500000000000001
+    from a slider), so that --from-png fuses exactly the same weights."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
 
 
 def _parts(spec: LoraSpec) -> list[str]:
@@ -489,8 +560,21 @@ def _parts(spec: LoraSpec) -> list[str]:
 
 
 def _model_name(base, pipe) -> str:
+    """A1111's "Model": the checkpoint's file name without its extension (a folder: its name)."""
     source = base if isinstance(base, (str, os.PathLike)) else pipe.name_or_path
-    return Path(str(source)).name if source else "unknown"
+    if not source:
+        return "unknown"
+    path = Path(str(source))
+    return path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name
+
+
+def _model_hash(base, pipe) -> str | None:
+    """AutoV2 of the model file (or our hash of a diffusers folder, sd_lora.infotext.model_hash); None
+    for a pipeline that does not say where it came from."""
+    from .infotext import model_hash
+
+    source = base if isinstance(base, (str, os.PathLike)) else getattr(pipe, "name_or_path", None)
+    return model_hash(source) if source and Path(str(source)).exists() else None
 
 
 def _trigger_words(specs: list[LoraSpec]) -> list[str]:

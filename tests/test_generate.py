@@ -91,7 +91,9 @@ def test_cli_and_web_ui_give_the_same_images_and_png_text(ws, ui, tmp_path):
         assert caption == f"stack, seed {seed}"
     # the one parameters text: trigger words added in front of the prompt as written (tags kept), both LoRAs
     assert ui_text.splitlines()[0] == "inkstyle, shape, glowstyle, a red circle <lora:glow:0.5:0.8>"
-    assert "Seed: 4, Model: tiny, LoRAs: ink:0.9:0.4 glow:0.8:0.5" in ui_text and "CFG scale: 5.0" in ui_text
+    # (A1111's infotext layout since issue #21: Size and Model hash between Seed and Model, a quoted LoRAs value)
+    assert "Seed: 4, Size: 64x64, Model hash: " in ui_text and ", Model: tiny, Lora hashes: " in ui_text
+    assert 'LoRAs: "ink:0.9:0.4 glow:0.8:0.5"' in ui_text and "CFG scale: 5.0" in ui_text
     assert "Trigger words: inkstyle, shape, glowstyle (added to the prompt)" in info
     # the same call without the trigger words is a different image: they reached the text encoder
     plain, _ = ui_call(ui, prompt=prompt, negative="blurry", guidance=5.0, rows=[("ink", 0.9, 0.4)])

@@ -184,7 +184,9 @@ def test_generate_with_two_lora_stack(server):
     assert "ink x1" in info and "glow x0.8 (TE x0.5)" in info and "Trigger words" in info
     # each PNG carries generate()'s parameters text, with that image's own stack
     texts = [Image.open(im["image"]).info["parameters"] for im in images]
-    assert "Seed: 3, Model: tiny, LoRAs: none" in texts[0] and "LoRAs: ink:1:1 glow:0.8:0.5" in texts[3]
+    # (A1111's infotext layout since issue #21: no LoRA fields without LoRAs, a quoted LoRAs value)
+    assert "Seed: 3, Size: 64x64, Model hash: " in texts[0] and ", Model: tiny, Version: " in texts[0]
+    assert "LoRAs" not in texts[0] and "Lora hashes" not in texts[0] and 'LoRAs: "ink:1:1 glow:0.8:0.5"' in texts[3]
     # the same stack through <lora:...> tags in the prompt gives the same image as the sliders
     tagged = ["models/tiny", "a red circle <lora:ink:1> <lora:glow:0.5:0.8>", "", 3, 2, 64, 64, 1.0]
     images2, _ = client.predict(*tagged, False, *(["", 1.0, None] * 4), api_name="/generate")

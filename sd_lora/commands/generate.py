@@ -11,6 +11,11 @@ from pathlib import Path
 
 # Torch-free: the defaults and limits are generate()'s own (sd-lora --help imports this module).
 from ..generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, DTYPES, MAX_STEPS, MIN_SIZE, ZERO_SNR_GUIDANCE_RESCALE
+from ..samplers import SAMPLERS
+
+# With --from-png these come from the PNG unless given on the command line (a value other than the default).
+FROM_PNG_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale",
+                     "zero_terminal_snr", "sampler", "width", "height")
 
 
 def register(subparsers) -> None:
@@ -24,7 +29,11 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="base model: diffusers folder or single .safetensors file")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="the text (required unless --from-png gives it)")
+    p.add_argument("--from-png", metavar="FILE",
+                   help="remake an image from the `parameters` text of a PNG written by sd-lora (or A1111/Forge): "
+                        "its prompt, seed, steps, sampler, size and LoRAs (looked up by name in --lora-dir, checked "
+                        "against their hashes); flags given as well override the PNG's values")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]]",
                    help="a LoRA file (or a name in --lora-dir) with its UNet weight and text-encoder weight; repeatable")
@@ -40,6 +49,8 @@ def register(subparsers) -> None:
                         f"{ZERO_SNR_GUIDANCE_RESCALE} with --zero-terminal-snr, else 0")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="sample a zero-terminal-SNR (v-prediction) model: rescaled betas, trailing timesteps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, metavar="NAME",
+                   help=f"sampler by its A1111 name: {', '.join(SAMPLERS)} (default: the model's own scheduler)")
     p.add_argument("--vae", metavar="PATH", help="replacement VAE: a diffusers VAE folder or a single .safetensors VAE file")
     p.add_argument("--width", type=int, default=None, help=f"multiple of 8, at least {MIN_SIZE} (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help=f"multiple of 8, at least {MIN_SIZE} (default: the model's native size)")
@@ -54,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--skip-mismatched", action="store_true",
                    help="apply only the LoRA modules that fit the base model's layers (for a LoRA made for another base)")
     p.add_argument("--out", required=True, help="output .png")
-    p.set_defaults(func=run, prepare_process=without_bitsandbytes)
+    p.set_defaults(func=run, prepare_process=without_bitsandbytes, parser=p)
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -89,6 +100,36 @@ def without_bitsandbytes() -> None:
     sys.modules.setdefault("bitsandbytes", None)  # already imported (the caller uses it): leave it
 
 
+def _from_png(args, log) -> tuple[dict, list]:
+    """The settings of the PNG's `parameters` text (flags that differ from their defaults win) and its
+    LoRA stack, each found by name in --lora-dir and checked against the hash the PNG recorded."""
+    from ..generation import settings_from_infotext
+    from ..infotext import lora_hash, lora_hash_name, model_hash, read_png_infotext
+    from ..stack import LoraSpec
+
+    png = settings_from_infotext(read_png_infotext(args.from_png))
+    if png["grid"]:
+        raise ValueError(f"--from-png: {args.from_png} is a grid ({png['grid']}); remake it with its own flags "
+                         "(--grid W1,W2,...), or pass one of its images' PNGs")
+    chosen = {k: getattr(args, k) if getattr(args, k) != args.parser.get_default(k) else png[k] for k in FROM_PNG_SETTINGS}
+    if png["vae"] and not args.vae:
+        raise ValueError(f"--from-png: the image was made with the VAE {png['vae']!r}; pass it with --vae PATH")
+    if png["model_hash"] and model_hash(args.model) != png["model_hash"]:
+        log.warning("Warning: --model %s has hash %s, the PNG's model %s had %s: the image will differ",
+                    args.model, model_hash(args.model), png["model"], png["model_hash"])
+    if png["loras"] and not args.lora_dir:
+        names = ", ".join(name for name, _, _ in png["loras"])
+        raise ValueError(f"--from-png: the image used the LoRAs {names}; pass --lora-dir with the folder that holds them")
+    specs = []
+    for name, weight, te_weight in png["loras"]:
+        path = _lora_path(name, args.lora_dir)
+        recorded = png["lora_hashes"].get(lora_hash_name(name))
+        if recorded and lora_hash(path) != recorded:
+            log.warning("Warning: LoRA %s has hash %s, the PNG's had %s: the image will differ", path, lora_hash(path), recorded)
+        specs.append(LoraSpec(path, weight=weight, te_weight=te_weight))
+    return chosen, specs
+
+
 def run(args) -> int:
     """Parse the CLI's own syntax (--lora FILE:W:TE_W, --grid W1,W2), call sd_lora.generate, write the PNGs."""
     import logging
@@ -108,16 +149,25 @@ def run(args) -> int:
         except ValueError:
             raise ValueError(f"--grid {args.grid!r}: expected comma-separated weights such as 0,0.5,1") from None
 
+    chosen = {k: getattr(args, k) for k in FROM_PNG_SETTINGS}
+    if args.from_png:
+        chosen, png_specs = _from_png(args, log)
+        specs = png_specs + specs
+    elif not args.prompt:
+        raise ValueError("--prompt: required (or --from-png FILE to take it, and the other settings, from a PNG)")
     result = generate(
-        args.model, args.prompt, specs, negative_prompt=args.negative_prompt, seed=args.seed, width=args.width,
-        height=args.height, steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-        zero_terminal_snr=args.zero_terminal_snr, vae=args.vae, lora_dir=args.lora_dir,
+        args.model, chosen["prompt"], specs, negative_prompt=chosen["negative_prompt"], seed=chosen["seed"],
+        width=chosen["width"], height=chosen["height"], steps=chosen["steps"], guidance=chosen["guidance"],
+        guidance_rescale=chosen["guidance_rescale"], zero_terminal_snr=chosen["zero_terminal_snr"],
+        sampler=chosen["sampler"], vae=args.vae, lora_dir=args.lora_dir,
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
         dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload, cpu_threads=args.cpu_threads,
         strict=not args.skip_mismatched,
     )
     for note in result.notes:
-        log.warning("Note: %s", note)
+        # a PNG's LoRAs field lists the prompt's tags too, so each tag is named twice by construction
+        if not args.from_png:
+            log.warning("Note: %s", note)
     if result.trigger_words:
         log.info("Trigger words: %s", ", ".join(result.trigger_words))
     out = Path(args.out)

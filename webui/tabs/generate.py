@@ -18,6 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from sd_lora.generation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_STEPS, ZERO_SNR_GUIDANCE_RESCALE, stack_line
+from sd_lora.samplers import SAMPLERS
 
 from ..security import PathError
 from .common import guard, list_loras, list_models
@@ -60,7 +61,8 @@ def build(ctx, tab=None) -> None:
     def generate(model, prompt, negative, seed, steps, width, height, guidance, compare,
                  lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
                  lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
-                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1):
+                 guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1,
+                 sampler=None):
         import sd_lora
 
         if not model:
@@ -77,7 +79,7 @@ def build(ctx, tab=None) -> None:
             result = sd_lora.generate(
                 lambda: pipeline(model), prompt or "", specs, negative_prompt=negative or "", seed=seed, width=width or None,
                 height=height or None, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
-                zero_terminal_snr=bool(zero_terminal_snr), vae=vae_path, lora_dir=ws.root / "loras",
+                zero_terminal_snr=bool(zero_terminal_snr), sampler=sampler or None, vae=vae_path, lora_dir=ws.root / "loras",
                 add_trigger_words=bool(add_trigger_words), num_images=1 if num_images in (None, "") else num_images,
                 compare=bool(compare), keep_loras=True,  # the next click rewrites only what differs
             )
@@ -122,6 +124,7 @@ def build(ctx, tab=None) -> None:
                 width = gr.Number(0, label="width (0: model's)", precision=0)
                 height = gr.Number(0, label="height (0: model's)", precision=0)
                 guidance = gr.Number(DEFAULT_GUIDANCE, label="guidance")
+                sampler = gr.Dropdown([("model's own", "")] + [(n, n) for n in SAMPLERS], value="", label="sampler")
             with gr.Row():
                 num_images = gr.Number(1, label="images per stack (seeds: seed, seed+1, ...)", precision=0, minimum=1)
                 add_triggers = gr.Checkbox(label="add the LoRAs' trigger words to the prompt")
@@ -153,7 +156,7 @@ def build(ctx, tab=None) -> None:
     inputs = [model, prompt, negative, seed, steps, width, height, guidance, compare]
     for i in range(LORA_ROWS):
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
-    inputs += [rescale, zero_snr, add_triggers, vae, num_images]
+    inputs += [rescale, zero_snr, add_triggers, vae, num_images, sampler]
     # the error box is emptied at the click, then filled again only if this run fails
     go.click(lambda: gr.update(value="", visible=False), None, error, api_name=False, queue=False).then(
         generate_on_page, inputs, [images, info, error], api_name=False, concurrency_limit=1, concurrency_id="generate")
