@@ -132,7 +132,7 @@ def save_config_file(ws: Workspace, text: str, name: str) -> Path:
     """The TOML box's config written to configs/NAME.toml, its paths relative to that file.
 
     Relative paths in a config file are read relative to the file (sd_lora.config.load_config), so the
-    saved file trains the same with `sd-lora train --config configs/NAME.toml` from any folder.
+    saved file trains the same with `sd-lora train configs/NAME.toml` from any folder.
     Refuses TOML that does not parse or names unknown keys (ConfigError); other problems are kept, so
     a half-done config can be saved too.
     """
@@ -394,7 +394,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         rel = ws.relative(dest)
         return gr.update(choices=list_configs(ws), value=rel), message_html(
             f"Saved <code>{html.escape(rel)}</code>. Train it from a shell with "
-            f"<code>sd-lora train --config {html.escape(str(dest))}</code>.")
+            f"<code>sd-lora train {html.escape(str(dest))}</code>.")
 
     @shown
     def load_saved(name: str):
