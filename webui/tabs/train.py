@@ -561,7 +561,10 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         event.failure(problems.show, None, message, api_name=False, show_progress="hidden", queue=False)
 
     for comp in form:
-        failing(comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden"))
+        # always_last: keys typed while the previous edit is on its way are not dropped (Gradio's default);
+        # one queue for all fields: edits are applied in the order they were made
+        failing(comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden",
+                           trigger_mode="always_last", concurrency_limit=1, concurrency_id="train-form"))
     failing(toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden"))
     # every change of the TOML (typed, from the form, a preset, a load) is kept in the browser, in the browser
     toml_box.change(None, toml_box, saved, js="(text) => text", api_name=False, queue=False)
