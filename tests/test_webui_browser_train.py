@@ -148,13 +148,15 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         # validation names the config's keys (not CLI flags) in the same box
         page.type_into("output name", "fresh_lora")
         page.type_into("steps", "0")
+        page.wait("document.querySelector('#train-toml .cm-content').innerText.split('\\n').includes('steps = 0')", 20, what="steps = 0 in the TOML")
         page.click_text("Validate")
         page.wait("(() => { const m = document.querySelector('#train-message');"
-                  " return m && m.dataset.kind === 'error' && m.innerText.includes('steps:'); })()", 20, what="the validation problems")
+                  " return m && m.dataset.kind === 'error' && /^steps[:/]/m.test(m.innerText); })()", 20, what="the validation problems")
         assert "--" not in page.message()["text"]
 
         # save the config into configs/ of the workspace; it is offered in the list of saved configs
         page.type_into("steps", "5")
+        page.wait("document.querySelector('#train-toml .cm-content').innerText.split('\\n').includes('steps = 5')", 20, what="steps = 5 in the TOML")
         page.type_into("save as", "mine")
         page.click_at("document.querySelector('#save-config')")
         page.wait("document.querySelector('#train-message').innerText.includes('configs/mine.toml')", 20, what="the saved note")

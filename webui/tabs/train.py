@@ -379,13 +379,18 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         return [dump_config(cfg)] + form_values(cfg)
 
     def restore(saved):
-        """A page load: the form as this browser left it (its TOML), else the defaults."""
-        text = saved if isinstance(saved, str) and saved.strip() else dump_config(default_config())
+        """The form as this browser left it (its TOML); nothing changes when the browser has none.
+
+        Runs when the tab is opened: Gradio mounts (and reads the browser storage of) a tab's components
+        only when the tab is first shown, so on the page load itself the stored value is not there yet.
+        """
+        if not (isinstance(saved, str) and saved.strip()):
+            return [gr.skip()] * (1 + len(FORM_KEYS))
         try:
-            values = form_values(parse_toml(text))
+            values = form_values(parse_toml(saved))
         except ConfigError:
             values = [gr.skip()] * len(FORM_KEYS)  # the TOML as typed; its problems show when it is used
-        return [text, *values]
+        return [saved, *values]
 
     # ---- save / load a config file ----------------------------------------------------------------
     @shown
@@ -567,7 +572,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                            trigger_mode="always_last", concurrency_limit=1, concurrency_id="train-form"))
     failing(toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden"))
     # every change of the TOML (typed, from the form, a preset, a load) is kept in the browser, in the browser
-    toml_box.change(None, toml_box, saved, js="(text) => text", api_name=False, queue=False)
+    toml_box.change(lambda text: text, toml_box, saved, api_name=False, queue=False, show_progress="hidden")
     failing(preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset"))
     failing(save_btn.click(save_config, [toml_box, cfg_name], [cfg_file, message], api_name="save_config"))
     failing(load_btn.click(load_saved, cfg_file, [toml_box, *form, message], api_name="load_config"))
@@ -589,6 +594,8 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     demo.load(restore, saved, [toml_box, *form], api_name=False)
     if tab is not None:
         tab.select(workspace_lists, None, [f_model, f_data, cfg_file], api_name=False)
+        # the stored form is readable once the tab is shown (see restore); it equals the form after that
+        tab.select(restore, saved, [toml_box, *form], api_name=False)
 
 
 def _md_errors(errors: list[str]) -> str:
