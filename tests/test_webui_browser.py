@@ -193,7 +193,9 @@ def test_browser_train_reload_screenshots(tmp_path):
             "(() => { const s = document.querySelector('#job-status');"
             " return s && s.dataset.status === 'running' && +s.dataset.step >= 1 && s.innerText; })()",
             150, what="a running job at step >= 1")
-        assert "browser_lora" in running and "it/s" in running and "ETA" in running
+        # the speed in the trainer's own unit (its progress bar prints step/s, or s/step when slower)
+        assert "browser_lora" in running and ("step/s" in running or "s/step" in running) and "ETA" in running
+        assert browser.js("!document.querySelector('#stop').disabled"), "Stop must be pressable while a job runs"
 
         # a reload (or a second browser) rebuilds the view from the server: the job is still there
         browser.send("Page.reload")
@@ -209,6 +211,7 @@ def test_browser_train_reload_screenshots(tmp_path):
                      150, what="the job to finish")
         browser.wait("document.querySelectorAll('#samples img').length >= 1", 20, what="a sample image")
         assert "step 8/8" in browser.js("document.querySelector('#job-status').innerText")
+        browser.wait("document.querySelector('#stop').disabled", 10, what="Stop disabled once the job is done")
         browser.screenshot(shots / "train.png")
 
         # Generate with the new LoRA through a prompt tag

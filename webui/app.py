@@ -61,9 +61,9 @@ def build_app(workspace: str | os.PathLike | Workspace, queue: JobQueue | None =
         with gr.Tabs():
             with gr.Tab("Dataset", id="dataset"):
                 dataset.build(ctx)
-            with gr.Tab("Train", id="train"):
-                train.build(ctx, timer_s=timer_s)
-            # these two refresh their file lists each time they are opened (a job may have added a LoRA)
+            # these refresh their file lists each time they are opened (a job may have added a LoRA)
+            with gr.Tab("Train", id="train") as train_tab:
+                train.build(ctx, train_tab, timer_s=timer_s)
             with gr.Tab("Generate", id="generate") as generate_tab:
                 generate.build(ctx, generate_tab)
             with gr.Tab("Library", id="library") as library_tab:
@@ -102,13 +102,19 @@ def launch(
         footer_links=["api"],
         theme=offline_theme(),
         css=CSS,
-        prevent_thread_lock=not block,
-        quiet=quiet,
+        prevent_thread_lock=True,  # blocked below, after our own start-up lines
+        quiet=True,  # Gradio's start-up lines name its launch(share=True); ours below name the --share flag
         show_error=True,
         ssr_mode=False,
         mcp_server=False,
         pwa=False,
     )
+    if not quiet:
+        print(f"* Running on local URL:  {demo.local_url}", flush=True)
+        if not share:
+            print("* To create a public link, start with `sd-lora ui --share --auth USER:PASSWORD`.", flush=True)
+    if block:
+        demo.block_thread()
     return demo
 
 

@@ -23,10 +23,10 @@ class Workspace:
 
     datasets/  image folders (one per dataset)     loras/    LoRA files (the library)
     models/    base models                          jobs/     one folder per training job
-    outputs/   generated images
+    outputs/   generated images                     configs/  training configs saved from the Train tab
     """
 
-    SUBDIRS = ("datasets", "loras", "models", "jobs", "outputs")
+    SUBDIRS = ("datasets", "loras", "models", "jobs", "outputs", "configs")
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -83,19 +83,24 @@ class Workspace:
         return self.path(parent / name, kind=kind)
 
 
-def confine_config(ws: Workspace, cfg):
-    """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError.
+def map_config_paths(cfg, fn):
+    """`cfg` with every path value replaced by `fn(path, key_name)`.
 
     Which keys are paths is asked of the config's fields (their `path` marker), so a new path key is
-    confined as soon as it is declared; there is no list here to forget it in.
+    handled as soon as it is declared; there is no list here to forget it in.
     """
     from sd_lora.config import config_keys
 
     for key in config_keys():
         path = key.path_value(key.get(cfg))
         if path is not None:
-            key.set(cfg, str(ws.path(path, kind=key.name)))
+            key.set(cfg, fn(path, key.name))
     return cfg
+
+
+def confine_config(ws: Workspace, cfg):
+    """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError."""
+    return map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")

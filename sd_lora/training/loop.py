@@ -498,7 +498,9 @@ class _Trainer:
             m.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.bars, dynamic_ncols=True)
+        # smoothing=0: the bar prints the average since the start, the number the step events carry (it_per_s)
+        bar = tqdm(total=plan.total_steps, initial=start, desc="training", unit="step", disable=not self.bars, dynamic_ncols=True,
+                   smoothing=0)
         epoch_cache: tuple[int, list] = (-1, [])
         t_start, n_done, nan_streak = time.time(), 0, 0
         step = start

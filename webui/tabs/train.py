@@ -3,21 +3,29 @@ the other), validation, Start / Stop / Resume, and a live view of the selected j
 
 The live view is rebuilt from the job's files on the server at every tick (gr.Timer), so a refresh,
 a second browser or a closed tab changes nothing: the page asks "what is the job doing?" each second.
+The New-job form lives in the browser (gr.BrowserState holds its TOML), so a reload keeps what was
+typed; configs can also be saved to and loaded from `configs/` of the workspace. Every list of
+workspace files follows the workspace: it is read again on page load and when the tab is opened.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import html
+import inspect
+import os
 import tomllib
 from pathlib import Path
 
 import gradio as gr
 
-from sd_lora.config import ConfigError, TrainConfig, config_from_dict, config_key, config_keys, dump_config
+from sd_lora.config import ConfigError, TrainConfig, config_from_dict, config_key, config_keys, dump_config, load_config
 from sd_lora.fields import assign
+from sd_lora.io import atomic_write
 
-from ..jobs import ACTIVE
-from ..security import PathError, confine_config, safe_name
+from ..jobs import ACTIVE, STOPPED, FAILED
+from ..security import PathError, Workspace, confine_config, map_config_paths, safe_name
 from .common import guard, list_dirs, list_models
 
 # Presets by GPU memory. Each sets only memory-relevant keys; the comment says why.
@@ -51,8 +59,9 @@ SIZE_PRESETS: dict[str, dict] = {
 FORM_KEYS = [
     "model", "data.path", "output", "steps", "batch_size", "lr", "network.method", "network.preset", "network.rank",
     "network.alpha", "data.resolution", "optimizer", "mixed_precision", "gradient_checkpointing",
-    "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed",
+    "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed", "data.repeats",
 ]
+CONFIGS = "configs"  # the workspace folder the page saves configs to and loads them from
 
 
 def default_config() -> TrainConfig:
@@ -110,6 +119,132 @@ def confine(ctx, cfg: TrainConfig) -> TrainConfig:
     return confine_config(ctx.workspace, cfg)
 
 
+# ---- saved configs (configs/ of the workspace) ---------------------------------------------------------
+
+
+def list_configs(ws: Workspace) -> list[str]:
+    """The saved configs, as workspace-relative paths (configs/NAME.toml)."""
+    base = ws.root / CONFIGS
+    return [f"{CONFIGS}/{p.name}" for p in sorted(base.glob("*.toml")) if not p.name.startswith(".")] if base.is_dir() else []
+
+
+def save_config_file(ws: Workspace, text: str, name: str) -> Path:
+    """The TOML box's config written to configs/NAME.toml, its paths relative to that file.
+
+    Relative paths in a config file are read relative to the file (sd_lora.config.load_config), so the
+    saved file trains the same with `sd-lora train configs/NAME.toml` from any folder.
+    Refuses TOML that does not parse or names unknown keys (ConfigError); other problems are kept, so
+    a half-done config can be saved too.
+    """
+    stem = (name or "").strip()
+    stem = stem[: -len(".toml")] if stem.lower().endswith(".toml") else stem
+    dest = ws.child(ws.root / CONFIGS, f"{safe_name(stem, 'config name')}.toml", kind="config name")
+    cfg = confine_config(ws, parse_toml(text))
+    map_config_paths(cfg, lambda path, _name: os.path.relpath(path, dest.parent))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest, "w", encoding="utf-8") as f:
+        f.write("# saved from the sd-lora web UI; relative paths are relative to this file\n" + dump_config(cfg))
+    return dest
+
+
+def load_config_file(ws: Workspace, user_path: str) -> TrainConfig:
+    """A saved config read as `sd-lora train` reads it, with its paths shown workspace-relative.
+
+    Raises PathError for a file outside configs/ or a path in it that leads out of the workspace,
+    ConfigError for a file with unknown keys or wrong types.
+    """
+    if not (user_path or "").strip():
+        raise PathError("load config: choose a saved config from the list (configs/ of the workspace)")
+    path = ws.path(user_path, must_exist=True, kind="config file")
+    if path.suffix.lower() != ".toml" or not path.is_relative_to(ws.root / CONFIGS):
+        raise PathError(f"config file: {user_path!r} is not a .toml file in {CONFIGS}/ of the workspace")
+    cfg = confine_config(ws, load_config(path))
+    return map_config_paths(cfg, lambda p, _name: ws.relative(p))
+
+
+# ---- what the page shows -------------------------------------------------------------------------------
+
+
+def rate_text(it_per_s: float | None) -> str:
+    """The trainer's speed as its progress bar prints it: `step/s`, or `s/step` below one step a second
+    (tqdm's unit="step"; the bar and the events report the same average since the run started)."""
+    if not it_per_s:
+        return "- step/s"
+    return f"{it_per_s:.2f} step/s" if it_per_s >= 1 else f"{1 / it_per_s:.2f} s/step"
+
+
+def message_html(text: str = "", problems: list[str] | None = None, title: str = "") -> str:
+    """The tab's message box: a note, or a list of problems in a red box that stays until the next action."""
+    if problems:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+        head = html.escape(title or f"{len(problems)} problem(s):")
+        # inline style: the box must look like an error with or without the app's CSS
+        return (f'<div class="sd-message sd-problems" id="train-message" role="alert" data-kind="error" style="border: 2px solid '
+                f'#dc2626; border-radius: 6px; padding: 6px 12px; background: rgba(220, 38, 38, 0.08)">'
+                f"<b>{head}</b><ul>{items}</ul></div>")
+    if not text:
+        return '<div class="sd-message" id="train-message" data-kind="empty"></div>'
+    return f'<div class="sd-message" id="train-message" data-kind="ok">{text}</div>'
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """The problems an exception carries: a ConfigError's list, else its message's lines."""
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors:
+        return [str(e) for e in errors]
+    lines = [x.strip(" -") for x in str(getattr(exc, "message", None) or exc).splitlines() if x.strip(" -")]
+    return lines or [type(exc).__name__]
+
+
+class Problems:
+    """Keeps the Train tab's errors on the page, not only in a toast that fades after a few seconds.
+
+    A handler wrapped by `guard` still raises (a toast for the page, an error for API callers such as
+    gradio_client), and remembers the error for its browser session; the `.failure()` listener that
+    follows each event (`show`) puts the same text in the message box, where it stays until the next
+    action replaces it.
+    """
+
+    KEEP = 256  # errors not shown yet (an API caller's never are): the oldest are dropped
+
+    def __init__(self):
+        self._last: dict[str, list[str]] = {}
+
+    def guard(self, fn):
+        inner = guard(fn)  # our user-facing errors become gr.Error with their message
+
+        @functools.wraps(fn)
+        def wrapper(request: gr.Request, *args):
+            try:
+                return inner(*args)
+            except gr.Error as e:
+                self._remember(request, error_lines(e.__cause__ or e))  # guard raises `from` ours
+                raise
+            except Exception as e:
+                self._remember(request, [f"{type(e).__name__}: {e} (the server's log has the details)"])
+                raise
+
+        # Gradio passes the request to a parameter annotated gr.Request: declare it in front of fn's own.
+        sig = inspect.signature(fn)
+        request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+        wrapper.__signature__ = sig.replace(parameters=[request, *sig.parameters.values()])
+        wrapper.__annotations__ = {"request": gr.Request, **getattr(fn, "__annotations__", {})}
+        return wrapper
+
+    def _remember(self, request, lines: list[str]) -> None:
+        key = getattr(request, "session_hash", None)
+        if key is None:
+            return
+        self._last.pop(key, None)
+        self._last[key] = lines
+        while len(self._last) > self.KEEP:
+            self._last.pop(next(iter(self._last)))
+
+    def show(self, request: gr.Request) -> str:
+        lines = self._last.pop(getattr(request, "session_hash", None), None) or ["the last action failed (the server's log has the details)"]
+        return message_html(problems=lines, title="Not done:")
+
+
 def _field(name: str, label: str, **kw):
     """The form component for a config key: a dropdown of its choices, a checkbox, or a number box,
     with the key's help as the hint under it."""
@@ -136,7 +271,7 @@ def progress_html(state: dict, p) -> str:
     bits = [f"<b>{html.escape(state.get('name', ''))}</b> &middot; {html.escape(state['status'])}"]
     bits.append(f"step {p.step}/{total or '?'} ({frac:.0%})")
     if state["status"] in ACTIVE:
-        bits.append(f"{p.it_per_s:.2f} it/s" if p.it_per_s else "- it/s")
+        bits.append(rate_text(p.it_per_s))
         bits.append(f"ETA {_fmt_s(p.eta_s)}")
     if p.epoch is not None:
         bits.append(f"epoch {p.epoch}")
@@ -190,9 +325,17 @@ def loss_svg(losses: list[tuple[int, float]], smoothing: float, width: int = 560
     )
 
 
-def build(ctx, timer_s: float = 1.0) -> None:
+def storage_key(ws: Workspace) -> str:
+    """The browser-storage key of a workspace's New-job form: stable across server restarts (so the form
+    survives those too), different per workspace (so two workspaces on one host do not share forms)."""
+    return "sd-lora-train-form-" + hashlib.sha256(str(ws.root).encode()).hexdigest()[:16]
+
+
+def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     queue = ctx.queue
     ws = ctx.workspace
+    problems = Problems()
+    shown = problems.guard
 
     def job_choices() -> list[tuple[str, str]]:
         return [(f"{j.get('name', '')} - {j['status']} ({j['id']})", j["id"]) for j in reversed(queue.jobs())]
@@ -204,8 +347,13 @@ def build(ctx, timer_s: float = 1.0) -> None:
         ids = queue.job_ids()
         return ids[-1] if ids else None
 
+    def workspace_lists():
+        """Every list of workspace files in the tab, read now (a dataset uploaded a minute ago is in it)."""
+        return [gr.update(choices=list_models(ws)), gr.update(choices=list_dirs(ws, "datasets")),
+                gr.update(choices=list_configs(ws))]
+
     # ---- form <-> TOML ----------------------------------------------------------------------------
-    @guard
+    @shown
     def form_to_toml(text: str, *values):
         try:
             cfg = parse_toml(text)
@@ -213,7 +361,7 @@ def build(ctx, timer_s: float = 1.0) -> None:
             cfg = default_config()
         return dump_config(apply_form(cfg, list(values)))
 
-    @guard
+    @shown
     def toml_to_form(text: str):
         try:
             cfg = parse_toml(text)
@@ -221,7 +369,7 @@ def build(ctx, timer_s: float = 1.0) -> None:
             return [gr.skip()] * len(FORM_KEYS) + [f"**TOML not applied:**\n\n{_md_errors(e.errors)}"]
         return form_values(cfg) + [""]
 
-    @guard
+    @shown
     def apply_preset(text: str, gpu: str, size: str):
         try:
             cfg = parse_toml(text)
@@ -229,6 +377,34 @@ def build(ctx, timer_s: float = 1.0) -> None:
             cfg = default_config()
         apply_presets(cfg, GPU_PRESETS.get(gpu, {}), SIZE_PRESETS.get(size, {}))
         return [dump_config(cfg)] + form_values(cfg)
+
+    def restore(saved):
+        """The form as this browser left it (its TOML); nothing changes when the browser has none.
+
+        Runs when the tab is opened: Gradio mounts (and reads the browser storage of) a tab's components
+        only when the tab is first shown, so on the page load itself the stored value is not there yet.
+        """
+        if not (isinstance(saved, str) and saved.strip()):
+            return [gr.skip()] * (1 + len(FORM_KEYS))
+        try:
+            values = form_values(parse_toml(saved))
+        except ConfigError:
+            values = [gr.skip()] * len(FORM_KEYS)  # the TOML as typed; its problems show when it is used
+        return [saved, *values]
+
+    # ---- save / load a config file ----------------------------------------------------------------
+    @shown
+    def save_config(text: str, name: str):
+        dest = save_config_file(ws, text, name)
+        rel = ws.relative(dest)
+        return gr.update(choices=list_configs(ws), value=rel), message_html(
+            f"Saved <code>{html.escape(rel)}</code>. Train it from a shell with "
+            f"<code>sd-lora train {html.escape(str(dest))}</code>.")
+
+    @shown
+    def load_saved(name: str):
+        cfg = load_config_file(ws, name)
+        return [dump_config(cfg), *form_values(cfg), message_html(f"Loaded <code>{html.escape(name)}</code>.")]
 
     # ---- validate / start / stop / resume ---------------------------------------------------------
     def checked_config(text: str) -> tuple[TrainConfig | None, list[str]]:
@@ -240,32 +416,34 @@ def build(ctx, timer_s: float = 1.0) -> None:
             return None, [str(e)]
         return cfg, cfg.validate()
 
-    @guard
+    @shown
     def validate(text: str):
         _cfg, errors = checked_config(text)
-        return "**Config OK.** Start it when ready." if not errors else f"**{len(errors)} problem(s):**\n\n{_md_errors(errors)}"
+        if errors:
+            return message_html(problems=errors, title=f"{len(errors)} problem(s):")
+        return message_html("<b>Config OK.</b> Start it when ready.")
 
-    @guard
+    @shown
     def start(text: str):
         cfg, errors = checked_config(text)
         if errors:
-            return gr.update(), f"**Not started, {len(errors)} problem(s):**\n\n{_md_errors(errors)}"
+            return gr.update(), message_html(problems=errors, title=f"Not started, {len(errors)} problem(s):")
         job_id = queue.submit(cfg)
-        return gr.update(choices=job_choices(), value=job_id), f"Queued job `{job_id}`."
+        return gr.update(choices=job_choices(), value=job_id), message_html(f"Queued job <code>{job_id}</code>.")
 
-    @guard
+    @shown
     def stop(job_id: str):
         if not job_id:
             raise ValueError("stop: select a job first")
         st = queue.stop(job_id)
-        return gr.update(choices=job_choices(), value=job_id), st.get("message", "")
+        return gr.update(choices=job_choices(), value=job_id), message_html(html.escape(st.get("message", "")))
 
-    @guard
+    @shown
     def resume(job_id: str):
         if not job_id:
             raise ValueError("resume: select a stopped job first")
         new_id = queue.resume(job_id)
-        return gr.update(choices=job_choices(), value=new_id), f"Queued job `{new_id}`, resuming `{job_id}`."
+        return gr.update(choices=job_choices(), value=new_id), message_html(f"Queued job <code>{new_id}</code>, resuming <code>{job_id}</code>.")
 
     # ---- the live view ----------------------------------------------------------------------------
     @guard
@@ -282,18 +460,27 @@ def build(ctx, timer_s: float = 1.0) -> None:
             "warnings": p.warnings, "error": p.error, "output_file": p.output,
         }
 
+    def buttons(st: dict | None, p=None):
+        """Stop only for a job that can stop (queued, running, stopping); Resume only for a stopped or
+        failed job that left a checkpoint. With no job selected, neither."""
+        status = st["status"] if st else None
+        can_resume = status in (STOPPED, FAILED) and bool(p and p.checkpoints)
+        return gr.update(interactive=status in ACTIVE), gr.update(interactive=can_resume)
+
     def view(job_id: str, smoothing: float):
         job_id = job_id or default_job()
         if not job_id:
-            return gr.update(), "<p>No jobs yet: fill in the form and press Start.</p>", loss_svg([], 0), [], "", _jobs_table()
+            return (gr.update(), "<p>No jobs yet: fill in the form and press Start.</p>", loss_svg([], 0), [], "", _jobs_table(),
+                    *buttons(None))
         try:
             st = queue.state(job_id)
         except ValueError:
-            return gr.update(value=None), "<p>That job is gone.</p>", loss_svg([], 0), [], "", _jobs_table()
+            return (gr.update(value=None), "<p>That job is gone.</p>", loss_svg([], 0), [], "", _jobs_table(), *buttons(None))
         p = queue.progress(job_id)
         samples = [(s, Path(s).stem) for s in p.samples if Path(s).is_file()][-24:]
         return (gr.update(choices=job_choices(), value=job_id), progress_html(st, p),
-                loss_svg(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-12:]), _jobs_table())
+                loss_svg(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-12:]),
+                _jobs_table(), *buttons(st, p))
 
     def _jobs_table():
         import pandas as pd
@@ -307,8 +494,9 @@ def build(ctx, timer_s: float = 1.0) -> None:
     with gr.Row():
         # allow_custom_value: jobs appear after the page was built; the queue checks every id it is given
         job = gr.Dropdown(job_choices(), label="job", value=None, scale=3, allow_custom_value=True)
-        stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1)
-        resume_btn = gr.Button("Resume", scale=1)
+        # off until a job that can stop (or resume) is selected: the view turns them on
+        stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, interactive=False, elem_id="stop")
+        resume_btn = gr.Button("Resume", scale=1, interactive=False, elem_id="resume")
     status_html = gr.HTML()
     with gr.Row():
         with gr.Column():
@@ -325,14 +513,17 @@ def build(ctx, timer_s: float = 1.0) -> None:
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():
-                    f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True)
-                    f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True)
+                    f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True,
+                                          elem_id="train-model")
+                    f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True,
+                                         elem_id="train-data")
                     f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
                 with gr.Row():
                     f_steps = _field("steps", "steps")
                     f_batch = _field("batch_size", "batch size")
                     f_lr = _field("lr", "learning rate")
                     f_seed = _field("seed", "seed")
+                    f_repeats = _field("data.repeats", "repeats")
                 with gr.Row():
                     f_method = _field("network.method", "method")
                     f_preset = _field("network.preset", "targets")
@@ -352,35 +543,60 @@ def build(ctx, timer_s: float = 1.0) -> None:
                 toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
                                    lines=22, max_lines=34, interactive=True, elem_id="train-toml")
                 toml_note = gr.Markdown()
+                with gr.Row():
+                    cfg_name = gr.Textbox(label=f"save as ({CONFIGS}/NAME.toml)", scale=3, elem_id="config-name")
+                    save_btn = gr.Button("Save config", scale=1, elem_id="save-config")
+                with gr.Row():
+                    cfg_file = gr.Dropdown(list_configs(ws), label=f"saved configs ({CONFIGS}/)", value=None, scale=3,
+                                           allow_custom_value=True, elem_id="config-file")
+                    load_btn = gr.Button("Load config", scale=1, elem_id="load-config")
         form = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
-                f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed]
+                f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed, f_repeats]
         assert len(form) == len(FORM_KEYS)
         with gr.Row():
             validate_btn = gr.Button("Validate")
             start_btn = gr.Button("Start", variant="primary", elem_id="start")
-        message = gr.Markdown()
+        message = gr.HTML(message_html(), elem_id="train-message-box")
+    # the form's TOML in this browser's storage: a reload (or a restarted server) shows it as it was left
+    saved = gr.BrowserState(None, storage_key=storage_key(ws), secret=storage_key(ws))
 
     # ---- wiring -------------------------------------------------------------------------------------
+    def failing(event):
+        """After an event: its error (if any) stays in the message box."""
+        event.failure(problems.show, None, message, api_name=False, show_progress="hidden", queue=False)
+
     for comp in form:
-        comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden")
-    toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden")
-    preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset")
-    validate_btn.click(validate, toml_box, message, api_name="validate_config")
-    start_btn.click(start, toml_box, [job, message], api_name="start_job")
-    stop_btn.click(stop, job, [job, message], api_name="stop_job")
-    resume_btn.click(resume, job, [job, message], api_name="resume_job")
-    outputs = [job, status_html, plot, samples, log, jobs_table]
+        # always_last: keys typed while the previous edit is on its way are not dropped (Gradio's default);
+        # one queue for all fields: edits are applied in the order they were made
+        failing(comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden",
+                           trigger_mode="always_last", concurrency_limit=1, concurrency_id="train-form"))
+    failing(toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden"))
+    # every change of the TOML (typed, from the form, a preset, a load) is kept in the browser, in the browser
+    toml_box.change(lambda text: text, toml_box, saved, api_name=False, queue=False, show_progress="hidden")
+    failing(preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset"))
+    failing(save_btn.click(save_config, [toml_box, cfg_name], [cfg_file, message], api_name="save_config"))
+    failing(load_btn.click(load_saved, cfg_file, [toml_box, *form, message], api_name="load_config"))
+    failing(validate_btn.click(validate, toml_box, message, api_name="validate_config"))
+    failing(start_btn.click(start, toml_box, [job, message], api_name="start_job"))
+    failing(stop_btn.click(stop, job, [job, message], api_name="stop_job"))
+    failing(resume_btn.click(resume, job, [job, message], api_name="resume_job"))
+    outputs = [job, status_html, plot, samples, log, jobs_table, stop_btn, resume_btn]
     job.input(view, [job, smoothing], outputs, api_name=False)
     smoothing.release(view, [job, smoothing], outputs, api_name=False)
     timer = gr.Timer(timer_s)
     timer.tick(view, [job, smoothing], outputs, api_name=False, show_progress="hidden", queue=False)
     gr.api(job_status, api_name="job_status")
-    # a page load picks the running job (or the newest) and fills the form from the default TOML
+    # a page load picks the running job (or the newest), reads the workspace's lists again and puts
+    # back this browser's form; opening the tab reads the lists again too (like Generate and Library)
     demo = gr.context.Context.root_block
     demo.load(lambda: gr.update(choices=job_choices(), value=default_job()), None, job, api_name=False)
-    demo.load(lambda: form_values(cfg0), None, form, api_name=False)
+    demo.load(workspace_lists, None, [f_model, f_data, cfg_file], api_name=False)
+    demo.load(restore, saved, [toml_box, *form], api_name=False)
+    if tab is not None:
+        tab.select(workspace_lists, None, [f_model, f_data, cfg_file], api_name=False)
+        # the stored form is readable once the tab is shown (see restore); it equals the form after that
+        tab.select(restore, saved, [toml_box, *form], api_name=False)
 
 
 def _md_errors(errors: list[str]) -> str:
     return "\n".join(f"- {html.escape(e)}" for e in errors)
-

@@ -1,0 +1,187 @@
+"""The Train tab's pieces without a browser: saved configs (configs/ of the workspace), the repeats
+field, the speed shown as the trainer prints it, errors kept for the page's message box, and the
+start-up hint naming our --share. tests/test_webui_browser_train.py checks the same on the page."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sd_lora.config import ConfigError, load_config
+from webui.security import PathError, Workspace
+
+TOML = """model = "models/tiny"
+output = "loras/saved.safetensors"
+steps = 7
+sample_prompts = ["a red circle"]
+
+[data]
+path = "datasets/shapes"
+repeats = 3
+
+[network]
+rank = 4
+"""
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "models" / "tiny").mkdir()
+    (ws.root / "datasets" / "shapes").mkdir()
+    return ws
+
+
+def test_saved_config_trains_the_same_from_a_shell_and_loads_back(ws):
+    from webui.tabs.train import list_configs, load_config_file, save_config_file
+
+    dest = save_config_file(ws, TOML, "my run.toml")  # a typed ".toml" is not doubled
+    assert dest == ws.root / "configs" / "my run.toml" and list_configs(ws) == ["configs/my run.toml"]
+    text = dest.read_text()
+    assert 'model = "../models/tiny"' in text  # relative to the file, as `sd-lora train FILE` reads it
+    cli = load_config(dest)
+    assert Path(cli.model).resolve() == ws.root / "models" / "tiny"
+    assert Path(cli.data.path).resolve() == ws.root / "datasets" / "shapes"
+    assert (cli.steps, cli.data.repeats, cli.network.rank) == (7, 3, 4)
+    back = load_config_file(ws, "configs/my run.toml")  # the page shows workspace-relative paths again
+    assert (back.model, back.data.path, back.output) == ("models/tiny", "datasets/shapes", "loras/saved.safetensors")
+    assert back.sample_prompts == ["a red circle"]  # prompt lines are not paths
+
+
+def test_saved_configs_stay_in_the_workspace(ws):
+    from webui.tabs.train import load_config_file, save_config_file
+
+    for bad in ("../evil", "a/b", ".hidden", ""):
+        with pytest.raises(PathError, match="config name"):
+            save_config_file(ws, TOML, bad)
+    with pytest.raises(PathError, match="outside the workspace"):
+        save_config_file(ws, TOML.replace('"models/tiny"', '"/etc"'), "escape")
+    with pytest.raises(ConfigError, match="stepz: unknown key"):
+        save_config_file(ws, TOML + "stepz = 3\n", "typo")
+    # loading: only .toml files in configs/, and their paths must stay inside the workspace too
+    (ws.root / "datasets" / "x.toml").write_text(TOML)
+    with pytest.raises(PathError, match="configs/"):
+        load_config_file(ws, "datasets/x.toml")
+    with pytest.raises(PathError, match="outside the workspace"):
+        load_config_file(ws, "../outside.toml")
+    (ws.root / "configs" / "planted.toml").write_text(TOML.replace('"models/tiny"', '"../../../etc"'))
+    with pytest.raises(PathError, match="model: .* is outside the workspace"):
+        load_config_file(ws, "configs/planted.toml")
+    with pytest.raises(PathError, match="choose a saved config"):
+        load_config_file(ws, "")
+
+
+def test_form_has_a_repeats_field():
+    from webui.tabs.train import FORM_KEYS, apply_form, default_config, form_values
+
+    cfg = default_config()
+    values = dict(zip(FORM_KEYS, form_values(cfg)))
+    assert values["data.repeats"] == 1
+    values["data.repeats"] = 10.0  # a number box sends a float
+    cfg = apply_form(cfg, [values[k] for k in FORM_KEYS])
+    assert cfg.data.repeats == 10 and isinstance(cfg.data.repeats, int)
+
+
+def test_speed_is_shown_as_the_trainer_prints_it():
+    from tqdm import tqdm
+
+    from webui.jobs import Progress
+    from webui.tabs.train import progress_html, rate_text
+
+    # tqdm's own line for the trainer's bar (unit="step", average since the start)
+    fast = tqdm.format_meter(n=199, total=500, elapsed=100, unit="step")
+    slow = tqdm.format_meter(n=2, total=500, elapsed=7, unit="step")
+    assert "1.99step/s" in fast and "3.50s/step" in slow
+    assert rate_text(1.99) == "1.99 step/s" and rate_text(2 / 7) == "3.50 s/step" and rate_text(None) == "- step/s"
+    page = progress_html({"status": "running", "name": "x"}, Progress(step=199, total_steps=500, it_per_s=1.99, eta_s=151))
+    assert "1.99 step/s" in page and "it/s" not in page
+
+
+def test_trainer_bar_and_events_report_the_same_speed(tiny_training_root, tmp_path, capsys):
+    """The log (the trainer's tqdm bar) and the step events (what the page shows) give one number."""
+    import torch
+
+    from sd_lora.config import DataConfig, TrainConfig
+    from sd_lora.training import train
+
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e["event"] == "step" and e["step"] == 2:
+            time.sleep(1.5)  # a slow stretch early on (as a sample or a checkpoint makes): recent speed != average
+
+    cfg = TrainConfig(model=str(tiny_training_root / "model"), output=str(tmp_path / "out" / "speed.safetensors"),
+                      data=DataConfig(path=str(tiny_training_root / "data"), resolution=64),
+                      network={"rank": 2, "alpha": 2, "preset": "attention"}, steps=12, seed=1, log_every=1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, on_event=on_event)
+    finally:
+        torch.set_num_threads(n)
+    # each line the bar printed while running ("5/12 [00:03<00:04,  1.80step/s, ...") against the event of that step
+    printed = re.findall(r"(\d+)/12 \[[^\]]*?([\d.]+)(step/s|s/step)", capsys.readouterr().err)
+    rates = {e["step"]: e["it_per_s"] for e in events if e["event"] == "step"}
+    pairs = [(rates[int(n)], float(x) if unit == "step/s" else 1 / float(x)) for n, x, unit in printed if int(n) in rates]
+    assert len(pairs) >= 3, printed
+    assert [bar for _, bar in pairs] == pytest.approx([event for event, _ in pairs], rel=0.05), pairs
+
+
+def test_errors_are_kept_for_the_message_box():
+    import gradio as gr
+
+    from webui.tabs.train import Problems
+
+    problems = Problems()
+
+    @problems.guard
+    def start(text: str):
+        if text == "config":
+            raise ConfigError(["steps: must be at least 1 (got 0)", "data.path: set a dataset folder"])
+        raise PathError("output name: 'a/b' is not a plain name")
+
+    page, other = SimpleNamespace(session_hash="page"), SimpleNamespace(session_hash="other")
+    with pytest.raises(gr.Error, match="not a plain name"):  # still a toast, and an error for API callers
+        start(page, "path")
+    assert "not a plain name" not in problems.show(other)  # another browser tab's error is not shown here
+    box = problems.show(page)
+    assert 'data-kind="error"' in box and "output name: &#x27;a/b&#x27; is not a plain name" in box
+    with pytest.raises(gr.Error):
+        start(page, "config")
+    box = problems.show(page)
+    assert "<li>steps: must be at least 1 (got 0)</li>" in box and "<li>data.path: set a dataset folder</li>" in box
+    # Gradio hands the request to the wrapper (its first parameter is annotated gr.Request)
+    from gradio.helpers import special_args
+
+    args, *_ = special_args(start, ["path"], request="REQ")
+    assert args == ["REQ", "path"]
+
+
+def test_app_start_hint_validation_words_and_config_endpoints(ws, capsys):
+    from gradio_client import Client
+
+    from test_webui import free_port
+    from webui.app import launch, stop
+
+    port = free_port()
+    demo = launch(ws.root, port=port, block=False)
+    try:
+        out = capsys.readouterr().out
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        # validation in the tab names config keys, never the CLI's flags
+        bad = client.predict(TOML.replace("steps = 7", "steps = 0").replace("rank = 4", "rank = 0"), api_name="/validate_config")
+        assert "steps:" in bad and "network.rank:" in bad and "--" not in bad
+        # save, then load back through the page's endpoints
+        choices, note = client.predict(TOML, "from-api", api_name="/save_config")
+        assert "configs/from-api.toml" in note and (ws.root / "configs" / "from-api.toml").is_file()
+        loaded = client.predict("configs/from-api.toml", api_name="/load_config")
+        assert 'model = "models/tiny"' in loaded[0] and "steps = 7" in loaded[0] and "Loaded" in loaded[-1]
+    finally:
+        stop(demo)
+    assert "Running on local URL:  http://127.0.0.1:" in out
+    assert "sd-lora ui --share --auth USER:PASSWORD" in out and "share=True" not in out
