@@ -71,6 +71,27 @@ class ArchInfo:
         return ARCH_DESCRIPTIONS[self.arch]
 
 
+# Which text-encoder states the UNet is conditioned on, as diffusers' pipelines encode prompts (and
+# training/conditioning.py does): SD1/SD2 the last layer's (after the final layer norm); SDXL the
+# penultimate hidden states of both encoders, plus text_encoder_2's pooled embedding, which passes
+# through every layer. A `clip_skip` option would move the index further back here, and with it the
+# layers left unadapted.
+def conditioning_hidden_state(arch: str) -> int:
+    """Index into a text encoder's `hidden_states` (embeddings, then one per layer) whose tokens
+    condition the UNet: -1 the last layer, -2 the penultimate one (SDXL)."""
+    return -2 if arch == ARCH_SDXL else -1
+
+
+def unread_text_encoder_layers(arch: str, component: str, num_layers: int) -> range:
+    """Layers of a text encoder whose output never reaches the UNet (SDXL text_encoder: its last
+    one). Adapters there would get no gradient (PEFT AdaLoRA's update_ipt crashes on it) and
+    would be saved as all-zero modules, so none are injected."""
+    if arch == ARCH_SDXL and component == "text_encoder_2":
+        return range(0)  # its pooled projection reads the last layer
+    after = num_layers + 1 + conditioning_hidden_state(arch)  # hidden_states[k]: after k layers
+    return range(after, num_layers)
+
+
 def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:
     """Tell SD1 / SD2 / SD2-v / SDXL from a checkpoint's tensor names and shapes (no tensor data needed).
 

@@ -134,9 +134,12 @@ def save_lora(
 
 def _network_metadata(network) -> dict[str, str]:
     """Minimal metadata for a network saved without any: what A1111/ComfyUI need to show it."""
+    from ..models import architecture_of
     from .metadata import build_training_metadata
 
-    return build_training_metadata(arch=network.arch, **network.metadata_fields())
+    pipe = getattr(network, "pipe", None)
+    prediction = architecture_of(pipe).prediction_type if pipe is not None else None
+    return build_training_metadata(arch=network.arch, prediction_type=prediction, **network.metadata_fields())
 
 
 def _canonicalize_header(path: Path) -> None:

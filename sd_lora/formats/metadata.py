@@ -92,6 +92,7 @@ def build_training_metadata(
     network_args: dict[str, str] | None = None,
     timestamp: float | None = None,
     extra: dict[str, str] | None = None,
+    prediction_type: str | None = None,
     **fields,
 ) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata of a trained LoRA, all values strings.
@@ -102,6 +103,8 @@ def build_training_metadata(
     Other keyword fields (output_name, learning_rate, unet_lr, text_encoder_lr, steps, epoch,
     optimizer, seed, num_train_images, training_comment, sd_model_name, clip_skip, ...) map to their
     kohya `ss_` keys; title / author / description / license / tags / usage_hint go to `modelspec.*`.
+    prediction_type: "epsilon" / "v_prediction", what the LoRA was trained to predict (an SD1 or SDXL
+    base can be trained into v-prediction); None: the architecture's own (v for sd2-v only).
     `extra` is copied as is (keys and values must be strings).
     """
     if arch not in BASE_MODEL_VERSION:
@@ -112,6 +115,10 @@ def build_training_metadata(
             f"unknown metadata field(s) {', '.join(unknown)}; known: {', '.join(sorted(set(_SS_FIELDS) | set(_MODELSPEC_FIELDS)))} "
             "(pass anything else through extra={'ss_...': '...'})"
         )
+    if prediction_type is None:
+        prediction_type = "v_prediction" if arch == ARCH_SD2_V else "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     timestamp = time.time() if timestamp is None else timestamp
     md: dict[str, str] = {}
 
@@ -127,7 +134,7 @@ def build_training_metadata(
         md["ss_network_args"] = json.dumps({k: str(v) for k, v in args.items()})
     md["ss_base_model_version"] = BASE_MODEL_VERSION[arch]
     md["ss_v2"] = str(arch in (ARCH_SD2, ARCH_SD2_V))
-    if arch == ARCH_SD2_V:
+    if prediction_type == "v_prediction":  # kohya's --v_parameterization, whatever the base
         md["ss_v_parameterization"] = "True"
 
     reso = resolution if resolution is not None else DEFAULT_RESOLUTION[arch]
@@ -144,7 +151,8 @@ def build_training_metadata(
             md[_SS_FIELDS[key]] = str(value)
 
     md.update(modelspec_metadata(arch, reso, timestamp, **{k: fields.get(k) for k in _MODELSPEC_FIELDS},
-                                 clip_skip=fields.get("clip_skip"), output_name=fields.get("output_name")))
+                                 clip_skip=fields.get("clip_skip"), output_name=fields.get("output_name"),
+                                 prediction_type=prediction_type))
     for k, v in (extra or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"extra metadata must map strings to strings (got {k!r}: {type(v).__name__})")
@@ -164,8 +172,12 @@ def modelspec_metadata(
     usage_hint: str | None = None,
     clip_skip: int | None = None,
     output_name: str | None = None,
+    prediction_type: str | None = None,
 ) -> dict[str, str]:
-    """SAI model spec keys for a LoRA, as kohya's sai_model_spec.build_metadata writes them."""
+    """SAI model spec keys for a LoRA, as kohya's sai_model_spec.build_metadata writes them
+    (prediction_type None: the architecture's own)."""
+    if prediction_type is None:
+        prediction_type = "v_prediction" if arch == ARCH_SD2_V else "epsilon"
     md = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{MODELSPEC_ARCH[arch]}/lora",
@@ -174,7 +186,7 @@ def modelspec_metadata(
         "modelspec.title": title or output_name or f"LoRA@{timestamp}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
-        "modelspec.prediction_type": "v" if arch == ARCH_SD2_V else "epsilon",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
     for key, value in (("author", author), ("description", description), ("license", license), ("tags", tags), ("usage_hint", usage_hint)):
         if value is not None:

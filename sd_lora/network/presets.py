@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..models import ARCH_SDXL
+from ..models import ARCH_SDXL, unread_text_encoder_layers
 from .naming import kohya_module_name, te_prefixes, unet_layout
 
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
@@ -27,6 +27,7 @@ RESNET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 _UNET_ATTENTION = re.compile(r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _TE_ATTENTION = re.compile(r"(.*\.)?self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 _TE_MLP = re.compile(r"(.*\.)?mlp\.(fc1|fc2)$")
+_TE_LAYER = re.compile(r"(?:^|.*\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,12 @@ def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool 
             te = components.get(component)
             if te is None:
                 continue
+            # Layers the UNet's conditioning never reads (SDXL CLIP-L's last) get no adapter.
+            unread = unread_text_encoder_layers(arch, component, te.config.num_hidden_layers)
             for path, module in text_encoder_targets(te, preset):
+                layer = _TE_LAYER.match(path)
+                if layer and int(layer[1]) in unread:
+                    continue
                 name = kohya_module_name(component, path, arch)
                 targets.append(Target(component, path, name, module, None, False))
     return targets

@@ -105,6 +105,8 @@ def lora_metadata(
         fresh = build_training_metadata(
             arch, method=LORA.name, rank=None, alpha=None, output_name=title, training_comment=comment,
             resolution=_resolution(keep),
+            # A v-prediction source (an SD1/SDXL base can be trained into it) stays labelled so.
+            prediction_type="v_prediction" if (keep or {}).get("ss_v_parameterization") == "True" else None,
         )
         # The source's own training details (tag frequency, steps, ...) stay; what we changed is replaced.
         for k, v in fresh.items():

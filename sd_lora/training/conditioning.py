@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models import ARCH_SDXL, conditioning_hidden_state
+
 
 class TextConditioner:
     def __init__(self, pipe, is_sdxl: bool):
@@ -42,7 +44,7 @@ class TextConditioner:
         hidden, pooled = [], None
         for enc, tok_ids in zip(encoders, ids):
             out = enc(tok_ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            hidden.append(out.hidden_states[conditioning_hidden_state(ARCH_SDXL)])
             pooled = getattr(out, "text_embeds", None)
         return torch.cat(hidden, dim=-1), pooled
 

@@ -608,6 +608,7 @@ class _Trainer:
                 captions.setdefault(it.folder, []).append(it.caption)
         return build_training_metadata(
             arch=self.model.arch.arch,
+            prediction_type=self.model.arch.prediction_type,  # what was trained (cfg or the base's scheduler)
             **self.model.network.metadata_fields(),
             resolution=cfg.data.resolution,
             tag_frequency=tag_frequency(captions),
