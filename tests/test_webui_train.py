@@ -185,3 +185,32 @@ def test_app_start_hint_validation_words_and_config_endpoints(ws, capsys):
         stop(demo)
     assert "Running on local URL:  http://127.0.0.1:" in out
     assert "sd-lora ui --share --auth USER:PASSWORD" in out and "share=True" not in out
+
+
+def test_form_starts_with_the_default_config(ws):
+    """A fresh page's form shows the default config (the TOML box's), so the first edit of one field
+    does not write empty numbers (0) for all the others into the TOML."""
+    import gradio as gr
+
+    from webui.app import build_app
+    from webui.tabs.train import FORM_KEYS, apply_form, default_config, dump_config, form_values, parse_toml
+
+    demo = build_app(ws)
+    try:
+        toml_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-toml")
+        # the form is the inputs of a form edit (toml box first, then the fields in FORM_KEYS order)
+        edit = next(fn for fn in demo.fns.values() if fn.inputs and fn.inputs[0] is toml_box and len(fn.inputs) == 1 + len(FORM_KEYS))
+        start = [c.value for c in edit.inputs[1:]]
+        assert start == [v if v != "" or k not in ("model", "data.path") else None
+                         for k, v in zip(FORM_KEYS, form_values(default_config()))]
+        assert all(isinstance(c, gr.components.Component) for c in edit.inputs[1:])
+        # what one edit of `steps` writes: the default config with only that value changed
+        values = list(start)
+        values[FORM_KEYS.index("steps")] = 77
+        after = apply_form(parse_toml(toml_box.value), values)
+        expected = default_config()
+        expected.steps = 77
+        expected.model = expected.data.path = None  # empty dropdowns send None: the keys are left out, as unset
+        assert dump_config(after) == dump_config(expected)
+    finally:
+        demo.close()

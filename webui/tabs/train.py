@@ -490,6 +490,13 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
 
     # ---- layout -----------------------------------------------------------------------------------
     cfg0 = default_config()
+    # The form starts with the default config's values (the TOML box shows the same config). Set at
+    # construction, not by a load event: an event would also overwrite the form this browser stored.
+    start_values = dict(zip(FORM_KEYS, form_values(cfg0)))
+
+    def field(name: str, label: str, **kw):
+        return _field(name, label, value=start_values[name], **kw)
+
     gr.Markdown("### Jobs (the running one is shown after a reload too)")
     with gr.Row():
         # allow_custom_value: jobs appear after the page was built; the queue checks every id it is given
@@ -514,31 +521,31 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
             with gr.Column(scale=3):
                 with gr.Row():
                     f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True,
-                                          elem_id="train-model")
+                                          value=start_values["model"] or None, elem_id="train-model")
                     f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True,
-                                         elem_id="train-data")
-                    f_output = gr.Textbox(label="output name (loras/NAME.safetensors)")
+                                         value=start_values["data.path"] or None, elem_id="train-data")
+                    f_output = gr.Textbox(start_values["output"], label="output name (loras/NAME.safetensors)")
                 with gr.Row():
-                    f_steps = _field("steps", "steps")
-                    f_batch = _field("batch_size", "batch size")
-                    f_lr = _field("lr", "learning rate")
-                    f_seed = _field("seed", "seed")
-                    f_repeats = _field("data.repeats", "repeats")
+                    f_steps = field("steps", "steps")
+                    f_batch = field("batch_size", "batch size")
+                    f_lr = field("lr", "learning rate")
+                    f_seed = field("seed", "seed")
+                    f_repeats = field("data.repeats", "repeats")
                 with gr.Row():
-                    f_method = _field("network.method", "method")
-                    f_preset = _field("network.preset", "targets")
-                    f_rank = _field("network.rank", "rank")
-                    f_alpha = _field("network.alpha", "alpha")
+                    f_method = field("network.method", "method")
+                    f_preset = field("network.preset", "targets")
+                    f_rank = field("network.rank", "rank")
+                    f_alpha = field("network.alpha", "alpha")
                 with gr.Row():
-                    f_res = _field("data.resolution", "resolution")
-                    f_opt = _field("optimizer", "optimizer")
-                    f_mp = _field("mixed_precision", "mixed precision")
-                    f_gc = _field("gradient_checkpointing", "gradient checkpointing")
-                    f_te = _field("network.train_text_encoder", "train text encoder")
+                    f_res = field("data.resolution", "resolution")
+                    f_opt = field("optimizer", "optimizer")
+                    f_mp = field("mixed_precision", "mixed precision")
+                    f_gc = field("gradient_checkpointing", "gradient checkpointing")
+                    f_te = field("network.train_text_encoder", "train text encoder")
                 with gr.Row():
-                    f_save = _field("save_every", "save + checkpoint every N steps (0: end only)")
-                    f_sample_every = _field("sample_every", "sample every N steps (0: never)")
-                f_prompts = gr.Textbox(label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
+                    f_save = field("save_every", "save + checkpoint every N steps (0: end only)")
+                    f_sample_every = field("sample_every", "sample every N steps (0: never)")
+                f_prompts = gr.Textbox(start_values["sample_prompts"], label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
             with gr.Column(scale=2):
                 toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
                                    lines=22, max_lines=34, interactive=True, elem_id="train-toml")
