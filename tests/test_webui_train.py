@@ -101,8 +101,11 @@ def test_speed_is_shown_as_the_trainer_prints_it():
     assert "1.99 step/s" in page and "it/s" not in page
 
 
-def test_trainer_bar_and_events_report_the_same_speed(tiny_training_root, tmp_path, capsys):
-    """The log (the trainer's tqdm bar) and the step events (what the page shows) give one number."""
+def test_trainer_bar_and_events_report_the_same_speed(tiny_training_root, tmp_path, capsys, caplog):
+    """The log (the trainer's tqdm bar on a terminal, its step lines elsewhere) and the step events
+    (what the page shows) give one number."""
+    import logging
+
     import torch
 
     from sd_lora.config import DataConfig, TrainConfig
@@ -120,12 +123,15 @@ def test_trainer_bar_and_events_report_the_same_speed(tiny_training_root, tmp_pa
                       network={"rank": 2, "alpha": 2, "preset": "attention"}, steps=12, seed=1, log_every=1)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="sd_lora")
     try:
         train(cfg, on_event=on_event)
     finally:
         torch.set_num_threads(n)
-    # each line the bar printed while running ("5/12 [00:03<00:04,  1.80step/s, ...") against the event of that step
-    printed = re.findall(r"(\d+)/12 \[[^\]]*?([\d.]+)(step/s|s/step)", capsys.readouterr().err)
+    # each line the bar printed while running ("5/12 [00:03<00:04,  1.80step/s, ...") or, without a terminal, each
+    # step line ("step 5/12: loss 0.1234, 1.80 step/s") against the event of that step
+    text = capsys.readouterr().err + "\n" + "\n".join(r.getMessage() for r in caplog.records)
+    printed = re.findall(r"(\d+)/12(?: \[|: )[^\]\n\r]*?([\d.]+) ?(step/s|s/step)", text)
     rates = {e["step"]: e["it_per_s"] for e in events if e["event"] == "step"}
     pairs = [(rates[int(n)], float(x) if unit == "step/s" else 1 / float(x)) for n, x, unit in printed if int(n) in rates]
     assert len(pairs) >= 3, printed

@@ -39,6 +39,15 @@ EVENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def rate_text(it_per_s: float | None) -> str:
+    """A step event's `it_per_s` as the trainer's progress bar prints it: `step/s`, or `s/step` below
+    one step a second (tqdm's unit="step"; the bar, the log lines and the events carry the same
+    average since the run started). The log and the web UI both write it with this."""
+    if not it_per_s:
+        return "- step/s"
+    return f"{it_per_s:.2f} step/s" if it_per_s >= 1 else f"{1 / it_per_s:.2f} s/step"
+
+
 def make_event(kind: str, **fields) -> dict:
     """One event record, checked against EVENTS (a mismatch is a bug in the sender, so it raises)."""
     expected = EVENTS.get(kind)

@@ -45,7 +45,7 @@ from ..data.dataset import Dataset, scan_dataset
 from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from .conditioning import TextConditioner, sdxl_time_ids
-from .events import EventLog
+from .events import EventLog, rate_text
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
 from .optim import make_optimizer, make_scheduler, param_groups
 
@@ -566,7 +566,7 @@ class _Trainer:
                                  lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
                 if not self.bars:
-                    self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {it_s:.2f} it/s"
+                    self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {rate_text(it_s)}"
                              + (f", ETA {eta:.0f} s" if eta is not None else ""))
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from sd_lora.training.events import rate_text
 from sd_lora.config import ConfigError, TrainConfig, config_from_dict, config_key, config_keys, dump_config, load_config
 from sd_lora.fields import assign
 from sd_lora.io import atomic_write
@@ -163,14 +164,6 @@ def load_config_file(ws: Workspace, user_path: str) -> TrainConfig:
 
 
 # ---- what the page shows -------------------------------------------------------------------------------
-
-
-def rate_text(it_per_s: float | None) -> str:
-    """The trainer's speed as its progress bar prints it: `step/s`, or `s/step` below one step a second
-    (tqdm's unit="step"; the bar and the events report the same average since the run started)."""
-    if not it_per_s:
-        return "- step/s"
-    return f"{it_per_s:.2f} step/s" if it_per_s >= 1 else f"{1 / it_per_s:.2f} s/step"
 
 
 def message_html(text: str = "", problems: list[str] | None = None, title: str = "") -> str:
