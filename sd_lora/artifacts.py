@@ -25,14 +25,21 @@ CHECKPOINT_PREFIX = "step-"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 _INTERMEDIATE_RE = re.compile(r"^(?P<stem>.+)-step(?P<step>\d{6,})$")
 _SAMPLE_RE = re.compile(r"^step-(?P<step>\d{6,})-(?P<index>\d+)$")
+# what follows the output's stem in the names of the files and folders beside it
+_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD = (
+    "-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard")
+
+
+def _beside(output: str | Path, tail: str) -> Path:
+    out = Path(output)
+    return out.parent / f"{out.stem}{tail}"
 
 
 def checkpoint_root(output: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
     """The folder holding the resumable checkpoints of `output` (checkpoint_dir when given)."""
     if checkpoint_dir:
         return Path(checkpoint_dir)
-    out = Path(output)
-    return out.parent / f"{out.stem}-checkpoints"
+    return _beside(output, _CHECKPOINTS)
 
 
 def checkpoint_name(step: int) -> str:
@@ -51,8 +58,7 @@ def stop_file(checkpoint_root_dir: str | Path) -> Path:
 
 
 def intermediate_lora(output: str | Path, step: int) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}-step{step:06d}.safetensors"
+    return _beside(output, f"-step{step:06d}.safetensors")
 
 
 def intermediate_step(path: str | Path) -> int | None:
@@ -62,8 +68,7 @@ def intermediate_step(path: str | Path) -> int | None:
 
 
 def samples_dir(output: str | Path) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}-samples"
+    return _beside(output, _SAMPLES)
 
 
 def sample_image(output: str | Path, step: int, index: int) -> Path:
@@ -77,23 +82,19 @@ def sample_step(path: str | Path) -> tuple[int, int] | None:
 
 
 def sample_grid(output: str | Path) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}-samples.png"
+    return _beside(output, _GRID)
 
 
 def loss_curve(output: str | Path) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}-loss.png"
+    return _beside(output, _LOSS)
 
 
 def events_file(output: str | Path) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}.events.jsonl"
+    return _beside(output, _EVENTS)
 
 
 def tensorboard_dir(output: str | Path) -> Path:
-    out = Path(output)
-    return out.parent / f"{out.stem}-tensorboard"
+    return _beside(output, _TENSORBOARD)
 
 
 def is_run_output(path: str | Path) -> bool:
@@ -102,4 +103,4 @@ def is_run_output(path: str | Path) -> bool:
     p = Path(path)
     name = p.name
     return (intermediate_step(p) is not None or sample_step(p) is not None or name.endswith(
-        ("-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard")))
+        (_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD)))
