@@ -136,7 +136,7 @@ def parameters_text(settings: dict[str, Any]) -> str:
     """The PNG `parameters` text for one image's (or a grid's) settings, in A1111's infotext layout
     (sd_lora.infotext): the prompt, a "Negative prompt:" line when there is one, then the pairs in
     A1111's order, with its Model hash (AutoV2) and Lora hashes, then ours (A1111 keeps unknown keys):
-    "LoRAs" (each LoRA's name:unet_weight:te_weight, what --from-png re-applies), guidance rescale,
+    "LoRAs" (each LoRA's name:unet_weight:te_weight[:lbw=BLOCKS], what --from-png re-applies), guidance rescale,
     zero terminal SNR, the grid's labels. The one function that writes it."""
     from . import __version__
     from .infotext import format_infotext, lora_hash_name
@@ -152,7 +152,8 @@ def parameters_text(settings: dict[str, Any]) -> str:
         "Seed": settings["seed"], "Size": f"{width}x{height}" if width and height else None,
         "Model hash": settings.get("model_hash"), "Model": settings["model"], "VAE": settings.get("vae"),
         "Lora hashes": ", ".join(f"{lora_hash_name(x['name'])}: {x['hash']}" for x in loras if x.get("hash")) or None,
-        "LoRAs": " ".join(f"{x['name']}:{_exact(x['weight'])}:{_exact(x['te_weight'])}" for x in loras) or None,
+        "LoRAs": " ".join(f"{x['name']}:{_exact(x['weight'])}:{_exact(x['te_weight'])}"
+                          + (f":lbw={x['block_weights']}" if x.get("block_weights") else "") for x in loras) or None,
         "Guidance rescale": _exact(settings["guidance_rescale"]) if settings["guidance_rescale"] else None,
         "Zero terminal SNR": "True" if settings["zero_terminal_snr"] else None,
         "Grid": " | ".join(settings["grid"]) if settings.get("grid") else None,
@@ -161,14 +162,14 @@ def parameters_text(settings: dict[str, Any]) -> str:
     return format_infotext(settings["prompt"], settings["negative_prompt"], params)
 
 
-_LORA_ITEM = re.compile(r"\s*(.+?):([-+.\deE]+):([-+.\deE]+)(?=\s|$)")
+_LORA_ITEM = re.compile(r"\s*(.+?):([-+.\deE]+):([-+.\deE]+)(?::lbw=(\S+))?(?=\s|$)")
 
 
 def settings_from_infotext(text: str) -> dict[str, Any]:
     """What a `parameters` text says about the call that made it, as `generate()` keyword arguments
     (prompt, negative_prompt, seed, steps, guidance, width, height, sampler, guidance_rescale,
     zero_terminal_snr) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from our
-    LoRAs field, "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid"
+    LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None), "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid"
     (a sweep's or comparison's labels: the text of a whole grid, not of one image).
 
     Reads A1111's and Forge's infotexts too (sd_lora.infotext.parse_infotext follows A1111's parser):
@@ -180,7 +181,8 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
     missing = [k for k in ("Steps", "Seed", "CFG scale") if k not in res]
     if missing:
         raise ValueError(f"parameters text without {', '.join(missing)}: not an A1111-style infotext")
-    loras = [(m[1], float(m[2]), float(m[3])) for m in _LORA_ITEM.finditer(res.get("LoRAs", ""))]
+    items = list(_LORA_ITEM.finditer(res.get("LoRAs", "")))
+    loras = [(m[1], float(m[2]), float(m[3])) for m in items]
     hashes = dict(item.rsplit(": ", 1) for item in res.get("Lora hashes", "").split(", ") if ": " in item)
     return {
         "prompt": res["Prompt"], "negative_prompt": res["Negative prompt"], "seed": int(res["Seed"]),
@@ -189,7 +191,7 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
         "sampler": from_a1111(res.get("Sampler"), res.get("Schedule type")),
         "guidance_rescale": float(res["Guidance rescale"]) if "Guidance rescale" in res else None,
         "zero_terminal_snr": res.get("Zero terminal SNR") == "True",
-        "loras": loras, "lora_hashes": hashes, "model": res.get("Model"), "model_hash": res.get("Model hash"),
+        "loras": loras, "lora_block_weights": [m[4] for m in items], "lora_hashes": hashes, "model": res.get("Model"), "model_hash": res.get("Model hash"),
         "vae": res.get("VAE"), "grid": res.get("Grid"),
     }
 
@@ -272,12 +274,13 @@ def stack_line(loras: list[dict]) -> str:
     parts = []
     for x in loras:
         unet, te = "unet" in x["parts"], "text_encoder" in x["parts"]
+        blocks = f" lbw={x['block_weights']}" if unet and x.get("block_weights") else ""
         if te and not unet:
             parts.append(f"{x['name']} TE x{x['te_weight']:g}")
         elif te and x["te_weight"] != x["weight"]:
-            parts.append(f"{x['name']} x{x['weight']:g} (TE x{x['te_weight']:g})")
+            parts.append(f"{x['name']} x{x['weight']:g}{blocks} (TE x{x['te_weight']:g})")
         else:
-            parts.append(f"{x['name']} x{x['weight']:g}")
+            parts.append(f"{x['name']} x{x['weight']:g}{blocks}")
     return ", ".join(parts) or "none"
 
 
@@ -529,7 +532,12 @@ def _weights_text(spec: LoraSpec) -> str:
 
 
 def _loras(stack: list[LoraSpec]) -> list[dict]:
-    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight, "te_weight": s.text_encoder_weight,
+    from .stack.block_weights import normalize_block_weights
+
+    # the weights before block weights (whose BASE would otherwise scale the text encoder twice on --from-png)
+    return [{"name": _name(s), "file": s.label, "weight": s.unet_weight,
+             "te_weight": float(s.weight if s.te_weight is None else s.te_weight),
+             "block_weights": None if s.block_weights is None else normalize_block_weights(s.block_weights),
              "parts": _parts(s), "hash": _lora_hash(s)} for s in stack]
 
 

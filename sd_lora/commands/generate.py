@@ -24,8 +24,10 @@ def register(subparsers) -> None:
         help="generate an image with LoRAs (--lora FILE:W, or <lora:NAME:W> in the prompt)",
         description=(
             "Generate an image from a base model with a stack of LoRAs fused into its weights. LoRAs come "
-            "from --lora FILE[:W[:TE_W]] (W = UNet weight, TE_W = text-encoder weight, default W) and from "
-            "<lora:NAME:W> or <lora:NAME:TE_W:UNET_W> tags in the prompt (A1111 order), looked up in --lora-dir."
+            "from --lora FILE[:W[:TE_W]][:lbw=BLOCKS] (W = UNet weight, TE_W = text-encoder weight, default W; "
+            "BLOCKS = a LoRA Block Weight preset such as OUTD or a vector 1,0,0,...) and from "
+            "<lora:NAME:W> or <lora:NAME:TE_W:UNET_W[:lbw=BLOCKS]> tags in the prompt (A1111 order), looked up "
+            "in --lora-dir. See docs/stack.md for the block table."
         ),
     )
     p.add_argument("--model", required=True, help="base model: diffusers folder or single .safetensors file")
@@ -35,8 +37,9 @@ def register(subparsers) -> None:
                         "its prompt, seed, steps, sampler, size and LoRAs (looked up by name in --lora-dir, checked "
                         "against their hashes); flags given as well override the PNG's values")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]]",
-                   help="a LoRA file (or a name in --lora-dir) with its UNet weight and text-encoder weight; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]",
+                   help="a LoRA file (or a name in --lora-dir) with its UNet weight, text-encoder weight and block "
+                        "weights (lbw=OUTD, lbw=1,0,0,... or sdnext's in=X:mid=Y:out=Z); repeatable")
     p.add_argument("--lora-dir", help="folder that <lora:NAME:...> prompt tags and --lora names are looked up in")
     p.add_argument("--add-triggers", action="store_true", help="prepend the LoRAs' trigger words (from their metadata) to the prompt")
     p.add_argument("--seed", type=int, default=0, help="image i of --num-images uses seed + i (default: %(default)s)")
@@ -69,14 +72,46 @@ def register(subparsers) -> None:
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_OPTION = re.compile(r"(.*):(lbw|in|mid|out)=([^:]*)", re.IGNORECASE)  # a trailing :key=value
 
 
 def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
-    """`FILE[:W[:TE_W]]` -> (file, unet weight, te weight or None). Paths may contain ':' (C:\\...)."""
-    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", text)
+    """`FILE[:W[:TE_W]]` -> (file, unet weight, te weight or None), for callers without block weights."""
+    name, unet, te, blocks = parse_lora_option(text)
+    if blocks is not None:
+        raise ValueError(f"--lora {text!r}: block weights (lbw=, in=/mid=/out=) are not taken here")
+    return name, unet, te
+
+
+def parse_lora_option(text: str) -> tuple[str, float, float | None, str | None]:
+    """`FILE[:W[:TE_W]][:lbw=PRESET_OR_VECTOR]` (or sdnext's `:in=X:mid=Y:out=Z`) -> (file, unet
+    weight, te weight or None, canonical block weights or None). Paths may contain ':' (C:\\...)."""
+    from ..stack.block_weights import block_options
+
+    rest, options = text, {}
+    while (opt := _OPTION.fullmatch(rest)) is not None:
+        rest, key = opt[1], opt[2].lower()
+        if key in options:
+            raise ValueError(f"--lora {text!r}: {key}= given twice")
+        options[key] = opt[3]
+    m = re.fullmatch(rf"(.+?)(?::({_NUM}))?(?::({_NUM}))?", rest)
     if not m or not m[1]:
-        raise ValueError(f"--lora {text!r}: expected FILE, FILE:WEIGHT or FILE:WEIGHT:TE_WEIGHT")
-    return m[1], float(m[2]) if m[2] else 1.0, float(m[3]) if m[3] else None
+        raise ValueError(f"--lora {text!r}: expected FILE, FILE:WEIGHT or FILE:WEIGHT:TE_WEIGHT, then optionally "
+                         ":lbw=PRESET or :lbw=1,0,... (block weights)")
+    numbers = {}
+    for key in ("in", "mid", "out"):
+        if key in options:
+            try:
+                numbers[key] = float(options[key])
+            except ValueError:
+                raise ValueError(f"--lora {text!r}: {key}={options[key]!r} is not a number") from None
+    unet = float(m[2]) if m[2] else 1.0
+    te = float(m[3]) if m[3] else None
+    if numbers and te is None:
+        te = unet  # the UNet weight becomes 1 below; the text encoder keeps W, as in a prompt tag
+    unet, blocks = block_options(unet, options.get("lbw"), numbers.get("in"), numbers.get("mid"), numbers.get("out"),
+                                 where=f"--lora {text!r}: lbw")
+    return m[1], unet, te, blocks
 
 
 def _lora_path(name: str, lora_dir: str | None) -> Path:
@@ -121,12 +156,12 @@ def _from_png(args, log) -> tuple[dict, list]:
         names = ", ".join(name for name, _, _ in png["loras"])
         raise ValueError(f"--from-png: the image used the LoRAs {names}; pass --lora-dir with the folder that holds them")
     specs = []
-    for name, weight, te_weight in png["loras"]:
+    for (name, weight, te_weight), blocks in zip(png["loras"], png["lora_block_weights"]):
         path = _lora_path(name, args.lora_dir)
         recorded = png["lora_hashes"].get(lora_hash_name(name))
         if recorded and lora_hash(path) != recorded:
             log.warning("Warning: LoRA %s has hash %s, the PNG's had %s: the image will differ", path, lora_hash(path), recorded)
-        specs.append(LoraSpec(path, weight=weight, te_weight=te_weight))
+        specs.append(LoraSpec(path, weight=weight, te_weight=te_weight, block_weights=blocks))
     return chosen, specs
 
 
@@ -140,8 +175,8 @@ def run(args) -> int:
     log = logging.getLogger("sd_lora.generate")
     specs = []
     for text in args.lora:
-        name, w, te = parse_lora_arg(text)
-        specs.append(LoraSpec(_lora_path(name, args.lora_dir), weight=w, te_weight=te))
+        name, w, te, blocks = parse_lora_option(text)
+        specs.append(LoraSpec(_lora_path(name, args.lora_dir), weight=w, te_weight=te, block_weights=blocks))
     sweep = None
     if args.grid:
         try:

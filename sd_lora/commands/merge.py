@@ -49,12 +49,12 @@ def lora_file(name: str, lora_dir: str | None) -> Path:
 
 def run(args) -> int:
     from ..stack import LoraSpec
-    from .generate import parse_lora_arg
+    from .generate import parse_lora_option
 
     specs = []
     for text in args.lora:
-        name, w, te = parse_lora_arg(text)
-        specs.append(LoraSpec(lora_file(name, args.lora_dir), weight=w, te_weight=te))
+        name, w, te, blocks = parse_lora_option(text)  # block weights: --into-model only (merge_loras refuses them)
+        specs.append(LoraSpec(lora_file(name, args.lora_dir), weight=w, te_weight=te, block_weights=blocks))
     if args.into_model:
         from ..tools import merge_into_model
 

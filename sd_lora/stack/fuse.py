@@ -27,7 +27,8 @@ from ..formats.lora_file import LoraFile, LoraModule
 from ..models import architecture_of
 from ..network.naming import module_index, unet_diffusers_to_sgm, unet_layout
 from .cache import LoraCache, default_cache
-from .spec import LoraSpec, normalize_stack, unet_block_id
+from .block_weights import OTHER, unet_block_id
+from .spec import LoraSpec, normalize_stack
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def _block_multiplier(st: _State, pipe, spec_blocks: dict[str, float], component
             sgm = ""
         st.block_of[path] = unet_block_id(sgm)
     block = st.block_of[path]
-    return 1.0 if block is None else spec_blocks.get(block, 1.0)
+    return spec_blocks.get(OTHER if block is None else block, 1.0)
 
 
 def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = None) -> AppliedStack:
@@ -220,7 +221,7 @@ def apply_loras(pipe, stack, *, strict: bool = True, cache: LoraCache | None = N
         key, lora = _load(spec, cache)
         loaded.append(lora)
         resolved = _resolve(pipe, st, key, lora, spec.label, strict)
-        blocks = spec.block_multipliers()
+        blocks = spec.block_multipliers(st.arch)
         files[key] = lora
         for name, target in resolved.items():
             component, path, _ = target

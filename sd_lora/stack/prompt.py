@@ -1,8 +1,10 @@
 """`<lora:NAME:W>` prompt syntax (A1111 / Forge / Civitai), resolved against a folder of LoRA files.
 
 A1111's order is `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`: one number sets both, two numbers set the text
-encoder first, then the UNet. Named forms `te=` / `unet=` are accepted too. The tags are removed from
-the prompt before it is encoded, so the text encoder never sees them.
+encoder first, then the UNet. Named forms `te=` / `unet=` are accepted too. Block weights: the LoRA
+Block Weight extension's `lbw=PRESET` / `lbw=1,0,...` and sdnext's `in=` / `mid=` / `out=`
+(block_weights.py). The tags are removed from the prompt before it is encoded, so the text encoder
+never sees them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .block_weights import block_options, normalize_block_weights
+
 # `<lora:...>` and the older LyCORIS extension's `<lyco:...>`; case-insensitive like A1111.
 _TAG = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
 _OPEN = re.compile(r"<(lora|lyco):", re.IGNORECASE)
@@ -21,12 +25,13 @@ LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 @dataclass(frozen=True)
 class PromptLora:
-    """One `<lora:...>` tag: the name as written and its weights (UNet and text encoder)."""
+    """One `<lora:...>` tag: the name as written, its weights (UNet and text encoder) and block weights."""
 
     name: str
     weight: float  # UNet weight
     te_weight: float
     tag: str  # the tag as it appeared in the prompt
+    block_weights: str | None = None  # canonical text (block_weights.normalize_block_weights)
 
 
 def parse_lora_prompt(prompt: str) -> tuple[str, list[PromptLora]]:
@@ -36,7 +41,7 @@ def parse_lora_prompt(prompt: str) -> tuple[str, list[PromptLora]]:
     (unclosed, empty name, a weight that is not a number) with the tag quoted, so the user can fix it.
 
     >>> parse_lora_prompt("a cat <lora:ink:0.8>, film")
-    ('a cat, film', [PromptLora(name='ink', weight=0.8, te_weight=0.8, tag='<lora:ink:0.8>')])
+    ('a cat, film', [PromptLora(name='ink', weight=0.8, te_weight=0.8, tag='<lora:ink:0.8>', block_weights=None)])
     """
     loras: list[PromptLora] = []
     for m in _TAG.finditer(prompt):
@@ -49,6 +54,11 @@ def parse_lora_prompt(prompt: str) -> tuple[str, list[PromptLora]]:
     return _tidy(rest), loras
 
 
+# Options of the LoRA Block Weight extension that change weights during sampling or by random draw:
+# fused weights are fixed for a whole image, so they are refused by name rather than ignored.
+_UNSUPPORTED = {"lbwe": "elemental block weights", "start": "a start step", "stop": "a stop step", "step": "a step range"}
+
+
 def _parse_tag(tag: str, body: str) -> PromptLora:
     parts = [p.strip() for p in body.split(":")]
     name, args = parts[0], parts[1:]
@@ -56,17 +66,24 @@ def _parse_tag(tag: str, body: str) -> PromptLora:
         raise ValueError(f"LoRA tag {tag!r} has no name. Write it as <lora:NAME:WEIGHT>.")
     positional: list[float] = []
     named: dict[str, float] = {}
+    lbw = None
     for a in args:
         key, eq, value = a.partition("=")
         if eq:
             key = key.strip().lower()
-            if key not in ("te", "unet"):
-                raise ValueError(f"LoRA tag {tag!r}: unknown option {key!r} (known: te=, unet=).")
-            named[key] = _number(tag, value)
+            if key == "lbw":
+                lbw = value
+            elif key in ("te", "unet", "in", "mid", "out"):
+                named[key] = _number(tag, value)
+            elif key in _UNSUPPORTED:
+                raise ValueError(f"LoRA tag {tag!r}: {key}= ({_UNSUPPORTED[key]}, LoRA Block Weight extension) is not "
+                                 "supported: the LoRA is fused into the weights for the whole image. Use lbw= only.")
+            else:
+                raise ValueError(f"LoRA tag {tag!r}: unknown option {key!r} (known: te=, unet=, lbw=, in=, mid=, out=).")
         else:
             if named:
                 raise ValueError(f"LoRA tag {tag!r}: a plain weight cannot follow te=/unet=.")
-            positional.append(_number(tag, a))
+            positional.append(_positional(tag, a))
     if len(positional) > 2:
         # A1111's third number is a "dynamic dim" for DyLoRA; we do not truncate ranks, so refuse it
         # rather than silently ignoring what the user asked for.
@@ -76,7 +93,21 @@ def _parse_tag(tag: str, body: str) -> PromptLora:
         )
     te = named.get("te", positional[0] if positional else 1.0)
     unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-    return PromptLora(name=name, weight=unet, te_weight=te, tag=tag)
+    unet, blocks = block_options(unet, lbw, named.get("in"), named.get("mid"), named.get("out"), where=f"LoRA tag {tag!r}: lbw")
+    return PromptLora(name=name, weight=unet, te_weight=te, tag=tag, block_weights=blocks)
+
+
+def _positional(tag: str, text: str) -> float:
+    """A plain weight; a block weight preset or vector written where the extension's old syntax put it
+    (`<lora:NAME:1:OUTD>`, which A1111 1.5+ reads as a UNet weight) gets told the lbw= spelling."""
+    try:
+        return _number(tag, text)
+    except ValueError as not_a_number:
+        try:
+            normalize_block_weights(text)
+        except (ValueError, TypeError):
+            raise not_a_number from None
+        raise ValueError(f"LoRA tag {tag!r}: write block weights as lbw={text} (e.g. <lora:NAME:1:lbw={text}>).") from None
 
 
 def _number(tag: str, text: str) -> float:
@@ -148,5 +179,6 @@ def prompt_to_stack(prompt: str, lora_dir: str | os.PathLike | None):
     if tags and lora_dir is None:
         raise ValueError(f"the prompt has LoRA tags ({tags[0].tag}...) but no LoRA folder was given (--lora-dir).")
     names = available_loras(lora_dir) if tags else {}
-    specs = [LoraSpec(resolve_lora_name(t.name, lora_dir, names), weight=t.weight, te_weight=t.te_weight) for t in tags]
+    specs = [LoraSpec(resolve_lora_name(t.name, lora_dir, names), weight=t.weight, te_weight=t.te_weight,
+                      block_weights=t.block_weights) for t in tags]
     return clean, specs

@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.lora_file import LoraFile
-
-# Block names of hako-mikan's sd-webui-lora-block-weight extension (the de-facto standard). BASE is
-# the text encoder(s); INnn / M00 / OUTnn are the SGM UNet blocks input_blocks.n / middle_block /
-# output_blocks.n. A list of weights is read by its length, as the extension does.
-BLOCK_IDS_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
-BLOCK_IDS_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
-BLOCK_IDS_20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]  # SDXL, all
-BLOCK_IDS_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]  # SDXL
-BLOCK_LISTS = {26: BLOCK_IDS_26, 17: BLOCK_IDS_17, 20: BLOCK_IDS_20, 12: BLOCK_IDS_12}
-_BLOCK_NAME = re.compile(r"^(BASE|IN\d\d|M00|MID|OUT\d\d)$")
-
+from .block_weights import block_multipliers, normalize_block_weights
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -35,15 +24,17 @@ class LoraSpec:
     weight: multiplier for the UNet part (negative values invert the LoRA's effect).
     te_weight: multiplier for the text encoder part(s); None means "same as weight".
     block_weights: optional per-block multipliers on top of `weight`, as in A1111's LoRA Block Weight
-        extension: a dict {"BASE": 0, "IN04": 0.5, "M00": 1, "OUT03": 0.2, ...} (blocks not named keep
-        1.0), or a list of 17 (SD1/SD2), 12 (SDXL), 20 (SDXL, all blocks) or 26 (SD1/SD2, all
-        blocks) numbers in the extension's order. BASE multiplies the text-encoder weight.
+        extension (sd_lora/stack/block_weights.py, docs/stack.md): its `lbw=` text (a preset name such
+        as "OUTD", or "1,0,0,..."), a list of 17 (SD1/SD2), 12 (SDXL), 20 (SDXL, all blocks) or 26
+        (SD1/SD2, all blocks) numbers in the extension's order (blocks it does not list get 0, as
+        there), or a dict {"BASE": 0, "IN04": 0.5, "M00": 1, "OUT": 0.2, ...} (blocks not named keep
+        1). BASE multiplies the text-encoder weight.
     """
 
     path: str | os.PathLike | LoraFile
     weight: float = 1.0
     te_weight: float | None = None
-    block_weights: dict[str, float] | tuple[float, ...] | list[float] | None = None
+    block_weights: str | dict[str, float] | tuple[float, ...] | list[float] | None = None
 
     @property
     def unet_weight(self) -> float:
@@ -60,47 +51,34 @@ class LoraSpec:
             return self.path.path or "<in-memory LoRA>"
         return str(self.path)
 
-    def block_multipliers(self) -> dict[str, float]:
-        """The block weights as {block id: multiplier} ("MID" is spelled "M00")."""
-        bw = self.block_weights
-        if bw is None:
-            return {}
-        if isinstance(bw, dict):
-            out = {}
-            for k, v in bw.items():
-                key = str(k).upper().replace("MID", "M00")
-                if not _BLOCK_NAME.match(key):
-                    raise ValueError(
-                        f"{self.label}: unknown block {k!r} in block_weights; use BASE, IN00..IN11, M00 (or MID), OUT00..OUT11."
-                    )
-                out[key] = float(v)
-            return out
-        values = [float(v) for v in bw]
-        if len(values) not in BLOCK_LISTS:
-            raise ValueError(
-                f"{self.label}: block_weights has {len(values)} numbers; the LoRA Block Weight lists have "
-                "17 or 26 (SD1/SD2) or 12 or 20 (SDXL) numbers. Or pass a dict such as {'IN04': 0.5}."
-            )
-        return dict(zip(BLOCK_LISTS[len(values)], values))
+    def block_multipliers(self, arch: str | None = None) -> dict[str, float]:
+        """The block weights as {block id: multiplier} (blocks not in it keep 1); with `arch`, a
+        vector must have that architecture's length."""
+        return block_multipliers(self.block_weights, arch, where=f"{self.label}: block weights")
 
 
 def as_spec(item) -> LoraSpec:
-    """Normalise one stack entry: LoraSpec, path, LoraFile, (path, w) or (path, w, te_w)."""
+    """Normalise one stack entry: LoraSpec, path, LoraFile, (path, w), (path, w, te_w) or
+    (path, w, te_w, block_weights). Block weights given as text come out in their canonical spelling."""
     if isinstance(item, LoraSpec):
         spec = item
     elif isinstance(item, (str, os.PathLike, LoraFile)):
         spec = LoraSpec(item)
-    elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
+    elif isinstance(item, (tuple, list)) and (1 <= len(item) <= 3 or (
+            len(item) == 4 and isinstance(item[3], (str, dict, list, tuple, type(None))))):
         spec = LoraSpec(*item)
     else:
         raise TypeError(
-            f"a stack entry must be a LoraSpec, a path, or a tuple (path, unet_weight[, te_weight]); got {item!r}"
+            f"a stack entry must be a LoraSpec, a path, or a tuple (path, unet_weight[, te_weight[, block_weights]]) "
+            f"with block weights as text, a list or a dict; got {item!r}"
         )
     for name, value in (("weight", spec.weight), ("te_weight", spec.te_weight)):
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise ValueError(f"{spec.label}: {name} must be a finite number, not {value!r}")
-    if not isinstance(spec.path, LoraFile):
-        spec = LoraSpec(Path(spec.path), spec.weight, spec.te_weight, spec.block_weights)
+    bw = spec.block_weights
+    if isinstance(bw, str):
+        bw = normalize_block_weights(bw, where=f"{spec.label}: block weights")
+    spec = LoraSpec(spec.path if isinstance(spec.path, LoraFile) else Path(spec.path), spec.weight, spec.te_weight, bw)
     spec.block_multipliers()  # validate now, before anything is touched
     return spec
 
@@ -112,12 +90,3 @@ def normalize_stack(stack) -> list[LoraSpec]:
         stack = [stack]
     return [as_spec(item) for item in stack]
 
-
-def unet_block_id(sgm_path: str) -> str | None:
-    """Block id (IN04, M00, OUT11) of a UNet module from its SGM path, None for modules outside blocks."""
-    m = re.match(r"(input_blocks|middle_block|output_blocks)\.(\d+)", sgm_path)
-    if not m:
-        return None
-    if m[1] == "middle_block":
-        return "M00"
-    return f"{'IN' if m[1] == 'input_blocks' else 'OUT'}{int(m[2]):02d}"

@@ -1,5 +1,6 @@
 """Generate tab: a base model, a prompt (with `<lora:NAME:W>` tags if you like), and a stack of LoRAs
-from the library with a weight each; optionally a compare grid (base, each LoRA alone, the stack).
+from the library with a weight and optional block weights (LoRA Block Weight's `lbw=` text: a preset
+such as OUTD or a vector) each; optionally a compare grid (base, each LoRA alone, the stack).
 
 The tab only collects the inputs (confining paths to the workspace) and calls sd_lora.generate, the
 function behind `sd-lora generate` too, so both follow the same rules and write the same PNG text.
@@ -62,18 +63,21 @@ def build(ctx, tab=None) -> None:
                  lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
                  lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
                  guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1,
-                 sampler=None):
+                 sampler=None, block_weights_1="", block_weights_2="", block_weights_3="", block_weights_4=""):
         import sd_lora
 
         if not model:
             raise ValueError("base model: choose one (put diffusers folders or .safetensors files in models/)")
-        rows = [(lora_1, weight_1, te_weight_1), (lora_2, weight_2, te_weight_2),
-                (lora_3, weight_3, te_weight_3), (lora_4, weight_4, te_weight_4)]
+        rows = [(lora_1, weight_1, te_weight_1, block_weights_1), (lora_2, weight_2, te_weight_2, block_weights_2),
+                (lora_3, weight_3, te_weight_3, block_weights_3), (lora_4, weight_4, te_weight_4, block_weights_4)]
         specs = []
-        for name, weight, te_weight in rows:
+        for i, (name, weight, te_weight, blocks) in enumerate(rows, 1):
             if name:
                 specs.append(sd_lora.LoraSpec(lora_file(name), weight=float(weight),
-                                              te_weight=None if te_weight in (None, "") else float(te_weight)))
+                                              te_weight=None if te_weight in (None, "") else float(te_weight),
+                                              block_weights=(blocks or "").strip() or None))
+            elif (blocks or "").strip():
+                raise ValueError(f"LoRA {i} block weights: choose a LoRA in that row, or empty the field")
         vae_path = ws.path(vae, must_exist=True, kind="VAE") if (vae or "").strip() else None
         with lock:
             result = sd_lora.generate(
@@ -116,7 +120,7 @@ def build(ctx, tab=None) -> None:
             with gr.Row():
                 model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True, scale=4)
                 refresh_btn = gr.Button("Refresh", scale=0)
-            prompt = gr.Textbox(label="prompt (<lora:NAME:WEIGHT> tags work too)", lines=2)
+            prompt = gr.Textbox(label="prompt (<lora:NAME:WEIGHT> and <lora:NAME:WEIGHT:lbw=OUTD> tags work too)", lines=2)
             negative = gr.Textbox(label="negative prompt")
             with gr.Row():
                 seed = gr.Number(0, label="seed", precision=0)
@@ -134,12 +138,14 @@ def build(ctx, tab=None) -> None:
                                         minimum=0, maximum=1)
                     zero_snr = gr.Checkbox(label="zero terminal SNR (rescaled betas, trailing timesteps)")
                 vae = gr.Textbox(label="replacement VAE (a VAE folder or .safetensors file in the workspace; empty: the model's)")
-            rows, names, te_rows = [], [], []
+            rows, names, te_rows, block_rows = [], [], [], []
             gr.Markdown("**LoRA stack** (from loras/ of the workspace)")
             for i in range(LORA_ROWS):
                 with gr.Row():
                     name = gr.Dropdown([""] + list_loras(ws), value="", label=f"LoRA {i + 1}", scale=3, allow_custom_value=True)
                     weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
+                    block_rows.append(gr.Textbox(label="block weights (lbw: OUTD, 1,0,0,... ; empty: all 1)", scale=2,
+                                                 placeholder="e.g. OUTD or IN04=0.5,M00=0", elem_id=f"generate-lbw-{i + 1}"))
                 names.append(name)
                 rows += [name, weight]
             with gr.Accordion("Advanced: text-encoder weights (empty: same as the weight)", open=False):
@@ -156,7 +162,7 @@ def build(ctx, tab=None) -> None:
     inputs = [model, prompt, negative, seed, steps, width, height, guidance, compare]
     for i in range(LORA_ROWS):
         inputs += [rows[2 * i], rows[2 * i + 1], te_rows[i]]
-    inputs += [rescale, zero_snr, add_triggers, vae, num_images, sampler]
+    inputs += [rescale, zero_snr, add_triggers, vae, num_images, sampler, *block_rows]
     # the error box is emptied at the click, then filled again only if this run fails
     go.click(lambda: gr.update(value="", visible=False), None, error, api_name=False, queue=False).then(
         generate_on_page, inputs, [images, info, error], api_name=False, concurrency_limit=1, concurrency_id="generate")
