@@ -40,6 +40,7 @@ _PUBLIC = {
     "SAMPLERS": "sd_lora.samplers",
     # LoRA files (formats/)
     "LoraFile": "sd_lora.formats",
+    "edit_metadata": "sd_lora.formats.edit",
     "load_lora": "sd_lora.formats",
     "save_lora": "sd_lora.formats",
     # adapters (network/)

@@ -17,7 +17,7 @@ COMMANDS = [
     "caption",
     "generate",
     "train",
-    "inspect",
+    "inspect", "edit_metadata",
     "convert",
     "merge", "resize", "extract",
     "demo",

@@ -1,5 +1,6 @@
 """Library tab: the LoRA files in loras/ with their metadata, trigger words, size, base model and a
-sample image; inspect, convert, merge, resize and extract (sd_lora's public API)."""
+sample image; inspect, edit the metadata (title, description, trigger words, cover), convert, merge,
+resize and extract (sd_lora's public API)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ from .common import guard, list_loras, list_models
 BASE_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (v)", "sdxl": "SDXL"}
 
 
-def sample_image(path: Path) -> Path | None:
-    """A picture for a LoRA: `<stem>.png` / `<stem>.preview.png` next to it (A1111/Civitai habit), else the
-    first prompt's sample of the last sampling step of its training run, else the run's sample grid."""
+def sample_image(path: Path, metadata: dict | None = None):
+    """A picture for a LoRA: `<stem>.png` / `<stem>.preview.png` next to it (A1111/Civitai habit), else
+    the cover stored in the file (`modelspec.thumbnail`, a PIL image), else the first prompt's sample of
+    the last sampling step of its training run, else the run's sample grid."""
     for cand in (path.with_suffix(".png"), path.with_suffix(".preview.png")):
         if cand.is_file():
             return cand
+    if metadata:
+        from sd_lora.formats.edit import read_cover
+
+        cover = read_cover(metadata)
+        if cover is not None:
+            return cover
     folder = artifacts.samples_dir(path)
     samples = {artifacts.sample_step(p): p for p in folder.iterdir()} if folder.is_dir() else {}
     samples.pop(None, None)  # files that are not samples
@@ -117,8 +125,41 @@ def build(ctx, tab=None) -> None:
                 md["ss_tag_frequency"] = json.loads(md["ss_tag_frequency"])
             except json.JSONDecodeError:
                 pass
-        img = sample_image(p)
-        return {"summary": info, "metadata": md}, (str(img) if img else None), str(p)
+        if "modelspec.thumbnail" in md:  # a data URI of kilobytes: shown as the picture, not as text
+            md["modelspec.thumbnail"] = f"(cover image, {len(md['modelspec.thumbnail'])} characters)"
+        img = sample_image(p, lora.metadata)
+        return {"summary": info, "metadata": md}, (str(img) if isinstance(img, Path) else img), str(p)
+
+    @guard
+    def current_fields(name: str):
+        """The edit form's fields for the chosen LoRA (what edit_metadata would change)."""
+        from sd_lora.io import read_safetensors_header
+
+        if not name:
+            return "", "", "", ""
+        md = read_safetensors_header(lora_path(name))[1]
+        return (md.get("modelspec.title", ""), md.get("ss_output_name", ""), md.get("modelspec.trigger_phrase", ""),
+                md.get("modelspec.description", ""))
+
+    @guard
+    def edit(name: str, title: str, output_name: str, triggers: str, description: str, cover, remove_cover: bool):
+        import sd_lora
+
+        p = lora_path(name)
+        # Fields left as the form showed them are not passed, so the file changes only where the user
+        # changed something (an empty field removes that entry).
+        given = dict(zip(("title", "output_name", "trigger_words", "description"),
+                         ((v or "").strip() for v in (title, output_name, triggers, description))))
+        current = dict(zip(given, current_fields(name)))
+        changes = {k: v for k, v in given.items() if v != current[k]}
+        if remove_cover or cover is not None:
+            changes["cover"] = "" if remove_cover else cover
+        if not changes:
+            return f"loras/{p.name}: nothing changed"
+        md = sd_lora.edit_metadata(p, **changes)
+        words = ", ".join(sd_lora.load_lora(p).trigger_words) or "none"
+        return f"wrote loras/{p.name}: title {md.get('modelspec.title', '(none)')!r}, trigger words {words}" + (
+            ", cover image stored" if md.get("modelspec.thumbnail") else "")
 
     @guard
     def convert(name: str, fmt: str, new_name: str):
@@ -181,6 +222,20 @@ def build(ctx, tab=None) -> None:
         with gr.Column(scale=2):
             preview = gr.Image(label="sample image", interactive=False, height=280)
             download = gr.File(label="download", interactive=False)
+    with gr.Accordion("Edit metadata (title, trigger words, description, cover)", open=False):
+        gr.Markdown("Written into the file itself (the tensors are kept byte for byte, so its hashes stay valid); "
+                    "an empty field removes that entry. Trigger words: comma-separated, they come first.")
+        with gr.Row():
+            ed_title = gr.Textbox(label="title (modelspec.title)", elem_id="library-edit-title")
+            ed_output = gr.Textbox(label="output name (ss_output_name)")
+            ed_triggers = gr.Textbox(label="trigger words, comma-separated", elem_id="library-edit-triggers")
+        with gr.Row():
+            ed_description = gr.Textbox(label="description (markdown)", lines=4, scale=3)
+            with gr.Column(scale=2):
+                ed_cover = gr.Image(label="cover image (stored at 256 px; empty: keep the current one)", type="pil",
+                                    sources=["upload", "clipboard"], height=200)
+                ed_remove_cover = gr.Checkbox(False, label="remove the stored cover")
+        ed_btn = gr.Button("Save metadata", elem_id="library-edit-save")
     with gr.Accordion("Convert", open=False):
         with gr.Row():
             fmt = gr.Dropdown(["kohya", "diffusers", "peft"], value="kohya", label="to format")
@@ -221,6 +276,9 @@ def build(ctx, tab=None) -> None:
         return gr.update(value=selected_name(evt)) if selected_name(evt) else gr.update()
 
     frame.select(pick, None, name, api_name=False)
+    name.change(current_fields, name, [ed_title, ed_output, ed_triggers, ed_description], api_name=False)
+    ed_btn.click(edit, [name, ed_title, ed_output, ed_triggers, ed_description, ed_cover, ed_remove_cover], tool_status,
+                 api_name="edit_lora_metadata")
     inspect_btn.click(inspect, name, [details, preview, download], api_name="inspect_lora")
     conv_btn.click(convert, [name, fmt, conv_name], tool_status, api_name="convert_lora")
     merge_btn.click(merge, [merge_names, merge_weights, merge_name], tool_status, api_name="merge_loras")
