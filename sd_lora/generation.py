@@ -338,7 +338,7 @@ def generate(
             `sd_lora.load_base`, or a function returning one, called after the arguments are checked
             (the web UI's cached loader); with a pipeline, dtype/device/cpu_offload must be left out.
         prompt: the text; `<lora:NAME:W>` / `<lora:NAME:TE_W:UNET_W>` tags add LoRAs from `lora_dir`.
-        stack: LoRA specs, paths or (path, unet_weight[, te_weight]) tuples, as `apply_loras` takes.
+        stack: LoRA specs, paths or (path, unet_weight[, te_weight[, block_weights]]) tuples, as `apply_loras` takes.
         negative_prompt, seed, width, height, steps, guidance: as in A1111; see the module docstring.
         guidance_rescale: 0..1; None is 0.7 with `zero_terminal_snr`, else 0.
         zero_terminal_snr: sample with rescaled betas and trailing timesteps (v-prediction models only).

@@ -42,6 +42,7 @@ def test_fields_are_written_and_tensors_and_hashes_stay(lora, tmp_path):
     before = _tensor_bytes(lora)
     hashes = lora_hash(lora), data_sha256(lora)
     own_words = trigger_words(read_safetensors_header(lora)[1])
+    legacy = read_safetensors_header(lora)[1]["sshs_legacy_hash"]
     cover = tmp_path / "cover.png"
     Image.new("RGBA", (640, 320), (200, 30, 30, 128)).save(cover)
 
@@ -57,7 +58,7 @@ def test_fields_are_written_and_tensors_and_hashes_stay(lora, tmp_path):
     # sshs_model_hash (tensor bytes) unchanged and still what kohya computes; the legacy hash, which reads
     # the file saved with its ss_ metadata, recomputed to kohya's value for the new metadata.
     assert back["sshs_model_hash"] == data_sha256(lora) == compute_sshs_hashes(tensors, back)[0] == hashes[1]
-    assert back["sshs_legacy_hash"] == compute_sshs_hashes(tensors, back)[1]
+    assert back["sshs_legacy_hash"] == compute_sshs_hashes(tensors, back)[1] != legacy
     assert lora_hash(lora) == hashes[0]
     # trigger words: ours first, in order, then the training's own
     assert trigger_words(back)[:3] == ["ohwx dog", "red collar", "sks dog"]
