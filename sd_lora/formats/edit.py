@@ -25,7 +25,9 @@ Trigger words live in `ss_tag_frequency` ({folder: {tag: count}}), which is what
 metadata.trigger_words() read. They are written as kohya `N_name` folders whose captions are the
 word (`"1_ohwx": {"ohwx": n}`), placed first: trigger_words() lists such instance tokens before the
 other tags, so the words come back first and in the order given. The folders added are recorded in
-`sd_lora_trigger_folders`, so the next edit replaces them instead of piling up.
+`sd_lora_trigger_folders`, so the next edit replaces them instead of piling up. (A word with an
+underscore cannot be such a folder name, which trigger_words() reads with spaces: it is still counted
+above every training tag, but comes after the training's own instance tokens, if it has any.)
 """
 
 from __future__ import annotations

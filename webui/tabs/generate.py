@@ -57,13 +57,14 @@ def build(ctx, tab=None) -> None:
 
     # Named parameters (not *rows) so the API page names them, and the options after the LoRA rows
     # (added later, last so that older API calls still work) have defaults: an empty number box
-    # (rescale) would otherwise be a required API parameter.
+    # (rescale) or text box (vae, block weights) would otherwise be a required API parameter (Gradio
+    # makes a parameter optional for a component without a value only when its default is None).
     @guard
     def generate(model, prompt, negative, seed, steps, width, height, guidance, compare,
                  lora_1, weight_1, te_weight_1, lora_2, weight_2, te_weight_2,
                  lora_3, weight_3, te_weight_3, lora_4, weight_4, te_weight_4,
                  guidance_rescale=None, zero_terminal_snr=False, add_trigger_words=False, vae=None, num_images=1,
-                 sampler=None, block_weights_1="", block_weights_2="", block_weights_3="", block_weights_4=""):
+                 sampler=None, block_weights_1=None, block_weights_2=None, block_weights_3=None, block_weights_4=None):
         import sd_lora
 
         if not model:

@@ -142,7 +142,7 @@ def build(ctx, tab=None) -> None:
                 md.get("modelspec.description", ""))
 
     @guard
-    def edit(name: str, title: str, output_name: str, triggers: str, description: str, cover, remove_cover: bool):
+    def edit(name: str, title: str, output_name: str, triggers: str, description: str, cover=None, remove_cover: bool = False):
         import sd_lora
 
         p = lora_path(name)
