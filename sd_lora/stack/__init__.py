@@ -1,5 +1,5 @@
-"""Weighted LoRA stacks fused into diffusers pipelines (exact restore, fast switching) and the
-`<lora:NAME:W>` prompt syntax. See docs/stack.md.
+"""Weighted LoRA stacks fused into diffusers pipelines (exact restore, fast switching), the
+`<lora:NAME:W>` prompt syntax and LoRA Block Weight's `lbw=` block weights. See docs/stack.md.
 
 Names are re-exported lazily (PEP 562): importing the package does not import torch.
 """
@@ -10,6 +10,8 @@ _EXPORTS = {
     "PromptLora": ".prompt", "available_loras": ".prompt", "parse_lora_prompt": ".prompt", "prompt_to_stack": ".prompt",
     "resolve_lora_name": ".prompt",
     "LoraSpec": ".spec",
+    "BLOCK_PRESETS": ".block_weights", "block_multipliers": ".block_weights", "normalize_block_weights": ".block_weights",
+    "parse_block_weights": ".block_weights",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -51,7 +51,7 @@ OTHER = "OTHER"  # UNet modules outside the numbered blocks (time embedding, con
 GROUPS = {"IN": [f"IN{i:02d}" for i in range(12)], "OUT": [f"OUT{i:02d}" for i in range(12)]}
 
 # The extension's default presets (DEF_WEIGHT_PRESET), all 17-value SD1/SD2 vectors.
-PRESETS: dict[str, tuple[float, ...]] = {
+BLOCK_PRESETS: dict[str, tuple[float, ...]] = {
     name: tuple(float(x) for x in vector.split(","))
     for name, vector in (
         ("NONE", "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0"),
@@ -114,7 +114,7 @@ def parse_block_weights(value, where: str = "lbw") -> tuple[float, ...] | dict[s
         raise TypeError(f"{where}: block weights must be a preset name, a vector or a dict, not {type(value).__name__}")
     text = value.strip()
     if not text:
-        raise ValueError(f"{where}: empty block weights; write a preset name ({', '.join(PRESETS)}) or a vector")
+        raise ValueError(f"{where}: empty block weights; write a preset name ({', '.join(BLOCK_PRESETS)}) or a vector")
     if "=" in text:
         out: dict[str, float] = {}
         for part in text.split(","):
@@ -125,12 +125,12 @@ def parse_block_weights(value, where: str = "lbw") -> tuple[float, ...] | dict[s
         return out
     if "," in text:
         return _check_length(tuple(_number(x, where) for x in text.split(",")), where)
-    preset = {k.upper(): k for k in PRESETS}.get(text.upper())
+    preset = {k.upper(): k for k in BLOCK_PRESETS}.get(text.upper())
     if preset:
-        return PRESETS[preset]
-    close = difflib.get_close_matches(text.upper(), list(PRESETS), n=3, cutoff=0.5)
+        return BLOCK_PRESETS[preset]
+    close = difflib.get_close_matches(text.upper(), list(BLOCK_PRESETS), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(f"{where}: unknown preset {text!r}.{hint} Presets: {', '.join(PRESETS)}; or write a vector of "
+    raise ValueError(f"{where}: unknown preset {text!r}.{hint} Presets: {', '.join(BLOCK_PRESETS)}; or write a vector of "
                      "17 or 26 (SD1/SD2) or 12 or 20 (SDXL) numbers")
 
 
@@ -152,7 +152,7 @@ def normalize_block_weights(value, where: str = "lbw") -> str:
     pairs. Tags, `--lora` and the PNG's LoRAs field all go through it, so one choice reads the same."""
     if isinstance(value, str) and "=" not in value and "," not in value:
         parse_block_weights(value, where)
-        return {k.upper(): k for k in PRESETS}[value.strip().upper()]
+        return {k.upper(): k for k in BLOCK_PRESETS}[value.strip().upper()]
     parsed = parse_block_weights(value, where)
     if isinstance(parsed, dict):
         return ",".join(f"{k}={_exact(v)}" for k, v in parsed.items())
