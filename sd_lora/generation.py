@@ -169,8 +169,9 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
     """What a `parameters` text says about the call that made it, as `generate()` keyword arguments
     (prompt, negative_prompt, seed, steps, guidance, width, height, sampler, guidance_rescale,
     zero_terminal_snr) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from our
-    LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None), "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid"
-    (a sweep's or comparison's labels: the text of a whole grid, not of one image).
+    LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None),
+    "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid" (a sweep's
+    or comparison's labels: the text of a whole grid, not of one image).
 
     Reads A1111's and Forge's infotexts too (sd_lora.infotext.parse_infotext follows A1111's parser):
     their LoRAs are the prompt's <lora:...> tags, which generate() resolves itself."""
@@ -191,8 +192,8 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
         "sampler": from_a1111(res.get("Sampler"), res.get("Schedule type")),
         "guidance_rescale": float(res["Guidance rescale"]) if "Guidance rescale" in res else None,
         "zero_terminal_snr": res.get("Zero terminal SNR") == "True",
-        "loras": loras, "lora_block_weights": [m[4] for m in items], "lora_hashes": hashes, "model": res.get("Model"), "model_hash": res.get("Model hash"),
-        "vae": res.get("VAE"), "grid": res.get("Grid"),
+        "loras": loras, "lora_block_weights": [m[4] for m in items], "lora_hashes": hashes,
+        "model": res.get("Model"), "model_hash": res.get("Model hash"), "vae": res.get("VAE"), "grid": res.get("Grid"),
     }
 
 
