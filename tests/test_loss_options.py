@@ -210,3 +210,52 @@ def test_kohya_flags_reach_the_config():
     assert (cfg.ip_noise_gamma, cfg.multires_noise_iterations, cfg.multires_noise_discount) == (0.1, 6, 0.4)
     assert (cfg.min_timestep, cfg.max_timestep, cfg.adaptive_noise_scale) == (10, 900, 0.01)
     assert cfg.noise_offset_random_strength and cfg.ip_noise_gamma_random_strength
+
+
+# ---- the trainer uses them, and resumes exactly with them ------------------------------------------------------
+
+
+def test_options_reach_the_loss_and_resume_exactly(tiny_models, tmp_path, monkeypatch, one_torch_thread):
+    from sd_lora.io import load_safetensors
+    from sd_lora.testing import write_noise_images
+    from sd_lora.training import TrainingStopped, loop, train
+    from sd_lora.training.events import read_events
+
+    seen = []
+    real = loop.diffusion_loss
+
+    def spy(pred, target, timesteps, noise_scheduler, *args, **kwargs):
+        seen.append((timesteps.tolist(), kwargs["loss_type"], kwargs["huber_c"], kwargs["debiased_estimation"]))
+        return real(pred, target, timesteps, noise_scheduler, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    data = write_noise_images(tmp_path / "data" / "1_thing", 2)
+
+    def config(out, **kw):
+        # every random option on: each draws from the step's seeded generator
+        return TrainConfig(model=tiny_models["sd1"], output=str(out), data={"path": str(data.parent), "resolution": 64},
+                           steps=4, batch_size=2, lr=1e-3, seed=3, network={"rank": 4, "alpha": 2, "preset": "attention"},
+                           loss_type="huber", huber_schedule="snr", debiased_estimation_loss=True, min_timestep=100,
+                           max_timestep=800, noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.1,
+                           multires_noise_iterations=3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, **kw)
+
+    full = tmp_path / "full" / "lora.safetensors"
+    train(config(full))
+    assert len(seen) == 4
+    for timesteps, loss_type, huber_c, debiased in seen:
+        assert all(100 <= t < 800 for t in timesteps) and loss_type == "huber" and debiased
+        assert huber_c.shape == (2,) and (huber_c > 0.1).all()
+
+    out = tmp_path / "parts" / "lora.safetensors"
+    stop = threading.Event()
+    with pytest.raises(TrainingStopped):
+        train(config(out), on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
+    train(config(out, resume="latest"))
+    a, _ = load_safetensors(full)
+    b, _ = load_safetensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(path):
+        return {e["step"]: e["loss"] for e in read_events(path) if e["event"] == "step"}
+
+    assert losses(full.parent / "lora.events.jsonl") == losses(out.parent / "lora.events.jsonl")
