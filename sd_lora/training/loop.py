@@ -714,11 +714,12 @@ def compute_loss(cfg: TrainConfig, model: Model, unet, latents: torch.Tensor, hi
     the formulas): noise, timesteps and perturbations drawn from `generator`, the UNet's prediction,
     the target, the weighted loss. tests/test_reference_math.py checks it against the reference scripts."""
     noise_scheduler, device = model.noise_scheduler, latents.device
+    # the noise in fp32, outside autocast (the pyramid's interpolation must not run in half precision)
+    noise = sample_noise(latents, generator, cfg)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
+                                 cfg.min_timestep, cfg.max_timestep)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg)
     with autocast():
-        noise = sample_noise(latents, generator, cfg)
-        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
-                                     cfg.min_timestep, cfg.max_timestep)
-        noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg)
         extra = {}
         if model.arch.is_sdxl:
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
