@@ -88,13 +88,13 @@ def _latents(seed=5):
     return torch.randn(2, 4, RESOLUTION // 8, RESOLUTION // 8, generator=torch.Generator().manual_seed(seed))
 
 
-def ours(model, cfg, latents, seed):
+def ours(model, cfg, latents, seed, weights=(1.0, 1.0)):
     """The trainer's code path: conditioning as _Trainer._loss gets it (text encoders trained: encoded
-    each step), then loop.compute_loss."""
+    each step), then loop.compute_loss. weights: per image (prior_loss_weight for regularization images)."""
     from sd_lora.training.loop import compute_loss
 
     hidden, pooled = model.conditioner.encode(CAPTIONS, "cpu")
-    weights = torch.ones(latents.shape[0])
+    weights = torch.tensor(weights)
     return compute_loss(cfg, model, model.pipe.unet, latents, hidden, pooled, PLACEMENTS, weights,
                         torch.Generator().manual_seed(seed))
 
@@ -169,9 +169,10 @@ def diffusers_step(pipe, arch, latents, seed, snr_gamma=None, noise_offset=0.0):
     return (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
 
 
-def kohya_step(pipe, arch, latents, seed, o):
+def kohya_step(pipe, arch, latents, seed, o, loss_weights):
     """train_network.py's process_batch with get_noise_noisy_latents_and_timesteps, the Huber
-    threshold, conditional_loss and post_process_loss; `o` holds kohya's argument values."""
+    threshold, conditional_loss and post_process_loss; `o` holds kohya's argument values,
+    loss_weights is batch["loss_weights"] (prior_loss_weight for regularization images)."""
     v = arch == "sd2-v"
     ac = reference_alphas_cumprod(zero_terminal_snr=v)
     all_snr = (ac.sqrt() / (1 - ac).sqrt()) ** 2  # prepare_scheduler_for_custom_training
@@ -227,7 +228,7 @@ def kohya_step(pipe, arch, latents, seed, o):
         loss = 2 * (torch.sqrt((p - t) ** 2 + hc**2) - hc)
         if o.loss_type == "huber":
             loss = hc * loss
-    loss = loss.mean(dim=list(range(1, loss.ndim))) * torch.ones(b)  # batch["loss_weights"]
+    loss = loss.mean(dim=list(range(1, loss.ndim))) * torch.tensor(loss_weights)
     snr = torch.stack([all_snr[ti] for ti in timesteps])
     if o.min_snr_gamma:  # apply_snr_weight
         m = torch.minimum(snr, torch.full_like(snr, o.min_snr_gamma))
@@ -285,5 +286,5 @@ KOHYA_OPTIONS = {
 def test_kohya_options_equal_kohya(models, arch, name):
     model, params = models[arch]
     cfg = TrainConfig(zero_terminal_snr=arch == "sd2-v", **KOHYA_OPTIONS[name])
-    latents, seed = _latents(6), 33
-    _compare(model, params, ours(model, cfg, latents, seed), kohya_step(model.pipe, arch, latents, seed, cfg))
+    latents, seed, weights = _latents(6), 33, (1.0, 0.6)  # the second image a regularization image
+    _compare(model, params, ours(model, cfg, latents, seed, weights), kohya_step(model.pipe, arch, latents, seed, cfg, weights))
