@@ -251,9 +251,21 @@ def test_options_reach_the_loss_and_resume_exactly(tiny_models, tmp_path, monkey
     with pytest.raises(TrainingStopped):
         train(config(out), on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
     train(config(out, resume="latest"))
-    a, _ = load_safetensors(full)
+    a, metadata = load_safetensors(full)
     b, _ = load_safetensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # kohya's metadata keys (train_network.py L1033-1056), and the JSON of settings for the rest
+    assert {k: metadata[k] for k in ("ss_loss_type", "ss_huber_c", "ss_huber_schedule", "ss_huber_scale", "ss_debiased_estimation",
+                                     "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength", "ss_noise_offset_random_strength",
+                                     "ss_adaptive_noise_scale", "ss_multires_noise_iterations", "ss_multires_noise_discount")} == {
+        "ss_loss_type": "huber", "ss_huber_c": "0.1", "ss_huber_schedule": "snr", "ss_huber_scale": "1.0",
+        "ss_debiased_estimation": "True", "ss_ip_noise_gamma": "0.1", "ss_ip_noise_gamma_random_strength": "True",
+        "ss_noise_offset_random_strength": "True", "ss_adaptive_noise_scale": "0.1", "ss_multires_noise_iterations": "3",
+        "ss_multires_noise_discount": "0.3"}
+    from sd_lora.fields import recorded_settings
+
+    settings = recorded_settings(metadata)
+    assert (settings["min_timestep"], settings["max_timestep"], settings["loss_type"]) == (100, 800, "huber")
 
     def losses(path):
         return {e["step"]: e["loss"] for e in read_events(path) if e["event"] == "step"}
