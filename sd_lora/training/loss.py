@@ -14,7 +14,9 @@ library/train_util.py get_noise_noisy_latents_and_timesteps (L6071-6107), get_ti
 get_huber_threshold_if_needed (L6110-6130), conditional_loss (L6133-6166); library/custom_train_functions.py
 apply_snr_weight (L68-76), apply_debiased_estimation (L101-109), pyramid_noise_like (L458-467),
 apply_noise_offset (L471-484); the order of the weights is train_network.py's process_batch (L467-480)
-and post_process_loss (L330-339). docs/training.md ("Loss options") says when to use which.
+and post_process_loss (L330-339). get_huber_threshold_if_needed replaced get_timesteps_and_huber_c in
+kohya's 420a180d (2024-11), adding huber_scale; with huber_scale = 1 both give the same thresholds.
+docs/training.md ("Loss options") says when to use which.
 
 Every random draw comes from the `generator` passed in (the trainer reseeds it per step, so a
 resumed run draws what the uninterrupted one drew), in kohya's order: noise, noise-offset strength,
