@@ -188,6 +188,7 @@ def run(args) -> int:
 
         dataset = scan_dataset(cfg.data)
         print("\n".join(dataset.report.lines()))
+        dataset.check()  # a refused layout fails the dry run as it would fail the run
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))
         return 0
     from ..logs import quiet_libraries

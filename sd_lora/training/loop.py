@@ -219,8 +219,9 @@ class _Trainer:
         for line in self.dataset.report.lines():
             self.log(line)
         self.events.emit("dataset", **self.dataset.report.to_dict())
-        if not [i for i in self.dataset.items if not i.is_reg]:
-            raise ValueError(f"data.path: no usable training images in {cfg.data.path} (see the skipped list above)")
+        for message in self.dataset.report.warnings:  # in the log already (lines()); an event for the web UI
+            self.events.emit("warning", message=message)
+        self.dataset.check()  # refuses a folder one level too high, an empty N_name folder, no usable image
         self.plan = make_plan(cfg, self.dataset, self.world)
         self.log("steps: " + self.plan.describe(cfg, self.world))
         self.events.emit("start", **self.plan.__dict__, arithmetic=self.plan.describe(cfg, self.world),
