@@ -26,7 +26,6 @@ KOHYA_HINTS = {
     "xformers": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
     "sdpa": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
     "v2": "the architecture is read from the model; nothing to set",
-    "dataset_config": "use --data DIR (kohya `N_name` folders) and the [data] keys of a TOML config",
 }
 # kohya's --output_dir + --output_name give --output; its output name defaults to "last"
 # (library/train_util.py DEFAULT_LAST_OUTPUT_NAME)
@@ -103,6 +102,8 @@ def register(subparsers) -> None:
     groups = {None: p.add_argument_group("training"), "data": p.add_argument_group("data ([data] table)"),
               "network": p.add_argument_group("network ([network] table)")}
     for key in config_keys():
+        if key.items is not None:  # a list of tables ([[data.subsets]]) is written in TOML only
+            continue
         group, dest = groups[key.section], _CFG + key.name
         if key.kind == "bool":
             options = dict(action=argparse.BooleanOptionalAction)

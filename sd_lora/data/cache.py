@@ -67,10 +67,26 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
-class LatentCache:
-    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`."""
+def cache_folder(data, items: list[Item]) -> Path:
+    """The disk cache folder: data.cache_dir, else .sd-lora-cache in the dataset folder (the first subset's
+    folder, or the kohya dataset config's, when the folders are listed)."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    if data.path:
+        return Path(data.path) / ".sd-lora-cache"
+    if data.dataset_config_path:
+        return Path(data.dataset_config_path).parent / ".sd-lora-cache"
+    first = next((Path(i.subset.path) for i in items if i.subset is not None and i.subset.path), Path("."))
+    return first / ".sd-lora-cache"
 
-    def __init__(self, items: list[Item], vae, mode: str, cache_dir: Path | None, flip: bool, max_pixels: int):
+
+class LatentCache:
+    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`.
+
+    flip: encode mirrored copies of every item (True), of none (False), or of the items whose subset flips
+    (None)."""
+
+    def __init__(self, items: list[Item], vae, mode: str, cache_dir: Path | None, flip: bool | None, max_pixels: int):
         self.items, self.vae, self.mode, self.flip, self.max_pixels = items, vae, mode, flip, max_pixels
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram: dict[tuple[int, bool], torch.Tensor] = {}
@@ -90,7 +106,7 @@ class LatentCache:
 
         if self.mode == "none":
             return {"encoded": 0, "reused": 0}
-        todo = [(i, f) for i in range(len(self.items)) for f in ((False, True) if self.flip else (False,))]
+        todo = [(i, f) for i in range(len(self.items)) for f in ((False, True) if self._flips(i) else (False,))]
         encoded = reused = 0
         bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress, leave=False)
         for n, (i, flipped) in enumerate(todo):
@@ -118,8 +134,11 @@ class LatentCache:
         bar.close()
         return {"encoded": encoded, "reused": reused}
 
+    def _flips(self, index: int) -> bool:
+        return self.items[index].flip if self.flip is None else self.flip
+
     def get(self, index: int, flipped: bool) -> torch.Tensor:
-        flipped = flipped and self.flip
+        flipped = flipped and self._flips(index)
         if self.mode == "ram":
             return self.ram[(index, flipped)]
         if self.mode == "disk":

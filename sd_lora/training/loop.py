@@ -39,8 +39,8 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
-from ..data.cache import LatentCache, TextCache
-from ..data.captions import shuffle_caption, tag_frequency
+from ..data.cache import LatentCache, TextCache, cache_folder
+from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
 from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
@@ -328,8 +328,8 @@ class _Trainer:
     def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
         items = self.dataset.items
-        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.path) / ".sd-lora-cache"
-        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
+        cache_dir = cache_folder(d, items)
+        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, None, d.max_image_pixels)  # flip: per subset
         if d.cache_latents == "disk" and not self.main:
             self.acc.wait_for_everyone()  # the main process writes the disk cache, the others read it
         t0 = time.time()
@@ -343,8 +343,8 @@ class _Trainer:
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
         text = None
-        if not model.train_te and d.cache_text and not d.shuffle_captions:
-            captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
+        captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
+        if not model.train_te and d.cache_text and captions is not None:
             text = TextCache()
             text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
@@ -437,18 +437,11 @@ class _Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _batch(self, idxs: list[int], rng: random.Random):
+    def _batch(self, idxs: list[int], rng: random.Random, epoch: int):
         d, device = self.cfg.data, self.acc.device
         items = [self.dataset.items[i] for i in idxs]
-        flips = [d.flip and rng.random() < 0.5 for _ in items]
-        captions = []
-        for it in items:
-            c = it.caption
-            if d.shuffle_captions:
-                c = shuffle_caption(c, d.keep_tokens, rng)
-            if d.caption_dropout and rng.random() < d.caption_dropout:
-                c = ""
-            captions.append(c)
+        flips = [it.flip and rng.random() < 0.5 for it in items]
+        captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
         latents = torch.stack([self.caches.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
         placements = []
@@ -467,7 +460,7 @@ class _Trainer:
         rng = random.Random(_seed_for("aug", *key))
         generator = torch.Generator().manual_seed(_seed_for("noise", *key))
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
-        latents, captions, weights, placements = self._batch(idxs, rng)
+        latents, captions, weights, placements = self._batch(idxs, rng, step // self.plan.steps_per_epoch)
         device, model, text_cache = self.acc.device, self.model, self.caches.text
         noise_scheduler = model.noise_scheduler
         with self.acc.autocast():
