@@ -1,4 +1,5 @@
-"""kohya sd-scripts dataset config files (`--dataset_config`), read as sd-lora subsets.
+"""kohya's config files: sd-scripts dataset configs (`--dataset_config`), read as sd-lora subsets, and
+kohya_ss GUI saved configs (JSON), turned into an sd-lora training config (`sd-lora import-kohya`).
 
 The format, as kohya-ss/sd-scripts documents and checks it (docs/config_README-en.md and
 library/config_util.py at commit 48d368fa: ConfigSanitizer's schemas, BlueprintGenerator's fallbacks):
@@ -260,3 +261,123 @@ def read_metadata(metadata_file: str | Path, image_dir: str | Path | None) -> tu
         tags = str(entry.get("tags") or "").strip()
         found.append((p, ", ".join(x for x in (caption, tags) if x)))
     return found, missing
+
+
+# ---- kohya_ss GUI saved configs (bmaltais/kohya_ss, commit 45088f04) -------------------------------------
+# The GUI saves its form as JSON and turns it into sd-scripts flags (kohya_gui/lora_gui.py, train_model:
+# the "config_toml_data" dict). Most keys are sd-scripts flag names, which the fields know (`kohya=`);
+# these few are the GUI's own names or rules.
+GUI_NAMES = {"optimizer": "optimizer_type", "max_resolution": "resolution", "learning_rate_te": "text_encoder_lr"}
+# LoRA_type -> (network.method, network.preset); LoCon adds conv_dim / conv_alpha (lora_gui.py network_args)
+GUI_LORA_TYPES = {"Standard": ("lora", "kohya"), "Kohya LoCon": ("lora", "full"), "LoCon": ("lora", "full"),
+                  "LyCORIS/LoCon": ("lora", "full"), "LyCORIS/LoHa": ("loha", "kohya"), "Kohya LoHa": ("loha", "kohya"),
+                  "LyCORIS/LoKr": ("lokr", "kohya"), "Kohya LoKr": ("lokr", "kohya")}
+
+
+@dataclass
+class GuiImport:
+    values: dict  # the sd-lora config as TOML values ({"lr": ..., "data": {...}, "network": {...}})
+    unmapped: list[tuple[str, object, str]]  # (GUI key, value, why) for each setting that is not carried over
+    empty: list[str]  # GUI keys left empty, 0 or off (nothing to carry over)
+
+
+def _empty(value) -> bool:
+    return value is None or value == "" or value == [] or (not isinstance(value, bool) and value == 0) or value == "0"
+
+
+def import_gui_config(gui: dict, hints: dict[str, str] | None = None) -> GuiImport:
+    """A kohya_ss GUI saved config as sd-lora config values, naming every setting that could not be mapped.
+
+    hints: what to use instead, for kohya flags that have no equivalent here (commands/train.py's KOHYA_HINTS)."""
+    from ..config import config_keys
+
+    hints = hints or {}
+    aliases: dict[str, tuple] = {}
+    for key in config_keys():
+        if key.items is not None:
+            continue
+        for name, const in key.kohya.items():
+            aliases[name] = (key, const)
+        aliases.setdefault(key.attr, (key, None))  # sd-scripts flags spelled as ours: seed, lr_scheduler, noise_offset ...
+    values: dict = {}
+    unmapped: list[tuple[str, object, str]] = []
+    empty: list[str] = []
+
+    def put(key, value):
+        (values.setdefault(key.section, {}) if key.section else values)[key.attr] = value
+
+    gui = dict(gui)
+    # the GUI's own rules first
+    out_dir, out_name = gui.pop("output_dir", ""), gui.pop("output_name", "")
+    if out_dir or out_name:
+        values["output"] = str(Path(out_dir or ".") / f"{out_name or 'last'}.safetensors")
+    epoch = gui.pop("epoch", 0)  # the GUI computes max_train_steps from it when no steps/epochs are set
+    if not _empty(epoch) and _empty(gui.get("max_train_steps")) and _empty(gui.get("max_train_epochs")):
+        gui["max_train_epochs"] = epoch
+    unet_lr = gui.pop("unet_lr", 0)  # sd-scripts: unet_lr, when set, is the UNet's rate instead of learning_rate
+    if not _empty(unet_lr):
+        gui["learning_rate"] = unet_lr
+    noise_type = gui.pop("noise_offset_type", "Original")
+    if noise_type != "Original":  # the GUI passes noise_offset only for "Original"; Multires is another method
+        unmapped.append(("noise_offset_type", noise_type, "no multi-resolution noise here (only noise_offset, kohya's \"Original\")"))
+        gui.pop("noise_offset", None)
+    if gui.get("model_list") == gui.get("pretrained_model_name_or_path"):
+        gui.pop("model_list", None)  # the GUI's model dropdown, the same model
+    lora_type = gui.pop("LoRA_type", None)
+    conv = {k: gui.pop(k, 0) for k in ("conv_dim", "conv_alpha")}
+    if lora_type is not None:
+        if lora_type in GUI_LORA_TYPES:
+            method, preset = GUI_LORA_TYPES[lora_type]
+            values.setdefault("network", {}).update(method=method, preset=preset)
+            if preset == "full":
+                for gui_key, ours in (("conv_dim", "conv_rank"), ("conv_alpha", "conv_alpha")):
+                    if not _empty(conv[gui_key]):
+                        values["network"][ours] = config_key(f"network.{ours}").coerce(conv[gui_key])
+        else:
+            unmapped.append(("LoRA_type", lora_type, f"no such adapter here; choose one of {', '.join(GUI_LORA_TYPES)}"))
+    for gui_key, ours in GUI_NAMES.items():
+        if gui_key in gui and ours not in gui:
+            gui[ours] = gui.pop(gui_key)
+        elif gui_key in gui:
+            v = gui.pop(gui_key)
+            (empty.append(gui_key) if _empty(v) else unmapped.append((gui_key, v, f"{ours} is set too, and wins")))
+    if isinstance(gui.get("resolution"), str) and "," in gui["resolution"]:
+        w, _, h = gui["resolution"].partition(",")
+        if w.strip() != h.strip():
+            unmapped.append(("max_resolution", gui.pop("resolution"), "a non-square training area is not supported: "
+                             "set data.resolution = N (area N x N)"))
+        else:
+            gui["resolution"] = w.strip()
+
+    for name, value in gui.items():
+        if name not in aliases:
+            if _empty(value) or value is False:
+                empty.append(name)
+            else:
+                unmapped.append((name, value, hints.get(name, "no equivalent in sd-lora")))
+            continue
+        key, const = aliases[name]
+        if const is not None:  # a switch: true sets the constant; false is the switch left out
+            if not isinstance(value, bool):
+                unmapped.append((name, value, "expected true or false"))
+            elif isinstance(const, bool):
+                put(key, const if value else not const)
+            elif value:
+                put(key, const)
+            else:
+                empty.append(name)
+            continue
+        if _empty(value) and (key.optional or key.meta.get("zero") or key.kind == "str"):
+            empty.append(name)  # 0 / "" is the GUI's "not set"
+            continue
+        try:
+            coerced = key.coerce(value)
+        except ValueError as e:
+            unmapped.append((name, value, str(e)))
+            continue
+        problem = key.problem(coerced)
+        if problem:
+            unmapped.append((name, value, problem))
+            continue
+        put(key, coerced)
+    return GuiImport(values, unmapped, sorted(set(empty)))
