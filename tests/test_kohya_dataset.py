@@ -317,3 +317,17 @@ def test_import_kohya_gui_config_round_trips(tmp_path, capsys):
     # a second import does not overwrite the first
     assert main(["import-kohya", str(tmp_path / "locon.json")]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
+    from sd_lora.config import SubsetConfig
+    from webui.security import PathError, Workspace, confine_config
+
+    ws = Workspace(tmp_path / "ws")
+    cfg = TrainConfig(data=DataConfig(subsets=[SubsetConfig(path="datasets/a"), SubsetConfig(path="/etc")]))
+    with pytest.raises(PathError, match=r"^data.subsets\[2\].path: .*outside the workspace"):
+        confine_config(ws, cfg)
+    cfg.data.subsets.pop()
+    assert confine_config(ws, cfg).data.subsets[0].path == str(ws.root / "datasets" / "a")
+    with pytest.raises(PathError, match="not read in the web UI"):
+        confine_config(ws, TrainConfig(data=DataConfig(dataset_config_path="configs/ds.toml")))
