@@ -104,6 +104,10 @@ class DataConfig:
     max_bucket_side: int | None = setting(None, "largest bucket side (see min_bucket_side)", unit="px", kohya=("max_bucket_reso",),
                                           default_text="2 x resolution")
 
+    def __post_init__(self):
+        # Python callers may pass the tables as dicts, as TOML gives them
+        self.subsets = [SubsetConfig(**t) if isinstance(t, dict) else t for t in self.subsets or []]
+
 
 def _per_subset(name: str, kohya: tuple = (), help: str | None = None):
     """A [[data.subsets]] key that overrides the [data] key `name` for one subset; described by that field."""

@@ -254,3 +254,14 @@ def test_a_folder_with_no_usable_image_is_refused(tmp_path):
     msg = str(e.value)
     assert f"{root / '5_broken'} has no usable image (all 1 skipped" in msg
     assert f"{root / '3_empty'} has no usable image (it holds no images); add images to it or remove the folder" in msg
+
+
+def test_a_reg_folder_inside_the_data_folder_is_not_a_stray_folder(tmp_path):
+    root = tmp_path / "data"
+    _png(root / "10_sks" / "a.png")
+    _png(root / "reg" / "1_dog" / "r.png")
+    _png(root / "reg" / "stray.png")
+    ds = scan_dataset(DataConfig(path=str(root), reg_path=str(root / "reg"), resolution=64))
+    assert sorted(i.folder for i in ds.items) == ["10_sks", "reg:1_dog"]
+    warnings = ds.report.warnings
+    assert len(warnings) == 1 and f"data.reg_path: 1 image(s) directly in {root / 'reg'} are NOT trained" in warnings[0]

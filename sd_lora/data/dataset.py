@@ -206,7 +206,8 @@ def _layout_findings(root: Path, key: str, subsets: list[Subset], other_roots: l
     """Warnings and refusals about how a kohya-layout folder is laid out (before any image is read); images a
     training run wrote at its top level go to `outputs`."""
     named = [Path(s.path) for s in subsets if Path(s.path) != root]
-    outside = lambda p: not any(p == o or o.is_relative_to(p) or p.is_relative_to(o) for o in other_roots)  # noqa: E731
+    # the other root (a reg folder kept inside the data folder) is not a stray folder of this one
+    outside = lambda p: not any(p == o or o.is_relative_to(p) for o in other_roots)  # noqa: E731
     children = sorted(p for p in root.iterdir() if not p.name.startswith(".") and outside(p))
     loras = [p for p in children if p.is_file() and p.suffix.lower() == ".safetensors"]
     if loras:
