@@ -129,7 +129,9 @@ class Dataset:
         """Raise ValueError naming every refused folder (and the fix), or when nothing is left to train on."""
         problems = list(self.report.problems)
         if not problems and not [i for i in self.items if not i.is_reg]:
-            problems.append("data.path: no usable training images (see the skipped list above)")
+            problems.append("no training images: every usable image is a regularization image (reg_path / is_reg); add "
+                            "training images" if self.report.reg_images else
+                            "data.path: no usable training images (see the skipped list above)")
         if problems:
             raise ValueError("the dataset cannot be trained as it is:\n" + "\n".join(f"  - {p}" for p in problems))
 
