@@ -27,7 +27,7 @@ PATH_KINDS = ("dir", "file", "path")  # what a path key names: a folder, a file,
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, choices=None, unit: str | None = None,
             path: str | None = None, lines: bool = False, keywords: tuple[str, ...] = (), flag: str | None = None,
             metavar: str | None = None, kohya: dict | tuple = (), minimum: float | None = None, zero: str | None = None,
-            default_text: str | None = None, excludes: str | None = None, items: Any = None):
+            default_text: str | None = None, excludes: str | None = None, ss: str | bool | None = None, items: Any = None):
     """A dataclass field that describes itself.
 
     help: one line for --help, the docs table and the UI.   choices: a tuple, or a function returning one
@@ -41,14 +41,20 @@ def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MI
     default_text: the default described in words when the stored default is None.
     excludes: another key of the same section that this one replaces (steps <-> epochs): a flag given
     for this key clears that one from a config file.
+    ss: where the value goes in a trained file's metadata (`settings_metadata`): "ss_<name>" is the kohya
+    key that means the same (str(value), as kohya writes it); False: not recorded (machine-local: threads,
+    folders, log intervals). Every key not marked False is recorded in the CONFIG_METADATA_KEY JSON.
     items: for a list of tables (`[[data.subsets]]`), the dataclass describing one table (or a function
     returning it); its fields are keys too (`data.subsets[].path`). Such a key is TOML-only: no flag, no form box.
     """
+    if ss not in (None, False) and not (isinstance(ss, str) and ss.startswith("ss_")):
+        raise ValueError(f"ss must be a kohya metadata key ('ss_...') or False, got {ss!r}")
     if path is not None and path not in PATH_KINDS:
         raise ValueError(f"path must be one of {PATH_KINDS}, got {path!r}")
     metadata = {"help": help, "choices": choices, "unit": unit, "path": path, "lines": lines, "keywords": tuple(keywords),
                 "flag": flag, "metavar": metavar, "kohya": dict.fromkeys(kohya) if isinstance(kohya, (tuple, list)) else dict(kohya),
-                "minimum": minimum, "zero": zero, "default_text": default_text, "excludes": excludes, "items": items}
+                "minimum": minimum, "zero": zero, "default_text": default_text, "excludes": excludes, "ss": ss,
+                "items": items}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -93,6 +99,10 @@ class Key:
     @property
     def minimum(self):
         return self.meta.get("minimum")
+
+    @property
+    def ss(self) -> str | bool | None:
+        return self.meta.get("ss")
 
     @property
     def excludes(self) -> str | None:
@@ -322,6 +332,45 @@ def assign(cfg, keys: tuple[Key, ...], values: dict[str, Any]) -> None:
                 by_name[partner].set(cfg, None)
 
 
+# ---- the settings in a trained file's metadata ---------------------------------------------------------
+
+# The JSON of every recorded setting (key as users write it -> value), so a file says how it was trained
+# even for options kohya has no `ss_` key for. Read back by `recorded_settings`.
+CONFIG_METADATA_KEY = "sd_lora.config"
+
+
+def settings_metadata(cfg, keys: tuple[Key, ...]) -> dict[str, str]:
+    """The metadata entries a config's settings give a trained file: each key's kohya `ss_` entry where
+    it declares one, and all recorded keys in CONFIG_METADATA_KEY. Paths are written as their last part
+    only (a file must not carry the trainer's folders). Unset values (None, "") get no `ss_` entry."""
+    from pathlib import PurePath
+
+    md, recorded = {}, {}
+    for key in keys:
+        if key.ss is False:
+            continue
+        value = key.get(cfg)
+        if key.path_value(value) is not None:
+            value = PurePath(value).name
+        if key.items is not None:  # [[data.subsets]]: the keys each table sets, paths as their last part too
+            value = [{sub.attr: PurePath(v).name if sub.path_value(v) is not None else v for sub in key.item_keys()
+                      if (v := sub.get(table)) is not None} if isinstance(table, key.items) else table for table in value or []]
+        recorded[key.name] = value
+        if isinstance(key.ss, str) and value is not None and value != "":
+            md[key.ss] = str(value)
+    md[CONFIG_METADATA_KEY] = json.dumps(recorded, sort_keys=True, default=str)
+    return md
+
+
+def recorded_settings(metadata: dict[str, str]) -> dict[str, Any]:
+    """The settings a file was trained with ({} when it has none or they do not parse)."""
+    try:
+        value = json.loads(metadata.get(CONFIG_METADATA_KEY) or "{}")
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 # ---- the key table in the docs -------------------------------------------------------------------------
 
 TABLE_BEGIN = "<!-- keys:begin (generated by `python -m sd_lora.fields docs/training.md`; do not edit) -->"
@@ -343,8 +392,8 @@ def _cell(text: str) -> str:
 
 
 def markdown_table(keys: tuple[Key, ...]) -> str:
-    """Every key with its flag, type, default, choices and help, as a Markdown table."""
-    rows = ["| key | flag | type | default | values | what it does |", "|---|---|---|---|---|---|"]
+    """Every key with its flag, type, default, choices, kohya metadata key and help, as a Markdown table."""
+    rows = ["| key | flag | type | default | values | metadata | what it does |", "|---|---|---|---|---|---|---|"]
     for k in keys:
         rows.append(_row(k, table=False))
         rows += [_row(sub, table=True) for sub in k.item_keys()]
@@ -365,7 +414,8 @@ def _row(k: Key, table: bool) -> str:
         values = f">= {k.minimum}" + (f" (0: {k.meta['zero']})" if k.meta.get("zero") else "")
     if k.unit:
         values = (values + " " if values else "") + k.unit
-    return f"| `{k.name}` | {flag} | {kind} | {_cell(k.default_words() or '')} | {_cell(values)} | {_cell(k.help)} |"
+    recorded = "not recorded" if k.ss is False else f"`{k.ss}`" if k.ss else ""
+    return f"| `{k.name}` | {flag} | {kind} | {_cell(k.default_words() or '')} | {_cell(values)} | {recorded} | {_cell(k.help)} |"
 
 
 def replace_table(text: str, table: str) -> str:

@@ -28,6 +28,9 @@ CSS = """
 .sd-progress {width: 100%; height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden}
 .sd-progress > div {height: 100%; background: var(--color-accent); transition: width 0.5s}
 .sd-status {font-variant-numeric: tabular-nums}
+/* a disabled button looks like one whatever its variant (a faded red Stop still read as pressable) */
+button:disabled, button[disabled] {background: var(--neutral-200) !important; color: var(--neutral-500) !important;
+  border-color: var(--neutral-300) !important; opacity: 1 !important; cursor: not-allowed}
 """
 
 

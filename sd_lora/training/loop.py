@@ -593,6 +593,9 @@ class _Trainer:
         return path
 
     def _metadata(self, step: int) -> dict[str, str]:
+        """The settings' metadata (each field says where it goes: sd_lora/fields.py settings_metadata), then
+        what this run did, which only the trainer knows (steps, images, the learning rates really used)."""
+        from ..config import config_metadata
         from ..formats.metadata import build_training_metadata
 
         cfg, rep = self.cfg, self.dataset.report
@@ -600,7 +603,7 @@ class _Trainer:
         for it in self.dataset.items:
             if not it.is_reg:
                 captions.setdefault(it.folder, []).append(it.caption)
-        return build_training_metadata(
+        run = build_training_metadata(
             arch=self.model.arch.arch,
             prediction_type=self.model.arch.prediction_type,  # what was trained (cfg or the base's scheduler)
             **self.model.network.metadata_fields(),
@@ -616,28 +619,11 @@ class _Trainer:
             num_train_images=rep.images,
             num_reg_images=rep.reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
-            learning_rate=cfg.lr,
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
-            optimizer=cfg.optimizer,
-            lr_scheduler=cfg.lr_scheduler,
-            lr_warmup_steps=cfg.lr_warmup_steps,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            mixed_precision=cfg.mixed_precision,
-            min_snr_gamma=cfg.min_snr_gamma,
-            noise_offset=cfg.noise_offset,
-            zero_terminal_snr=cfg.zero_terminal_snr,
-            vae_name=Path(cfg.vae).name if cfg.vae else None,
-            max_grad_norm=cfg.max_grad_norm,
-            caption_dropout_rate=cfg.data.caption_dropout,
-            cache_latents=cfg.data.cache_latents != "none",
-            network_dropout=cfg.network.dropout,
-            sd_model_name=Path(cfg.model).name,
-            training_comment=cfg.comment or None,
+            cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
         )
+        return {**config_metadata(cfg), **run}
 
     def _save_lora(self, path: Path, step: int) -> Path:
         if self.main:
