@@ -331,3 +331,13 @@ def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
     assert confine_config(ws, cfg).data.subsets[0].path == str(ws.root / "datasets" / "a")
     with pytest.raises(PathError, match="not read in the web UI"):
         confine_config(ws, TrainConfig(data=DataConfig(dataset_config_path="configs/ds.toml")))
+
+
+def test_subsets_are_recorded_in_the_metadata_without_their_folders():
+    from sd_lora.config import SubsetConfig, config_metadata
+    from sd_lora.fields import recorded_settings
+
+    cfg = TrainConfig(data=DataConfig(subsets=[SubsetConfig(path="/home/someone/private/faces", repeats=3, flip=True)]))
+    md = config_metadata(cfg)
+    assert recorded_settings(md)["data.subsets"] == [{"path": "faces", "repeats": 3, "flip": True, "is_reg": False}]
+    assert "/home/someone" not in str(md) and "ss_flip_aug" in md and md["ss_flip_aug"] == "False"  # [data] flip: off
