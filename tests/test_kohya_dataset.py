@@ -246,10 +246,14 @@ def test_cli_dry_run_reads_a_kohya_dataset_config(kohya_dataset, capsys):
     model.mkdir()
     (model / "model_index.json").write_text("{}")  # a dry run loads no model
     assert main(["train", "--model", str(model), "--output", str(out), "--max_train_epochs", "2",
-                 "--train_batch_size", "2", "--dataset_config", str(kohya_dataset), "--dry-run"]) == 0
+                 "--dataset_config", str(kohya_dataset), "--dry-run"]) == 0  # batch_size 2: the file's
     text = capsys.readouterr().out
     assert "fuga: 2 image(s) x 3 repeats = 6 samples per epoch" in text
-    assert "= 22 steps per epoch; x 2 epoch(s) = 44 steps" in text
+    assert "/ batch 2 = 22 batches (bucketed); / accumulation 1 / 1 process(es) = 22 steps per epoch; x 2 epoch(s) = 44 steps" in text
+    # a flag that disagrees with the file is named, not silently preferred
+    assert main(["train", "--model", str(model), "--output", str(out), "--max_train_epochs", "2", "--train_batch_size", "3",
+                 "--dataset-config", str(kohya_dataset), "--dry-run"]) == 1
+    assert "batch_size (--batch-size): the kohya dataset config says batch_size = 2" in capsys.readouterr().err
 
 
 def test_subsets_at_two_resolutions_train(tiny_models, tmp_path, one_torch_thread):

@@ -160,7 +160,23 @@ def config_from_args(args):
             raise ConfigError(["output: given twice; pass --output FILE or kohya's --output_dir/--output_name, not both"])
         given["output"] = str(Path(output_dir or ".") / f"{output_name or KOHYA_DEFAULT_OUTPUT_NAME}.safetensors")
     assign(cfg, config_keys(), given)
+    _batch_size_from_dataset_config(cfg, given)
     return cfg
+
+
+def _batch_size_from_dataset_config(cfg, given: dict) -> None:
+    """kohya sets batch_size per dataset in its dataset config: take it from there unless a flag gave one (a
+    flag that disagrees, or a file whose datasets disagree, is reported by validate())."""
+    if not cfg.data.dataset_config_path or "batch_size" in given or not Path(cfg.data.dataset_config_path).is_file():
+        return
+    from ..data.kohya_config import read_dataset_config
+
+    try:
+        batch_size = read_dataset_config(cfg.data.dataset_config_path).batch_size
+    except ValueError:
+        return  # validate() lists the file's problems
+    if batch_size is not None:
+        cfg.batch_size = batch_size
 
 
 def with_flags(message: str) -> str:
