@@ -105,6 +105,8 @@ class DataConfig:
         ss="ss_min_bucket_reso")
     max_bucket_side: int | None = setting(None, "largest bucket side (see min_bucket_side)", unit="px", kohya=("max_bucket_reso",),
                                           default_text="2 x resolution", ss="ss_max_bucket_reso")
+    cache_text_to_disk: bool = setting(False, "with cache_text: keep the text-encoder outputs in the disk cache folder too, "
+                                       "for the next run", kohya={"cache_text_encoder_outputs_to_disk": True}, ss=False)
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them

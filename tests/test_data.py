@@ -265,3 +265,24 @@ def test_a_reg_folder_inside_the_data_folder_is_not_a_stray_folder(tmp_path):
     assert sorted(i.folder for i in ds.items) == ["10_sks", "reg:1_dog"]
     warnings = ds.report.warnings
     assert len(warnings) == 1 and f"data.reg_path: 1 image(s) directly in {root / 'reg'} are NOT trained" in warnings[0]
+
+
+def test_text_cache_on_disk_is_reused_and_keyed_by_the_encoder(tmp_path, one_torch_thread):
+    from sd_lora.data.cache import TextCache
+    from sd_lora.testing import tiny_pipeline
+    from sd_lora.training.conditioning import TextConditioner
+
+    pipe = tiny_pipeline("sd1")
+    cond = TextConditioner(pipe, is_sdxl=False)
+    captions = ["a red square", "a blue circle", "a red square", ""]
+    first = TextCache(tmp_path / "cache")
+    assert first.build(captions, cond, "cpu", show_progress=False) == {"encoded": 3, "reused": 0}
+    again = TextCache(tmp_path / "cache")
+    assert again.build(captions, cond, "cpu", show_progress=False) == {"encoded": 0, "reused": 3}
+    assert torch.equal(again.get(captions)[0], first.get(captions)[0])
+    assert torch.equal(again.get(["a blue circle"])[0], cond.encode(["a blue circle"], "cpu")[0].float())
+    with torch.no_grad():  # another text encoder (a fine-tune): the entries are not reused
+        next(pipe.text_encoder.parameters()).add_(0.5)
+    other = TextCache(tmp_path / "cache")
+    assert other.build(captions, TextConditioner(pipe, is_sdxl=False), "cpu", show_progress=False) == {"encoded": 3, "reused": 0}
+    assert not torch.equal(other.get(["a red square"])[0], first.get(["a red square"])[0])

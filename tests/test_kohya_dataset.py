@@ -262,12 +262,12 @@ def test_subsets_at_two_resolutions_train(tiny_models, tmp_path, one_torch_threa
     for i in range(2):
         _png(tmp_path / "a" / f"{i}.png")
         _png(tmp_path / "b" / f"{i}.png", (128, 128))
-    (tmp_path / "ds.toml").write_text(
-        "[general]\nshuffle_caption = true\nflip_aug = true\n"
+    (tmp_path / "ds.toml").write_text(  # no shuffling: the text-encoder outputs are cached, here on disk too
+        "[general]\nshuffle_caption = false\nflip_aug = true\n"
         f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path.as_posix()}/a'\nclass_tokens = 'x, y'\n"
         f"[[datasets]]\nresolution = 128\n[[datasets.subsets]]\nimage_dir = '{tmp_path.as_posix()}/b'\nclass_tokens = 'z'\n")
     cfg = TrainConfig(model=tiny_models["sd1"], output=str(tmp_path / "out" / "l.safetensors"), steps=2,
-                      cpu_threads=1, data=DataConfig(dataset_config_path=str(tmp_path / "ds.toml")),
+                      cpu_threads=1, data=DataConfig(dataset_config_path=str(tmp_path / "ds.toml"), cache_text_to_disk=True),
                       network={"rank": 2, "train_text_encoder": False})
     events = []
     train(cfg, on_event=events.append)
@@ -275,6 +275,7 @@ def test_subsets_at_two_resolutions_train(tiny_models, tmp_path, one_torch_threa
     dataset = next(e for e in events if e["event"] == "dataset")
     assert dataset["buckets"] == {"64x64": 2, "128x128": 2}
     assert len([e for e in events if e["event"] == "step"]) == 2
+    assert len(list((tmp_path / ".sd-lora-cache").glob("text-*.safetensors"))) == 2  # "x, y" and "z"
 
 
 GUI_LOCON = {  # bmaltais/kohya_ss test/config/locon-AdamW.json (45088f04), without its empty/off settings but three

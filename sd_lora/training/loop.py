@@ -345,8 +345,10 @@ class _Trainer:
         text = None
         captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
         if not model.train_te and d.cache_text and captions is not None:
-            text = TextCache()
-            text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+            text = TextCache(cache_dir if d.cache_text_to_disk else None)
+            counts = text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+            if d.cache_text_to_disk:
+                self.log(f"text: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir}")
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
