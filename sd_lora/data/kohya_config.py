@@ -109,6 +109,8 @@ def read_dataset_config(path: str | Path) -> KohyaDataset:
         raise KohyaConfigError([f"{path}: cannot read the dataset config ({e.strerror or e})"]) from e
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KohyaConfigError([f"{path}: not a valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} file ({e})"]) from e
+    if not isinstance(values, dict):
+        raise KohyaConfigError([f"{path}: not a kohya dataset config (expected [general] and [[datasets]] tables)"])
     lines = _lines(text) if path.suffix.lower() != ".json" else {}
     errors: list[str] = []
     notes: list[str] = []
