@@ -96,8 +96,12 @@ def fixed_caption(caption: str, options) -> str | None:
     Dropout aside: a dropped caption is ""."""
     if options.shuffle_captions:
         return None
-    head, middle, tail = _parts(_with_affixes(caption, options), options)
-    return _finish(head + middle + tail, options)
+    text = _with_affixes(caption, options)
+    if options.keep_tokens_separator and options.keep_tokens_separator in text:
+        head, middle, tail = _parts(text, options)
+        return _finish(head + middle + tail, options)
+    # as written otherwise (kohya too leaves an unshuffled caption alone but for the secondary separator)
+    return text.replace(options.secondary_separator, ",") if options.secondary_separator else text
 
 
 def step_caption(caption: str, options, rng: random.Random, epoch: int) -> str:
