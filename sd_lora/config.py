@@ -40,6 +40,8 @@ BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")  # how training
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LATENT_CACHE = ("ram", "disk", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # training/loss.py implements each
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 class ConfigError(ValueError):
@@ -196,6 +198,33 @@ class TrainConfig:
         default_text="the base model's", ss="ss_vae_name")
     seed: int = setting(42, "random seed (data order, noise, timesteps)", ss="ss_seed")
 
+    # loss options (#18): kohya sd-scripts' names and formulas (sd_lora/training/loss.py; docs/training.md "Loss options")
+    loss_type: str = setting("l2", "per-pixel loss: l2 (MSE), l1, huber (pseudo-Huber) or smooth_l1; huber/smooth_l1 pull "
+                             "less on large errors (corrupt images, bad captions)", choices=LOSS_TYPES, ss="ss_loss_type")
+    huber_c: float = setting(0.1, "huber/smooth_l1 threshold c (with huber_schedule: its value at the last timestep)", ss="ss_huber_c")
+    huber_schedule: str = setting("snr", "how the huber threshold varies with the timestep: constant (huber_c x "
+                                  "huber_scale), exponential (1 at t=0 down to huber_c), snr (from the noise level)",
+                                  choices=HUBER_SCHEDULES, ss="ss_huber_schedule")
+    huber_scale: float = setting(1.0, "huber threshold multiplier (constant and exponential schedules)", ss="ss_huber_scale")
+    debiased_estimation_loss: bool = setting(False, "weight each timestep by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)): "
+                                             "debiased estimation (Yu et al. 2024)", ss="ss_debiased_estimation")
+    ip_noise_gamma: float | None = setting(None, "input perturbation: extra noise on the UNet input that the target does "
+                                           "not contain (0.1 is usual)", minimum=0, default_text="off", ss="ss_ip_noise_gamma")
+    ip_noise_gamma_random_strength: bool = setting(False, "with ip_noise_gamma: a random strength in [0, ip_noise_gamma) per step",
+                                                   ss="ss_ip_noise_gamma_random_strength")
+    noise_offset_random_strength: bool = setting(False, "with noise_offset: a random strength in [0, noise_offset) per step",
+                                                 ss="ss_noise_offset_random_strength")
+    adaptive_noise_scale: float | None = setting(None, "with noise_offset: add this x |mean of each latent channel| to the "
+                                                 "offset (images far from mid-grey get more)", default_text="off",
+                                                 ss="ss_adaptive_noise_scale")
+    multires_noise_iterations: int | None = setting(None, "multi-resolution (pyramid) noise levels; 6-10 is usual",
+                                                    minimum=0, zero="off", default_text="off", ss="ss_multires_noise_iterations")
+    multires_noise_discount: float = setting(0.3, "with multires_noise_iterations: weight of each coarser level "
+                                             "(level i: discount^i)", minimum=0, ss="ss_multires_noise_discount")
+    min_timestep: int | None = setting(None, "smallest timestep trained (0-999)", minimum=0, default_text="0")
+    max_timestep: int | None = setting(None, "train timesteps below this (1-1000)", minimum=1,
+                                       default_text="the schedule's length (1000)")
+
     save_every: int | None = setting(None, "save a LoRA file + resumable checkpoint every N steps", minimum=0, zero="never",
                                      default_text="never", kohya=("save_every_n_steps",), ss=False)
     save_every_epochs: int | None = setting(None, "save every N epochs", minimum=0, zero="never", default_text="never",
@@ -334,6 +363,7 @@ class TrainConfig:
             e.append(f"min_snr_gamma: must be > 0 (got {self.min_snr_gamma!r}); 5 is usual, or leave it unset")
         if not 0 <= self.noise_offset <= 1:
             e.append(f"noise_offset: must be between 0 and 1 (got {self.noise_offset!r}); 0.05-0.1 is usual")
+        e += self._loss_rules()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
@@ -363,6 +393,32 @@ class TrainConfig:
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         e += _subset_rules(self, check_paths)
+        return e
+
+    def _loss_rules(self) -> list[str]:
+        """The loss options (#18) that depend on another one."""
+        e = []
+        if self.huber_c <= 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
+            e.append(f"huber_c: must be > 0, and <= 1 with huber_schedule = \"{self.huber_schedule}\" (got {self.huber_c!r}); "
+                     "0.1 is usual")
+        if self.huber_scale <= 0:
+            e.append(f"huber_scale: must be > 0 (got {self.huber_scale!r}); 1.0 is usual")
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            e.append("adaptive_noise_scale: needs noise_offset; set noise_offset (e.g. 0.05) or leave adaptive_noise_scale unset")
+        if self.noise_offset_random_strength and not self.noise_offset:
+            e.append("noise_offset_random_strength: needs noise_offset; set noise_offset (e.g. 0.05) or set "
+                     "noise_offset_random_strength = false")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            e.append("ip_noise_gamma_random_strength: needs ip_noise_gamma; set ip_noise_gamma (e.g. 0.1) or set "
+                     "ip_noise_gamma_random_strength = false")
+        if self.min_timestep is not None and self.min_timestep > 999:
+            e.append(f"min_timestep: must be 0-999 (got {self.min_timestep}); leave it unset to start at 0")
+        if self.max_timestep is not None and self.max_timestep > 1000:
+            e.append(f"max_timestep: must be 1-1000 (got {self.max_timestep}); leave it unset to train every timestep")
+        low, high = self.min_timestep or 0, 1000 if self.max_timestep is None else self.max_timestep
+        if low > high or (low == high and high >= 1000):
+            e.append(f"min_timestep/max_timestep: the range [{low}, {high}) is empty; set min_timestep below max_timestep "
+                     "(equal values train that one timestep)")
         return e
 
     def check(self) -> None:
