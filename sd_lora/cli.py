@@ -20,6 +20,7 @@ COMMANDS = [
     "inspect",
     "convert",
     "merge", "resize", "extract",
+    "import_kohya",
     "demo",
 ]
 

@@ -39,8 +39,8 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
-from ..data.cache import LatentCache, TextCache
-from ..data.captions import shuffle_caption, tag_frequency
+from ..data.cache import LatentCache, TextCache, cache_folder
+from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
 from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
@@ -220,8 +220,9 @@ class _Trainer:
         for line in self.dataset.report.lines():
             self.log(line)
         self.events.emit("dataset", **self.dataset.report.to_dict())
-        if not [i for i in self.dataset.items if not i.is_reg]:
-            raise ValueError(f"data.path: no usable training images in {cfg.data.path} (see the skipped list above)")
+        for message in self.dataset.report.warnings:  # in the log already (lines()); an event for the web UI
+            self.events.emit("warning", message=message)
+        self.dataset.check()  # refuses a folder one level too high, an empty N_name folder, no usable image
         self.plan = make_plan(cfg, self.dataset, self.world)
         self.log("steps: " + self.plan.describe(cfg, self.world))
         self.events.emit("start", **self.plan.__dict__, arithmetic=self.plan.describe(cfg, self.world),
@@ -323,8 +324,8 @@ class _Trainer:
     def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
         items = self.dataset.items
-        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.path) / ".sd-lora-cache"
-        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
+        cache_dir = cache_folder(d, items)
+        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, None, d.max_image_pixels)  # flip: per subset
         if d.cache_latents == "disk" and not self.main:
             self.acc.wait_for_everyone()  # the main process writes the disk cache, the others read it
         t0 = time.time()
@@ -338,10 +339,12 @@ class _Trainer:
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
         text = None
-        if not model.train_te and d.cache_text and not d.shuffle_captions:
-            captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
-            text = TextCache()
-            text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+        captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
+        if not model.train_te and d.cache_text and captions is not None:
+            text = TextCache(cache_dir if d.cache_text_to_disk else None)
+            counts = text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+            if d.cache_text_to_disk:
+                self.log(f"text: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir}")
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
@@ -432,18 +435,11 @@ class _Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _batch(self, idxs: list[int], rng: random.Random):
+    def _batch(self, idxs: list[int], rng: random.Random, epoch: int):
         d, device = self.cfg.data, self.acc.device
         items = [self.dataset.items[i] for i in idxs]
-        flips = [d.flip and rng.random() < 0.5 for _ in items]
-        captions = []
-        for it in items:
-            c = it.caption
-            if d.shuffle_captions:
-                c = shuffle_caption(c, d.keep_tokens, rng)
-            if d.caption_dropout and rng.random() < d.caption_dropout:
-                c = ""
-            captions.append(c)
+        flips = [it.flip and rng.random() < 0.5 for it in items]
+        captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
         latents = torch.stack([self.caches.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
         placements = []
@@ -462,7 +458,7 @@ class _Trainer:
         rng = random.Random(_seed_for("aug", *key))
         generator = torch.Generator().manual_seed(_seed_for("noise", *key))
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
-        latents, captions, weights, placements = self._batch(idxs, rng)
+        latents, captions, weights, placements = self._batch(idxs, rng, step // self.plan.steps_per_epoch)
         device, model, text_cache = self.acc.device, self.model, self.caches.text
         with self.acc.autocast():
             if text_cache is not None:

@@ -64,7 +64,9 @@ BASIC_KEYS = [
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed", "data.repeats",
 ]
 # Keys the page sets another way, so they get no form field.
-NOT_ON_FORM = {"resume": "the Resume button continues a stopped job"}
+NOT_ON_FORM = {"resume": "the Resume button continues a stopped job",
+               "data.subsets": "[[data.subsets]] tables are written in the TOML box",
+               "data.dataset_config_path": "kohya dataset configs are not read in the web UI (webui/security.py)"}
 # Every other key, in the config's order: the "Advanced" part of the form is built from these, so a new
 # setting appears there with its help and type without an edit here.
 ADVANCED_KEYS = [k.name for k in config_keys() if k.name not in BASIC_KEYS and k.name not in NOT_ON_FORM]
