@@ -323,3 +323,16 @@ def network_args(config, plan: BlockPlan, convs: bool) -> dict[str, str]:
     if plan.lr_weights is not None:
         args["block_lr_zero_threshold"] = f"{float(config.block_lr_zero_threshold):g}"
     return args
+
+
+def split_by_lr_weight(params, lr_weights: dict | None) -> list[tuple[str, float, list]]:
+    """(group-name suffix, LR multiplier, parameters) parts of `params` by LoraNetwork.lr_weights()
+    (id(parameter) -> (block label, weight)): one part per block ("_IN04"), as kohya's per-block groups
+    (unet_block{idx}); one unnamed part at 1.0 without weights."""
+    if not lr_weights:
+        return [("", 1.0, list(params))]
+    parts: dict[str, tuple[float, list]] = {}
+    for p in params:
+        label, weight = lr_weights.get(id(p), ("", 1.0))
+        parts.setdefault(label, (weight, []))[1].append(p)
+    return [(f"_{label}" if label else "", weight, ps) for label, (weight, ps) in parts.items()]

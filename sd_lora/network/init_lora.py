@@ -27,18 +27,20 @@ class InitLoraError(ValueError):
     """init_lora does not fit the network; the message names the first module and what to change."""
 
 
-def _what_sets_rank(target, network) -> str:
+def _what_sets_rank(target, network, rank: int) -> str:
+    """'network.rank to 8' and where else the module's rank comes from."""
     cfg = network.config
     if target.component != "unet":
-        return "network.rank (text-encoder modules)"
+        return f"network.rank to {rank} (text-encoder modules)"
     from .blocks import block_label
 
-    where = f" (block {block_label(target.block_index, network.arch)})" if target.block_index is not None else ""
+    block = block_label(target.block_index, network.arch) if target.block_index is not None else None
+    entry = f" (or block {block}'s entry of {{}})" if block else ""
     if target.conv3x3:
-        return "network.conv_rank" + (f" or conv_block_dims{where}" if cfg.conv_block_dims is not None else "")
+        return f"network.conv_rank to {rank}" + entry.format("conv_block_dims")
     if cfg.block_dims is not None or cfg.block_ranks:
-        return f"network.block_dims / block_ranks{where}"
-    return "network.rank" + (f", or block_dims{where} for this block only" if where else "")
+        return f"block {block}'s rank in network.block_dims / block_ranks to {rank}"
+    return f"network.rank to {rank}" + entry.format("block_dims")
 
 
 def _what_sets_alpha(target, network) -> str:
@@ -124,7 +126,7 @@ def load_init_lora(network, path) -> int:
         file_rank, own_rank = module.rank, method.rank(own)
         if file_rank is not None and own_rank is not None and file_rank != own_rank:
             raise InitLoraError(f"{what}: {target.kohya_name} has rank {file_rank} in the file and {own_rank} in this "
-                                f"network; set {_what_sets_rank(target, network)} to {file_rank}")
+                                f"network; set {_what_sets_rank(target, network, file_rank)}")
         for suffix, tensor in own.items():
             if suffix == "alpha":
                 continue
