@@ -268,8 +268,9 @@ def block_plan(config, arch: str) -> BlockPlan:
         if values is None:
             return list(fallback)
         if len(values) != total:
-            raise ValueError(f"network.{key}: has {len(values)} values; a {arch} UNet has {total} blocks "
-                             f"({'0: time/label embedding, 1-9: input blocks, 10-12: mid, 13-21: output blocks, 22: out' if total == 23 else 'IN00-IN11, MID, OUT00-OUT11'}); "
+            layout = ("0: time/label embedding, 1-9: input blocks, 10-12: mid, 13-21: output blocks, 22: out"
+                      if total == 23 else "IN00-IN11, MID, OUT00-OUT11")
+            raise ValueError(f"network.{key}: has {len(values)} values; a {arch} UNet has {total} blocks ({layout}); "
                              "see the block table in docs/training.md")
         return values
 
