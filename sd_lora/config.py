@@ -366,6 +366,10 @@ class TrainConfig:
         e += self._loss_rules()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
+        # blocks: the LoRA file a run continues from (what it must fit is checked when the network is built)
+        init_lora = getattr(self.network, "init_lora", None)
+        if init_lora and check_paths and not Path(init_lora).is_file():
+            e.append(f"network.init_lora: {init_lora} is not a file; set it to the LoRA .safetensors file to continue from")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
             e.append(f"resume: {self.resume} is not a checkpoint folder; set it to one from {self.checkpoint_root} or to latest")
         if self.resume == "latest" and check_paths and self.output and not _has_checkpoint(self.checkpoint_root):

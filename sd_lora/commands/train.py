@@ -21,7 +21,8 @@ from pathlib import Path
 KOHYA_HINTS = {
     "unet_lr": "--lr is the UNet learning rate here (--text-encoder-lr the text encoder's)",
     "network_module": "choose the adapter with --method (networks.lora is --method lora; LyCORIS algos are --method loha / lokr)",
-    "network_args": "conv layers: --preset full with --conv-rank / --conv-alpha; dropouts: --rank-dropout, --module-dropout",
+    "network_args": "conv layers: --preset full with --conv-rank / --conv-alpha; dropouts: --rank-dropout, --module-dropout; "
+                    "block-wise: --block-dims, --block-alphas, --conv-block-dims, --down-lr-weight, ... (kohya's names as flags)",
     "save_model_as": "LoRA files are always written as .safetensors (kohya keys)",
     "xformers": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
     "sdpa": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",

@@ -357,7 +357,7 @@ class _Trainer:
     def _prepare_optimization(self, model: Model) -> Optimization:
         cfg, acc, pipe = self.cfg, self.acc, model.pipe
         groups = param_groups(model.network.unet_parameters(), model.network.text_encoder_parameters() if model.train_te else [],
-                              cfg.lr, cfg.te_lr)
+                              cfg.lr, cfg.te_lr, model.network.lr_weights())
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
