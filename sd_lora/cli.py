@@ -21,6 +21,7 @@ COMMANDS = [
     "convert",
     "merge", "resize", "extract",
     "demo",
+    "serve",
 ]
 
 
