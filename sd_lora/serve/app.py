@@ -129,6 +129,7 @@ def build_app(model, lora_dir: str | os.PathLike, *, token: str | None = None, m
                     return Response(status_code=STATUS_CLIENT_GONE)  # nobody reads it
         if future.cancelled():
             return error(503, "the request was cancelled")
+        waiting.exception()  # retrieved: asyncio would log a never-retrieved one with its traceback when collected
         if future.exception() is not None:
             e = future.exception()
             status = 503 if isinstance(e, ShuttingDown) else 500

@@ -225,8 +225,10 @@ class Scheduler:
                 for job in batch:
                     self._execute([job])
                 return
-            logger.warning("Request failed: %s", e)
-            batch[0].future.set_exception(e)
+            logger.warning("Request failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
+            # Without its traceback, whose frames (this one: `batch`, the job, its future) would hold
+            # the exception in a reference cycle until a garbage collection.
+            batch[0].future.set_exception(e.with_traceback(None))
             return
         self.batches.append(len(batch))
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - now) / len(batch)
