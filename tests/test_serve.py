@@ -345,3 +345,46 @@ def test_a_failing_request_restores_the_base_and_fails_alone(pipe, ref_pipe, lor
         assert metric(client, "sdlora_requests_total", '{status="500"}') == 1
         assert client.get("/healthz").json()["status"] == "ok"  # the worker lives on
     assert np.array_equal(png(responses[0])[0], np.asarray(reference(ref_pipe, lora_dir, good).image))
+
+
+# ---- Ray Serve (the optional `ray` extra) --------------------------------------------------------------
+
+
+def test_ray_serve_routes_a_repeated_stack_to_the_replica_that_has_it(lora_dir, tmp_path):
+    """Two replicas on a local Ray instance (CPU): each stack's requests after the first go to the
+    replica that served it (Ray Serve multiplexing keyed by the stack), so each replica switches once
+    per stack it owns."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is the optional `ray` extra (pip install 'sd-lora[ray]')")
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from sd_lora.serve.ray_serve import deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(str(TINY_BASE), str(lora_dir), num_replicas=2, max_stacks_per_replica=1, max_batch=1),
+                  name="sd-lora-test", route_prefix="/")
+        stacks = [[("ink", 0.8)], [("glow", 0.5)]]
+        replica_of, switches = {}, {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            for round_ in range(3):
+                for k, stack in enumerate(stacks):
+                    r = client.post("/", json=request(loras=stack, seed=round_))
+                    assert r.status_code == 200, r.text
+                    replica_of.setdefault(k, set()).add(r.headers["X-Replica"])
+                    switches[r.headers["X-Replica"]] = int(r.headers["X-Stack-Switches"])
+            bad = client.post("/", json=request(loras=[("nosuch", 1.0)]))
+            assert bad.status_code == 404 and "nosuch" in bad.json()["error"]
+        assert all(len(v) == 1 for v in replica_of.values()), replica_of  # always the same replica per stack
+        assert replica_of[0] != replica_of[1]  # a new stack goes to the replica that holds none
+        assert sum(switches.values()) == 2  # each replica's metrics: its one stack switched in once
+    finally:
+        serve.shutdown()
+        ray.shutdown()
