@@ -113,4 +113,6 @@ def check_request(raw: bytes, catalog, pipe, limits: Limits) -> Job:
         plan = generate(pipe, **call, render=False)  # generate()'s own rules, all problems in one message
     except ValueError as e:
         raise RequestError(422, str(e).replace(str(catalog.dir), "the LoRA folder")) from None
+    except OSError as e:  # a file removed since the folder was listed
+        raise RequestError(404, str(e).replace(str(catalog.dir), "the LoRA folder")) from None
     return Job(call=call, plan=plan, num_images=req.n)

@@ -195,9 +195,9 @@ class Scheduler:
 
         now = time.monotonic()
         for job in batch:
-            job.started = now
-            if self.metrics:
+            if job.started is None and self.metrics:  # (a retried job waited once)
                 self.metrics.waited(now - job.arrived)
+            job.started = job.started or now
         images = sum(j.num_images for j in batch)
         try:
             key = batch[0].stack_key
