@@ -103,7 +103,9 @@ class Scheduler:
         self._queue: list[Job] = []  # arrival order
         self._cond = threading.Condition()
         self._closed = False
-        self._current: tuple = ()  # the stack key fused in the pipeline now (() = the base)
+        # The stack key fused in the pipeline now: () the base, None unknown (at the start: the pipeline
+        # may hold a stack from before, so the first batch applies its own).
+        self._current: tuple | None = None
         self._job_seconds = 1.0  # running mean of the time per request, for Retry-After
         self.switches = 0
         self.batches: list[int] = []  # requests per pipeline call, for tests and the benchmark
