@@ -43,10 +43,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import os
 
+    from ..logs import quiet_libraries
     from ..serve import check_host, run_server
 
     token = args.token or os.environ.get("SD_LORA_TOKEN") or None
     check_host(args.host, token, args.insecure)  # before the model is loaded
+    quiet_libraries(getattr(args, "verbose", False))  # no loading bars: uvicorn's and our lines say it
     run_server(args.model, args.lora_dir, host=args.host, port=args.port, token=token, insecure=args.insecure,
                max_queue=args.max_queue, max_batch=args.max_batch, max_wait=args.max_wait, policy=args.policy,
                dtype=args.dtype, device=args.device)
