@@ -22,6 +22,7 @@ COMMANDS = [
     "merge", "resize", "extract",
     "import_kohya",
     "demo",
+    "serve",
 ]
 
 

@@ -326,6 +326,7 @@ def generate(
     cpu_offload: bool = False,
     cpu_threads: int | None = None,
     strict: bool = True,
+    render: bool = True,
 ) -> GenerationResult:
     """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
 
@@ -349,6 +350,9 @@ def generate(
         cpu_threads: torch CPU threads for the call; None: one for a small UNet on the CPU, else torch's count.
         strict: refuse a LoRA with modules that fit no layer of the base (made for another model);
             False applies the modules that fit and logs the rest (CLI: --skip-mismatched).
+        render: False checks and resolves everything and returns the result without images (its
+            settings are the call's; `render_batch` renders such results together). The service
+            (sd_lora.serve) checks a request this way before it is queued.
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
@@ -398,6 +402,9 @@ def generate(
         "model": _model_name(base, pipe), "model_hash": _model_hash(base, pipe), "vae": Path(vae).name if vae else None,
         "loras": _loras(specs), "sampler": sampler, "scheduler": type(pipe.scheduler).__name__,
     }
+    if not render:
+        return GenerationResult(images=[], stack=specs, trigger_words=trigger_words, settings=settings,
+                                title=title, labels=[label for label, _ in variants], notes=notes)
     with _threads(cpu_threads or generation_threads(pipe)):
         images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras, strict)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
@@ -434,9 +441,7 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
                     guidance_rescale=settings["guidance_rescale"], width=settings["width"], height=settings["height"],
                     generator=generator,
                 ).images[0]
-                own = {**settings, "seed": seed, "loras": _loras(stack), "label": label,
-                       "width": image.width, "height": image.height}
-                out.append(GeneratedImage(image=image, label=label, settings=own, parameters=parameters_text(own)))
+                out.append(_image(image, settings, seed, stack, label))
     finally:
         pipe.scheduler, pipe.vae = scheduler, old_vae
         if not keep_loras:
@@ -446,6 +451,52 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
             else:
                 remove_loras(pipe)
     return out
+
+
+def _image(image, settings: dict, seed: int, stack: list[LoraSpec], label: str) -> GeneratedImage:
+    """One rendered image with its own settings (its seed, stack and size) and PNG text."""
+    own = {**settings, "seed": seed, "loras": _loras(stack), "label": label, "width": image.width, "height": image.height}
+    return GeneratedImage(image=image, label=label, settings=own, parameters=parameters_text(own))
+
+
+BATCH_KEYS = ("steps", "guidance", "guidance_rescale", "width", "height", "loras")  # what one pipeline call shares
+
+
+def render_batch(pipe, calls: list[tuple[GenerationResult, int]], *, strict: bool = True) -> None:
+    """Render several `generate(pipe, ..., render=False)` results in ONE pipeline call and fill in their
+    images: `calls` is (result, number of images) pairs, each image i of a result with seed + i as in
+    `generate`. Their stack is left fused in `pipe`.
+
+    They must share a plain single stack (no sweep or comparison), the values of BATCH_KEYS, and use the
+    model's own scheduler, VAE and no zero terminal SNR. Each image keeps its own CPU generator, so its
+    starting noise is the one `generate` draws for its seed; what differs from rendering it alone is
+    the arithmetic of batched kernels: the images agree to within float rounding, not bit for bit
+    (sd_lora.serve states and tests the tolerance). Used by the service to batch requests."""
+    import torch
+
+    from .stack import apply_loras
+
+    results = [r for r, _ in calls]
+    first = results[0].settings
+    for r in results:
+        s = r.settings
+        if len(r.labels) != 1 or s["sampler"] or s["zero_terminal_snr"] or s["vae"] or r.images:
+            raise ValueError("render_batch: only plain single-stack results of render=False, with the model's own "
+                             "scheduler and VAE")
+        if any(s[k] != first[k] for k in BATCH_KEYS):
+            raise ValueError(f"render_batch: the results differ in {[k for k in BATCH_KEYS if s[k] != first[k]]}")
+    seeds = [(r, r.settings["seed"] + i) for r, n in calls for i in range(n)]
+    with _threads(generation_threads(pipe)):
+        apply_loras(pipe, results[0].stack, strict=strict)
+        images = pipe(
+            prompt=[r.settings["encoded_prompt"] for r, _ in seeds],
+            negative_prompt=[r.settings["negative_prompt"] for r, _ in seeds],  # "" encodes as diffusers' None does
+            num_inference_steps=first["steps"], guidance_scale=first["guidance"], guidance_rescale=first["guidance_rescale"],
+            width=first["width"], height=first["height"],
+            generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in seeds],
+        ).images
+    for (r, seed), image in zip(seeds, images):
+        r.images.append(_image(image, r.settings, seed, r.stack, ""))
 
 
 def generation_threads(pipe) -> int | None:
