@@ -112,7 +112,7 @@ def build(ctx, tab=None) -> None:
     gr.Markdown("Datasets live in `datasets/` of the workspace: a folder of images with `.txt` captions, "
                 "or kohya `N_name` sub-folders (N = repeats).")
     with gr.Row():
-        folder = gr.Dropdown(dataset_choices(), label="dataset folder", allow_custom_value=True, scale=3,
+        folder = gr.Dropdown([], label="dataset folder", allow_custom_value=True, scale=3,
                              elem_id="dataset-folder")
         refresh = gr.Button("Refresh", scale=0)
     with gr.Accordion("Upload images", open=False):
