@@ -293,3 +293,31 @@ class PromptEncoder:
 
     def encode(self, texts: list[str], device, encoders=None, num_chunks: int | None = None):
         return self.encode_chunks([self.chunks(t) for t in texts], device, encoders, num_chunks)
+
+
+def pipeline_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "", clip_skip: int | None = None, device=None) -> dict:
+    """The prompt as keyword arguments for a diffusers SD/SDXL pipeline call (`prompt_embeds`,
+    `negative_prompt_embeds`, and SDXL's pooled ones), encoded as A1111 does: emphasis, BREAK, any
+    length, clip skip; the negative prompt padded with empty chunks to the prompt's length (or the
+    prompt to the negative's). A plain prompt of up to 75 tokens gives exactly what the pipeline's own
+    encoding gives (an SDXL pipeline's all-zero negative for an empty negative prompt included)."""
+    import torch
+
+    from .models import ARCH_SDXL, architecture_of
+
+    arch = architecture_of(pipe).arch
+    encoder = PromptEncoder(pipe, arch, clip_skip=clip_skip)
+    device = device if device is not None else pipe._execution_device
+    zero_negative = arch == ARCH_SDXL and not negative_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+    positive, negative = encoder.chunks(prompt), encoder.chunks(negative_prompt or "")
+    k = max(len(c.tokens) for c in positive + ([] if zero_negative else negative))
+    with torch.no_grad():
+        hidden, pooled = encoder.encode_chunks([positive], device, num_chunks=k)
+        if zero_negative:
+            neg_hidden, neg_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        else:
+            neg_hidden, neg_pooled = encoder.encode_chunks([negative], device, num_chunks=k)
+    kwargs = {"prompt_embeds": hidden, "negative_prompt_embeds": neg_hidden}
+    if arch == ARCH_SDXL:
+        kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+    return kwargs

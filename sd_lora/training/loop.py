@@ -292,7 +292,7 @@ class _Trainer:
             elif weight_dtype != torch.float32:
                 reload_in_dtype(m, weight_dtype)
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
+        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps, clip_skip=cfg.clip_skip)
         train_te = bool(network.text_encoder_parameters()) and cfg.te_lr > 0
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
         applied = apply_base_precision(pipe, cfg.base_precision, weight_dtype, readers)
@@ -318,7 +318,9 @@ class _Trainer:
                         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         noise_scheduler = noise_scheduler_for_training(pipe.scheduler.config, cfg.zero_terminal_snr)
         return Model(pipe, arch, network, weight_dtype, train_unet=bool(network.unet_parameters()), train_te=train_te,
-                     noise_scheduler=noise_scheduler, conditioner=TextConditioner(pipe, arch.is_sdxl))
+                     noise_scheduler=noise_scheduler,
+                     conditioner=TextConditioner(pipe, arch.is_sdxl, max_token_length=cfg.max_token_length,
+                                                 clip_skip=cfg.clip_skip, warn=self.warn))
 
     def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
@@ -337,6 +339,8 @@ class _Trainer:
         if d.cache_latents != "none":
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
+        if self.main:  # long captions: one warning per caption cut, with its file (conditioning.py)
+            model.conditioner.check_captions((i.caption, str(i.path)) for i in items)
         text = None
         if not model.train_te and d.cache_text and not d.shuffle_captions:
             captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
@@ -615,6 +619,7 @@ class _Trainer:
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
+            clip_skip=cfg.clip_skip,  # also modelspec.encoder_layer, as kohya's sai_model_spec writes it
         )
         return {**config_metadata(cfg), **run}
 
