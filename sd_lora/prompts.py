@@ -219,11 +219,11 @@ def apply_emphasis(hidden, weights):
     return (scaled * (before / scaled.mean())).to(hidden.dtype)
 
 
-def encode_chunks(encoder, ids, hidden_index: int, final_layer_norm: bool, weights=None):
+def encode_chunks(encoder, ids, hidden_index: int, layer_norm: bool, weights=None):
     """Encode chunked token ids (b, k, 77) chunk by chunk; returns (hidden (b, 77 k, d), pooled of
     each prompt's first chunk or None). hidden_index: which `hidden_states` entry to read (-1: the
     last layer's output, taken as the encoder's `last_hidden_state`, final layer norm included);
-    final_layer_norm: apply it to an earlier entry (SD1/SD2 clip skip; SDXL reads its penultimate
+    layer_norm: apply the final layer norm to an earlier entry (SD1/SD2 clip skip; SDXL reads its penultimate
     states without). weights (b, k, 77) or None: emphasis per chunk (`apply_emphasis`).
     `encoder` may be DDP-wrapped (the trainer's text encoders)."""
     b, k, n = ids.shape
@@ -234,8 +234,8 @@ def encode_chunks(encoder, ids, hidden_index: int, final_layer_norm: bool, weigh
     else:
         out = encoder(flat, output_hidden_states=True)
         hidden = out.hidden_states[hidden_index]
-        if final_layer_norm:
-            hidden = getattr(encoder, "module", encoder).text_model.final_layer_norm(hidden)
+        if layer_norm:
+            hidden = final_layer_norm(encoder)(hidden)
     pooled = getattr(out, "text_embeds", None)
     hidden = hidden.reshape(b, k, n, -1)
     if weights is not None:
@@ -247,6 +247,13 @@ def encode_chunks(encoder, ids, hidden_index: int, final_layer_norm: bool, weigh
     if pooled is not None:
         pooled = pooled.reshape(b, k, -1)[:, 0]
     return hidden, pooled
+
+
+def final_layer_norm(encoder):
+    """A CLIP text encoder's final layer norm (DDP-wrapped or not; transformers 4 keeps it in
+    `.text_model`, transformers 5 on the model itself)."""
+    model = getattr(encoder, "module", encoder)
+    return getattr(model, "text_model", model).final_layer_norm
 
 
 class PromptEncoder:

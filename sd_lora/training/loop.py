@@ -260,6 +260,9 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         arch = architecture_of(pipe)
         self.log(f"model: {arch.description}, {arch.prediction_type}")
+        if cfg.clip_skip and cfg.clip_skip > 1 and arch.is_sdxl:
+            self.warn(f"clip_skip {cfg.clip_skip}: SDXL ignores clip skip (it reads both text encoders' penultimate layers, "
+                      "as kohya and A1111 do); leave clip_skip unset for SDXL")
         if cfg.zero_terminal_snr:
             if arch.prediction_type != "v_prediction":
                 raise ValueError(
@@ -665,7 +668,7 @@ class _Trainer:
                 paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
                                        self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                        guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                       on_progress=progress, should_stop=self._stop_requested)
+                                       on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
