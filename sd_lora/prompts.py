@@ -41,7 +41,9 @@ The rules (AUTOMATIC1111/stable-diffusion-webui v1.10, read at 82a973c0 / 0674fa
   unexpected"). The rule lives in sd_lora.models (`conditioning_hidden_state`).
 - SDXL pooled embedding: OpenCLIP-G's pooled, projected output of the first chunk (`zs[0].pooled`).
 - Prompt and negative prompt of different lengths: the shorter gets empty-prompt chunks until both
-  have as many (A1111's `pad_cond_uncond`; the diffusers pipelines batch them, so they must match).
+  have as many (sd_samplers_cfg_denoiser.py `pad_cond_uncond`, A1111's "Pad prompt/negative prompt"
+  option; with it off A1111 runs the two through the UNet separately, which the diffusers pipelines
+  cannot: they batch them, so the lengths must match).
   SDXL pipelines with `force_zeros_for_empty_prompt` keep their all-zero negative conditioning for
   an empty negative prompt (what the pipeline itself does, so plain prompts give the same images).
 
@@ -129,11 +131,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def has_emphasis(text: str) -> bool:
-    """Whether `text` reads differently with emphasis on (brackets, escapes or BREAK)."""
-    return parse_prompt_attention(text) != [(text, 1.0)]
-
-
 @dataclass
 class PromptChunks:
     """A prompt cut into chunks for one tokenizer: `tokens` and `weights` are k lists of 77
@@ -158,7 +155,8 @@ def chunk_prompt(tokenizer, text: str, *, emphasis: bool = True, max_chunks: int
     the words it would move would be dropped)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")  # A1111: vocab[",</w>"]; unknown gives the unk id
+    comma = None if comma == tokenizer.unk_token_id else comma
     pieces = parse_prompt_attention(text) if emphasis else [(text, 1.0)]
     ids = tokenizer([t for t, _ in pieces], add_special_tokens=False, truncation=False)["input_ids"]
 

@@ -292,3 +292,20 @@ def test_training_with_clip_skip_and_long_captions_writes_them_and_skips_the_las
     assert md["ss_clip_skip"] == "2" and md["modelspec.encoder_layer"] == "2" and md["ss_max_token_length"] == "150"
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in tensors)
     assert not any(k.startswith("lora_te_text_model_encoder_layers_1_") for k in tensors)
+
+
+def test_cli_clip_skip_is_written_and_from_png_remakes_the_image(tmp_path):
+    from PIL import Image
+
+    from sd_lora.cli import main
+    from sd_lora.infotext import read_png_infotext
+
+    model = tmp_path / "tiny"
+    tiny_pipeline("sd1").save_pretrained(model)
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["generate", "--model", str(model), "--steps", "1", "--width", "64", "--height", "64"]
+    assert main(common + ["--prompt", "a (red:1.2) circle", "--clip-skip", "2", "--out", str(first)]) == 0
+    assert "Clip skip: 2" in read_png_infotext(first)
+    assert main(common + ["--from-png", str(first), "--out", str(again)]) == 0
+    assert "Clip skip: 2" in read_png_infotext(again)
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
