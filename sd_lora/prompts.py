@@ -221,8 +221,8 @@ def encode_chunks(encoder, ids, hidden_index: int, layer_norm: bool, weights=Non
     """Encode chunked token ids (b, k, 77) chunk by chunk; returns (hidden (b, 77 k, d), pooled of
     each prompt's first chunk or None). hidden_index: which `hidden_states` entry to read (-1: the
     last layer's output, taken as the encoder's `last_hidden_state`, final layer norm included);
-    layer_norm: apply the final layer norm to an earlier entry (SD1/SD2 clip skip; SDXL reads its penultimate
-    states without). weights (b, k, 77) or None: emphasis per chunk (`apply_emphasis`).
+    layer_norm: apply the final layer norm to an earlier entry (SD1/SD2 clip skip; SDXL reads its
+    penultimate states without). weights (b, k, 77) or None: emphasis per chunk (`apply_emphasis`).
     `encoder` may be DDP-wrapped (the trainer's text encoders)."""
     b, k, n = ids.shape
     flat = ids.reshape(b * k, n)
@@ -269,9 +269,9 @@ class PromptEncoder:
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
         self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
         self.hidden_index = conditioning_hidden_state(arch, clip_skip)
-        self.final_layer_norm = conditioning_final_layer_norm(arch)
+        self.layer_norm = conditioning_final_layer_norm(arch)  # apply the final layer norm to that state
         self.emphasis, self.max_chunks, self.comma_backtrack = emphasis, max_chunks, comma_backtrack
-        self._empty = [chunk_prompt(tok, "", emphasis=False) for tok in self.tokenizers]
+        self.empty = [chunk_prompt(tok, "", emphasis=False) for tok in self.tokenizers]
 
     def chunks(self, text: str) -> list[PromptChunks]:
         """Per tokenizer, the prompt's chunks."""
@@ -287,10 +287,10 @@ class PromptEncoder:
         k = num_chunks or max(len(c.tokens) for chunks in per_prompt for c in chunks)
         hidden, pooled = [], None
         for t, enc in enumerate(encoders):
-            padded = [chunks[t].padded(k, self._empty[t]) for chunks in per_prompt]
+            padded = [chunks[t].padded(k, self.empty[t]) for chunks in per_prompt]
             ids = torch.tensor([p.tokens for p in padded], dtype=torch.long, device=device)
             weights = [p.weights for p in padded] if self.emphasis else None
-            h, p = encode_chunks(enc, ids, self.hidden_index, self.final_layer_norm, weights)
+            h, p = encode_chunks(enc, ids, self.hidden_index, self.layer_norm, weights)
             hidden.append(h)
             if p is not None:  # SDXL: text_encoder_2's (the only encoder with a projection)
                 pooled = p

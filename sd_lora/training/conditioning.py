@@ -54,7 +54,7 @@ class TextConditioner:
     def cache_key(self) -> tuple:
         """What the outputs depend on besides the caption and the encoder weights: a text-encoder output
         cache kept beyond one run must key on it (chunks read, hidden state, final layer norm)."""
-        return (self.num_chunks, self.prompts.hidden_index, self.prompts.final_layer_norm)
+        return (self.num_chunks, self.prompts.hidden_index, self.prompts.layer_norm)
 
     def check_captions(self, captions_and_files) -> int:
         """Warn once for each caption longer than max_token_length, naming its file (pairs of caption and
@@ -83,7 +83,7 @@ class TextConditioner:
         chunked = [self._chunked(c) for c in captions]
         out = []
         for t in range(len(self.tokenizers)):
-            rows = [c[t].padded(self.num_chunks, self.prompts._empty[t]).tokens for c in chunked]
+            rows = [c[t].padded(self.num_chunks, self.prompts.empty[t]).tokens for c in chunked]
             out.append(torch.tensor([[i for chunk in r for i in chunk] for r in rows], dtype=torch.long, device=device))
         return out
 
