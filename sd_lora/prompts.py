@@ -11,7 +11,9 @@ tan() lerp for weights < 1), where A1111 multiplies the encoder's output by the 
 the mean. Images would differ from A1111's for the same prompt, so this is a small parser plus the
 chunked encoder, written from the rules below.
 
-The rules (AUTOMATIC1111/stable-diffusion-webui v1.10, read at 82a973c0 / 0674fabd):
+The rules (AUTOMATIC1111/stable-diffusion-webui, v1.10-era code, read at: prompt_parser.py 0674fabd,
+sd_hijack_clip.py 00e09382, sd_hijack_open_clip.py 01a40c62, sd_emphasis.py 255da37d,
+sd_samplers_cfg_denoiser.py via A1111's `pad_cond_uncond`):
 
 - Emphasis (modules/prompt_parser.py `parse_prompt_attention`): `(text)` multiplies the weight of
   its tokens by 1.1, `[text]` divides it by 1.1, `(text:1.3)` multiplies it by 1.3; nesting
