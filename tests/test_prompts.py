@@ -128,6 +128,22 @@ def test_a_cut_caption_is_warned_about_once_naming_its_file(sd1, caplog):
     assert "data/1_x/long.png" in messages[0] and "last 10 token(s)" in messages[0] and "225" in messages[0]
 
 
+def test_cached_outputs_of_short_and_long_captions_stack_and_equal_the_batch_encoding(sd1):
+    from sd_lora.data.cache import TextCache
+
+    cond = TextConditioner(sd1, False, max_token_length=225)
+    captions = ["red circle", _words(100), ""]
+    cache = TextCache()
+    cache.build(captions[:1], cond, "cpu")  # built in separate batches: still one shape
+    cache.build(captions[1:], cond, "cpu")
+    hidden, _ = cache.get(captions)
+    with torch.no_grad():
+        batch, _ = cond.encode(captions, "cpu")
+    assert hidden.shape == (3, 231, batch.shape[-1])
+    torch.testing.assert_close(hidden, batch, rtol=0, atol=1e-6)
+    assert cond.cache_key != TextConditioner(sd1, False, max_token_length=225, clip_skip=2).cache_key
+
+
 # ---- max_token_length 75 is today's conditioning --------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
