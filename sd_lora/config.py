@@ -42,6 +42,7 @@ LATENT_CACHE = ("ram", "disk", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # training/loss.py implements each
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's --max_token_length choices (75: one chunk, the encoders' own length)
 
 
 class ConfigError(ValueError):
@@ -224,6 +225,15 @@ class TrainConfig:
     min_timestep: int | None = setting(None, "smallest timestep trained (0-999)", minimum=0, default_text="0")
     max_timestep: int | None = setting(None, "train timesteps below this (1-1000)", minimum=1,
                                        default_text="the schedule's length (1000)")
+
+    # text conditioning (#19): sd_lora/prompts.py (A1111's 75-token chunks; clip skip as A1111 and kohya read it)
+    max_token_length: int = setting(75, "caption tokens read: 75, 150 or 225, in 75-token chunks each encoded with its own "
+                                    "BOS/EOS and concatenated (A1111's long prompts); longer captions are cut, with a warning",
+                                    choices=MAX_TOKEN_LENGTHS, unit="tokens", ss="ss_max_token_length")
+    clip_skip: int | None = setting(None, "condition on the text encoder's Nth layer from the end (A1111's \"Clip skip\"; 2 "
+                                    "for most anime SD1 models), with its final layer norm; the layers after it get no "
+                                    "adapters. SDXL ignores it (as A1111 and kohya do)", minimum=1,
+                                    default_text="1 (the last layer)", ss="ss_clip_skip")
 
     save_every: int | None = setting(None, "save a LoRA file + resumable checkpoint every N steps", minimum=0, zero="never",
                                      default_text="never", kohya=("save_every_n_steps",), ss=False)

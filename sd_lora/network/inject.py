@@ -207,12 +207,14 @@ class LoraNetwork:
         self._tuners.clear()
 
 
-def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int | None = None) -> LoraNetwork:
+def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int | None = None,
+                   clip_skip: int | None = None) -> LoraNetwork:
     """Add trainable adapters to `pipe.unet` and its text encoder(s), in place.
 
     Base weights are frozen; adapter parameters are fp32 and trainable (whatever the base dtype).
     `total_steps` is the training length, for methods that plan over it (AdaLoRA's rank schedule,
-    unless `config.adalora_total_steps` says otherwise).
+    unless `config.adalora_total_steps` says otherwise). `clip_skip` is the training's: the
+    text-encoder layers it skips get no adapters (sd_lora.models.unread_text_encoder_layers).
     Returns the LoraNetwork that gives the parameters to optimise and the kohya state dict to save.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -229,7 +231,7 @@ def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int |
                 f"pipe.{component} already has adapters injected. Call network.remove() (or load a fresh "
                 "pipeline) before injecting a new network."
             )
-    targets = select_targets(pipe, arch, config.preset, config.train_unet, config.train_text_encoder)
+    targets = select_targets(pipe, arch, config.preset, config.train_unet, config.train_text_encoder, clip_skip)
     targets = methods.get(config.method).select(targets)
     plan = block_plan(config, arch)
     selected = len(targets)

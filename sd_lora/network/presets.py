@@ -100,8 +100,10 @@ def text_encoder_targets(text_encoder, preset: str) -> list[tuple[str, nn.Module
     return found
 
 
-def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool = True, train_text_encoder: bool = True) -> list[Target]:
-    """Every module the preset adapts in a pipeline (or a dict of components), with its kohya name."""
+def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool = True, train_text_encoder: bool = True,
+                   clip_skip: int | None = None) -> list[Target]:
+    """Every module the preset adapts in a pipeline (or a dict of components), with its kohya name
+    (clip_skip: the training's; the text-encoder layers it skips get no adapter)."""
     components = pipe_or_components if isinstance(pipe_or_components, dict) else {
         name: getattr(pipe_or_components, name, None) for name in ("unet", "text_encoder", "text_encoder_2")
     }
@@ -122,7 +124,7 @@ def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool 
             if te is None:
                 continue
             # Layers the UNet's conditioning never reads (SDXL CLIP-L's last) get no adapter.
-            unread = unread_text_encoder_layers(arch, component, te.config.num_hidden_layers)
+            unread = unread_text_encoder_layers(arch, component, te.config.num_hidden_layers, clip_skip)
             for path, module in text_encoder_targets(te, preset):
                 layer = _TE_LAYER.match(path)
                 if layer and int(layer[1]) in unread:

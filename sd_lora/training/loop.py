@@ -261,6 +261,9 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         arch = architecture_of(pipe)
         self.log(f"model: {arch.description}, {arch.prediction_type}")
+        if cfg.clip_skip and cfg.clip_skip > 1 and arch.is_sdxl:
+            self.warn(f"clip_skip {cfg.clip_skip}: SDXL ignores clip skip (it reads both text encoders' penultimate layers, "
+                      "as kohya and A1111 do); leave clip_skip unset for SDXL")
         if cfg.zero_terminal_snr:
             if arch.prediction_type != "v_prediction":
                 raise ValueError(
@@ -293,7 +296,7 @@ class _Trainer:
             elif weight_dtype != torch.float32:
                 reload_in_dtype(m, weight_dtype)
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
+        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps, clip_skip=cfg.clip_skip)
         train_te = bool(network.text_encoder_parameters()) and cfg.te_lr > 0
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
         applied = apply_base_precision(pipe, cfg.base_precision, weight_dtype, readers)
@@ -319,7 +322,9 @@ class _Trainer:
                         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         noise_scheduler = noise_scheduler_for_training(pipe.scheduler.config, cfg.zero_terminal_snr)
         return Model(pipe, arch, network, weight_dtype, train_unet=bool(network.unet_parameters()), train_te=train_te,
-                     noise_scheduler=noise_scheduler, conditioner=TextConditioner(pipe, arch.is_sdxl))
+                     noise_scheduler=noise_scheduler,
+                     conditioner=TextConditioner(pipe, arch.is_sdxl, max_token_length=cfg.max_token_length,
+                                                 clip_skip=cfg.clip_skip, warn=self.warn))
 
     def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
@@ -338,6 +343,8 @@ class _Trainer:
         if d.cache_latents != "none":
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
+        if self.main:  # long captions: one warning per caption cut, with its file (conditioning.py)
+            model.conditioner.check_captions((i.caption, str(i.path)) for i in items)
         text = None
         captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
         if not model.train_te and d.cache_text and captions is not None:
@@ -611,6 +618,7 @@ class _Trainer:
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
+            clip_skip=cfg.clip_skip,  # also modelspec.encoder_layer, as kohya's sai_model_spec writes it
         )
         return {**config_metadata(cfg), **run}
 
@@ -656,7 +664,7 @@ class _Trainer:
                 paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
                                        self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                        guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                       on_progress=progress, should_stop=self._stop_requested)
+                                       on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
