@@ -20,7 +20,9 @@ COMMANDS = [
     "inspect", "edit_metadata",
     "convert",
     "merge", "resize", "extract",
+    "import_kohya",
     "demo",
+    "serve",
 ]
 
 

@@ -40,6 +40,9 @@ BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")  # how training
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LATENT_CACHE = ("ram", "disk", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # training/loss.py implements each
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's --max_token_length choices (75: one chunk, the encoders' own length)
 
 
 class ConfigError(ValueError):
@@ -84,6 +87,76 @@ class DataConfig:
     cache_text: bool = setting(True, "cache text-encoder outputs when the text encoder is frozen")
     max_image_pixels: int = setting(64_000_000, "images with more pixels are skipped (decompression-bomb guard)", minimum=1, ss=False)
 
+    # ---- data area (issue #19): subsets, kohya dataset configs, kohya's caption and bucket options --------
+    subsets: list[SubsetConfig] = setting(
+        help="image folders with their own repeats, caption options, flip and resolution: [[data.subsets]] tables with "
+        "the keys below; a key a table leaves out takes the [data] value", default_factory=list, items=lambda: SubsetConfig)
+    dataset_config_path: str | None = setting(
+        None, "kohya sd-scripts dataset config (TOML or JSON with [general], [[datasets]], [[datasets.subsets]]), read as "
+        "subsets; replaces path / reg_path / subsets", path="file", flag="--dataset-config", metavar="FILE",
+        kohya=("dataset_config",))
+    caption_prefix: str = setting("", "text put before every caption (before shuffling, as kohya does)")
+    caption_suffix: str = setting("", "text put after every caption")
+    keep_tokens_separator: str = setting(
+        "", "the caption part before this separator (and after a second one) is never shuffled or dropped, e.g. \"|||\"")
+    secondary_separator: str = setting("", "separator inside one tag: shuffled as one tag, trained as a comma, e.g. \";;;\"")
+    caption_dropout_every_n_epochs: int = setting(0, "train every N-th epoch on empty captions", minimum=0, zero="never",
+                                                  ss="ss_caption_dropout_every_n_epochs")
+    min_bucket_side: int | None = setting(
+        None, "smallest bucket side; setting it or max_bucket_side makes buckets every shape between the two (kohya's "
+        "rule) instead of aspect ratios up to 2", unit="px", kohya=("min_bucket_reso",), default_text="resolution / 2",
+        ss="ss_min_bucket_reso")
+    max_bucket_side: int | None = setting(None, "largest bucket side (see min_bucket_side)", unit="px", kohya=("max_bucket_reso",),
+                                          default_text="2 x resolution", ss="ss_max_bucket_reso")
+    cache_text_to_disk: bool = setting(False, "with cache_text: keep the text-encoder outputs in the disk cache folder too, "
+                                       "for the next run", kohya={"cache_text_encoder_outputs_to_disk": True}, ss=False)
+
+    def __post_init__(self):
+        # Python callers may pass the tables as dicts, as TOML gives them
+        self.subsets = [SubsetConfig(**t) if isinstance(t, dict) else t for t in self.subsets or []]
+
+
+def _per_subset(name: str, kohya: tuple = (), help: str | None = None):
+    """A [[data.subsets]] key that overrides the [data] key `name` for one subset; described by that field."""
+    f = DataConfig.__dataclass_fields__[name]
+    # ss=None: a subset's values are recorded within data.subsets, not under the [data] key's kohya name
+    meta = dict(f.metadata, default_text=f"[data] {name}", inherits=name, ss=None, **({"help": help} if help else {}))
+    if kohya:
+        meta["kohya"] = dict.fromkeys(kohya)
+    return field(default=None, metadata=meta)
+
+
+@dataclass
+class SubsetConfig:
+    """One [[data.subsets]] table: an image folder with options of its own (unset: the [data] value)."""
+
+    path: str = setting("", "image folder of the subset: its images and those of its sub-folders (an `N_name` name is not "
+                        "read: set repeats and prompt)", path="dir", kohya=("image_dir",))
+    metadata_path: str | None = setting(
+        None, "kohya fine-tuning metadata JSON ({image: {caption, tags}}) naming the images (relative to path) and their "
+        "captions, instead of caption files", path="file", kohya=("metadata_file",))
+    is_reg: bool = setting(False, "regularization (class) images for prior preservation (weight: data.prior_loss_weight)")
+    prompt: str | None = setting(None, "caption for images without a caption file", kohya=("class_tokens",),
+                                 default_text="[data] instance_prompt (class_prompt for is_reg)")
+    repeats: int | None = _per_subset("repeats", kohya=("num_repeats",), help="repeats of the subset's images per epoch")
+    caption_extension: str | None = _per_subset("caption_extension")
+    caption_prefix: str | None = _per_subset("caption_prefix")
+    caption_suffix: str | None = _per_subset("caption_suffix")
+    shuffle_captions: bool | None = _per_subset("shuffle_captions")
+    keep_tokens: int | None = _per_subset("keep_tokens")
+    keep_tokens_separator: str | None = _per_subset("keep_tokens_separator")
+    secondary_separator: str | None = _per_subset("secondary_separator")
+    caption_dropout: float | None = _per_subset("caption_dropout")
+    caption_dropout_every_n_epochs: int | None = _per_subset("caption_dropout_every_n_epochs")
+    flip: bool | None = _per_subset("flip")
+    resolution: int | None = _per_subset("resolution")
+    buckets: bool | None = _per_subset("buckets")
+    bucket_step: int | None = _per_subset("bucket_step")
+    upscale: bool | None = _per_subset("upscale")
+    min_bucket_side: int | None = _per_subset("min_bucket_side")
+    max_bucket_side: int | None = _per_subset("max_bucket_side")
+
+
 
 @dataclass
 class TrainConfig:
@@ -125,6 +198,42 @@ class TrainConfig:
         "single .safetensors VAE file, e.g. madebyollin's sdxl-vae-fp16-fix for fp16 SDXL", path="path",
         default_text="the base model's", ss="ss_vae_name")
     seed: int = setting(42, "random seed (data order, noise, timesteps)", ss="ss_seed")
+
+    # loss options (#18): kohya sd-scripts' names and formulas (sd_lora/training/loss.py; docs/training.md "Loss options")
+    loss_type: str = setting("l2", "per-pixel loss: l2 (MSE), l1, huber (pseudo-Huber) or smooth_l1; huber/smooth_l1 pull "
+                             "less on large errors (corrupt images, bad captions)", choices=LOSS_TYPES, ss="ss_loss_type")
+    huber_c: float = setting(0.1, "huber/smooth_l1 threshold c (with huber_schedule: its value at the last timestep)", ss="ss_huber_c")
+    huber_schedule: str = setting("snr", "how the huber threshold varies with the timestep: constant (huber_c x "
+                                  "huber_scale), exponential (1 at t=0 down to huber_c), snr (from the noise level)",
+                                  choices=HUBER_SCHEDULES, ss="ss_huber_schedule")
+    huber_scale: float = setting(1.0, "huber threshold multiplier (constant and exponential schedules)", ss="ss_huber_scale")
+    debiased_estimation_loss: bool = setting(False, "weight each timestep by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)): "
+                                             "debiased estimation (Yu et al. 2024)", ss="ss_debiased_estimation")
+    ip_noise_gamma: float | None = setting(None, "input perturbation: extra noise on the UNet input that the target does "
+                                           "not contain (0.1 is usual)", minimum=0, default_text="off", ss="ss_ip_noise_gamma")
+    ip_noise_gamma_random_strength: bool = setting(False, "with ip_noise_gamma: a random strength in [0, ip_noise_gamma) per step",
+                                                   ss="ss_ip_noise_gamma_random_strength")
+    noise_offset_random_strength: bool = setting(False, "with noise_offset: a random strength in [0, noise_offset) per step",
+                                                 ss="ss_noise_offset_random_strength")
+    adaptive_noise_scale: float | None = setting(None, "with noise_offset: add this x |mean of each latent channel| to the "
+                                                 "offset (images far from mid-grey get more)", default_text="off",
+                                                 ss="ss_adaptive_noise_scale")
+    multires_noise_iterations: int | None = setting(None, "multi-resolution (pyramid) noise levels; 6-10 is usual",
+                                                    minimum=0, zero="off", default_text="off", ss="ss_multires_noise_iterations")
+    multires_noise_discount: float = setting(0.3, "with multires_noise_iterations: weight of each coarser level "
+                                             "(level i: discount^i)", minimum=0, ss="ss_multires_noise_discount")
+    min_timestep: int | None = setting(None, "smallest timestep trained (0-999)", minimum=0, default_text="0")
+    max_timestep: int | None = setting(None, "train timesteps below this (1-1000)", minimum=1,
+                                       default_text="the schedule's length (1000)")
+
+    # text conditioning (#19): sd_lora/prompts.py (A1111's 75-token chunks; clip skip as A1111 and kohya read it)
+    max_token_length: int = setting(75, "caption tokens read: 75, 150 or 225, in 75-token chunks each encoded with its own "
+                                    "BOS/EOS and concatenated (A1111's long prompts); longer captions are cut, with a warning",
+                                    choices=MAX_TOKEN_LENGTHS, unit="tokens", ss="ss_max_token_length")
+    clip_skip: int | None = setting(None, "condition on the text encoder's Nth layer from the end (A1111's \"Clip skip\"; 2 "
+                                    "for most anime SD1 models), with its final layer norm; the layers after it get no "
+                                    "adapters. SDXL ignores it (as A1111 and kohya do)", minimum=1,
+                                    default_text="1 (the last layer)", ss="ss_clip_skip")
 
     save_every: int | None = setting(None, "save a LoRA file + resumable checkpoint every N steps", minimum=0, zero="never",
                                      default_text="never", kohya=("save_every_n_steps",), ss=False)
@@ -191,7 +300,7 @@ class TrainConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = {g.name: getattr(v, g.name) for g in fields(v)} if is_dataclass(v) else v
+            out[f.name] = {g.name: _plain(getattr(v, g.name)) for g in fields(v)} if is_dataclass(v) else v
         return out
 
     # ---- validation -----------------------------------------------------------------------------
@@ -232,9 +341,10 @@ class TrainConfig:
             e.append("output: missing; set it to the LoRA file to write, e.g. out/my_lora.safetensors")
         elif Path(self.output).suffix != ".safetensors":
             e.append(f"output: {self.output} must end in .safetensors")
-        if not d.path:
-            e.append("data.path: missing; set it to the dataset folder")
-        elif check_paths:
+        if not d.path and not d.subsets and not d.dataset_config_path:
+            e.append("data.path: missing; set it to the dataset folder (or write [[data.subsets]] tables, or set "
+                     "data.dataset_config_path to a kohya dataset config)")
+        elif d.path and check_paths:
             e += _check_image_folder("data.path", d.path)
         if d.reg_path and check_paths:
             e += _check_image_folder("data.reg_path", d.reg_path)
@@ -263,8 +373,13 @@ class TrainConfig:
             e.append(f"min_snr_gamma: must be > 0 (got {self.min_snr_gamma!r}); 5 is usual, or leave it unset")
         if not 0 <= self.noise_offset <= 1:
             e.append(f"noise_offset: must be between 0 and 1 (got {self.noise_offset!r}); 0.05-0.1 is usual")
+        e += self._loss_rules()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
+        # blocks: the LoRA file a run continues from (what it must fit is checked when the network is built)
+        init_lora = getattr(self.network, "init_lora", None)
+        if init_lora and check_paths and not Path(init_lora).is_file():
+            e.append(f"network.init_lora: {init_lora} is not a file; set it to the LoRA .safetensors file to continue from")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
             e.append(f"resume: {self.resume} is not a checkpoint folder; set it to one from {self.checkpoint_root} or to latest")
         if self.resume == "latest" and check_paths and self.output and not _has_checkpoint(self.checkpoint_root):
@@ -291,6 +406,33 @@ class TrainConfig:
             e.append(f"data.caption_dropout: must be in [0, 1) (got {d.caption_dropout!r})")
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
+        e += _subset_rules(self, check_paths)
+        return e
+
+    def _loss_rules(self) -> list[str]:
+        """The loss options (#18) that depend on another one."""
+        e = []
+        if self.huber_c <= 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
+            e.append(f"huber_c: must be > 0, and <= 1 with huber_schedule = \"{self.huber_schedule}\" (got {self.huber_c!r}); "
+                     "0.1 is usual")
+        if self.huber_scale <= 0:
+            e.append(f"huber_scale: must be > 0 (got {self.huber_scale!r}); 1.0 is usual")
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            e.append("adaptive_noise_scale: needs noise_offset; set noise_offset (e.g. 0.05) or leave adaptive_noise_scale unset")
+        if self.noise_offset_random_strength and not self.noise_offset:
+            e.append("noise_offset_random_strength: needs noise_offset; set noise_offset (e.g. 0.05) or set "
+                     "noise_offset_random_strength = false")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            e.append("ip_noise_gamma_random_strength: needs ip_noise_gamma; set ip_noise_gamma (e.g. 0.1) or set "
+                     "ip_noise_gamma_random_strength = false")
+        if self.min_timestep is not None and self.min_timestep > 999:
+            e.append(f"min_timestep: must be 0-999 (got {self.min_timestep}); leave it unset to start at 0")
+        if self.max_timestep is not None and self.max_timestep > 1000:
+            e.append(f"max_timestep: must be 1-1000 (got {self.max_timestep}); leave it unset to train every timestep")
+        low, high = self.min_timestep or 0, 1000 if self.max_timestep is None else self.max_timestep
+        if low > high or (low == high and high >= 1000):
+            e.append(f"min_timestep/max_timestep: the range [{low}, {high}) is empty; set min_timestep below max_timestep "
+                     "(equal values train that one timestep)")
         return e
 
     def check(self) -> None:
@@ -331,6 +473,103 @@ def quantized_base_problems(precision: str, cuda: bool) -> list[str]:
     if importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"base_precision: {precision} needs bitsandbytes (pip install bitsandbytes), or use \"fp8\"")
     return problems
+
+
+def _plain(value):
+    """A list of tables (data.subsets) as dicts of the keys each table sets; any other value as it is."""
+    if isinstance(value, list) and value and is_dataclass(value[0]):
+        return [{g.name: getattr(t, g.name) for g in fields(t) if getattr(t, g.name) is not None} for t in value]
+    return value
+
+
+def _subset_rules(cfg: TrainConfig, check_paths: bool) -> list[str]:
+    """The checks of [[data.subsets]] and of a kohya dataset config (area: data)."""
+    d, e = cfg.data, []
+    if d.dataset_config_path:
+        # what the kohya file decides may not also be set here: one of the two would be ignored
+        for name in ("path", "reg_path", "subsets"):
+            if getattr(d, name):
+                e.append(f"data.{name}: not used with data.dataset_config_path (the kohya file lists the image folders); "
+                         "remove one of the two")
+        if not Path(d.dataset_config_path).is_file():
+            # without check_paths (a TOML being loaded) the file is checked, and read, when the paths are
+            return e + ([f"data.dataset_config_path: file {d.dataset_config_path} not found"] if check_paths else [])
+        # lazily: the reader is the data layer's (torch-free); its problems are config problems
+        from .data.kohya_config import read_dataset_config
+
+        try:
+            kohya = read_dataset_config(d.dataset_config_path)
+        except ValueError as err:
+            return e + list(getattr(err, "errors", [str(err)]))
+        if kohya.batch_size is not None and kohya.batch_size != cfg.batch_size:
+            e.append(f"batch_size: the kohya dataset config says batch_size = {kohya.batch_size}; set batch_size = "
+                     f"{kohya.batch_size} (--train_batch_size {kohya.batch_size}) or remove it from the file")
+        tables = [(f"{d.dataset_config_path}: {where}", t) for where, t in kohya.subsets]
+    else:
+        tables = [(f"data.subsets[{i + 1}]", t) for i, t in enumerate(d.subsets)]
+    item_keys = config_key("data.subsets").item_keys()
+    for where, t in tables:
+        for key in item_keys:
+            message = key.problem(getattr(t, key.attr))
+            if message:
+                e.append(f"{where}.{message.split('[].', 1)[1]}")
+        if not t.path and not t.metadata_path:
+            e.append(f"{where}.path: missing; set it to the subset's image folder")
+        elif t.path and check_paths and not Path(t.path).is_dir():
+            e.append(f"{where}.path: folder {t.path} does not exist")
+        if t.metadata_path and check_paths and not Path(t.metadata_path).is_file():
+            e.append(f"{where}.metadata_path: file {t.metadata_path} not found")
+        res, step = t.resolution or d.resolution, t.bucket_step or d.bucket_step
+        if t.resolution is not None and (t.resolution < 64 or t.resolution % 64):
+            e.append(f"{where}.resolution: must be a multiple of 64, >= 64 (got {t.resolution!r})")
+        if t.bucket_step is not None and (t.bucket_step < 8 or t.bucket_step % 8):
+            e.append(f"{where}.bucket_step: must be a multiple of 8 (got {t.bucket_step!r}); 64 is usual")
+        if t.caption_dropout is not None and not 0 <= t.caption_dropout < 1:
+            e.append(f"{where}.caption_dropout: must be in [0, 1) (got {t.caption_dropout!r})")
+        if t.caption_extension is not None and not t.caption_extension.startswith("."):
+            e.append(f"{where}.caption_extension: must start with a dot, e.g. \".txt\" (got {t.caption_extension!r})")
+        for side in ("min_bucket_side", "max_bucket_side"):
+            v = getattr(t, side) if getattr(t, side) is not None else getattr(d, side)
+            if v is not None and isinstance(v, int) and (v < step or v % step):
+                e.append(f"{where}.{side}: must be a multiple of bucket_step ({step}) (got {v!r})")
+        low, high = (t.min_bucket_side or d.min_bucket_side), (t.max_bucket_side or d.max_bucket_side)
+        if isinstance(low, int) and isinstance(high, int) and low > high:
+            e.append(f"{where}.min_bucket_side: {low} is larger than max_bucket_side {high}")
+        if isinstance(high, int) and isinstance(res, int) and high < res:
+            e.append(f"{where}.max_bucket_side: {high} is smaller than the resolution {res}; the square bucket would not fit")
+    if not tables:
+        for side in ("min_bucket_side", "max_bucket_side"):
+            v = getattr(d, side)
+            if isinstance(v, int) and (v < d.bucket_step or v % d.bucket_step):
+                e.append(f"data.{side}: must be a multiple of data.bucket_step ({d.bucket_step}) (got {v!r})")
+    return e
+
+
+def _tables(key: Key, values: list, relative_to) -> tuple[list, list[str]]:
+    """A list-of-tables value from TOML (data.subsets) as dataclass objects, with the problems of its keys."""
+    items, errors = [], []
+    item_keys = {k.attr: k for k in key.item_keys()}
+    for i, table in enumerate(values):
+        where = f"{key.name}[{i + 1}]"
+        if not isinstance(table, dict):
+            errors.append(f"{where}: must be a table ([[{key.name}]] with keys), got {table!r}")
+            continue
+        obj = key.items()
+        for k, v in table.items():
+            sub = item_keys.get(k)
+            if sub is None:
+                errors.append(f"{where}.{k}: unknown key{suggest(k, list(item_keys))}")
+                continue
+            problem = sub.type_problem(v)
+            if problem:
+                errors.append(f"{where}.{k}: {problem}")
+                continue
+            path = sub.path_value(v)
+            if relative_to is not None and path is not None and not Path(path).is_absolute():
+                v = str(Path(relative_to) / path)
+            setattr(obj, k, v)
+        items.append(obj)
+    return items, errors
 
 
 def _has_checkpoint(root: Path) -> bool:
@@ -419,6 +658,9 @@ def config_from_dict(values: dict, base: TrainConfig | None = None, relative_to:
         if name in wrong:
             continue
         key = keys[name]
+        if key.items is not None:  # [[data.subsets]]: tables of keys of their own
+            value, table_errors = _tables(key, value, relative_to)
+            errors += table_errors
         path = key.path_value(value)
         if relative_to is not None and path is not None and not Path(path).is_absolute():
             value = str(Path(relative_to) / path)
@@ -455,5 +697,5 @@ def dump_config(cfg: TrainConfig) -> str:
     d = cfg.to_dict()
     clean = {k: v for k, v in d.items() if v is not None and k not in SECTIONS}
     for s in SECTIONS:
-        clean[s] = {k: v for k, v in d[s].items() if v is not None}
+        clean[s] = {k: v for k, v in d[s].items() if v is not None and v != []}
     return tomli_w.dumps(clean)

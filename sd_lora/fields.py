@@ -27,7 +27,7 @@ PATH_KINDS = ("dir", "file", "path")  # what a path key names: a folder, a file,
 def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, choices=None, unit: str | None = None,
             path: str | None = None, lines: bool = False, keywords: tuple[str, ...] = (), flag: str | None = None,
             metavar: str | None = None, kohya: dict | tuple = (), minimum: float | None = None, zero: str | None = None,
-            default_text: str | None = None, excludes: str | None = None, ss: str | bool | None = None):
+            default_text: str | None = None, excludes: str | None = None, ss: str | bool | None = None, items: Any = None):
     """A dataclass field that describes itself.
 
     help: one line for --help, the docs table and the UI.   choices: a tuple, or a function returning one
@@ -44,6 +44,8 @@ def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MI
     ss: where the value goes in a trained file's metadata (`settings_metadata`): "ss_<name>" is the kohya
     key that means the same (str(value), as kohya writes it); False: not recorded (machine-local: threads,
     folders, log intervals). Every key not marked False is recorded in the CONFIG_METADATA_KEY JSON.
+    items: for a list of tables (`[[data.subsets]]`), the dataclass describing one table (or a function
+    returning it); its fields are keys too (`data.subsets[].path`). Such a key is TOML-only: no flag, no form box.
     """
     if ss not in (None, False) and not (isinstance(ss, str) and ss.startswith("ss_")):
         raise ValueError(f"ss must be a kohya metadata key ('ss_...') or False, got {ss!r}")
@@ -51,7 +53,8 @@ def setting(default: Any = MISSING, help: str = "", *, default_factory: Any = MI
         raise ValueError(f"path must be one of {PATH_KINDS}, got {path!r}")
     metadata = {"help": help, "choices": choices, "unit": unit, "path": path, "lines": lines, "keywords": tuple(keywords),
                 "flag": flag, "metavar": metavar, "kohya": dict.fromkeys(kohya) if isinstance(kohya, (tuple, list)) else dict(kohya),
-                "minimum": minimum, "zero": zero, "default_text": default_text, "excludes": excludes, "ss": ss}
+                "minimum": minimum, "zero": zero, "default_text": default_text, "excludes": excludes, "ss": ss,
+                "items": items}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -104,6 +107,18 @@ class Key:
     @property
     def excludes(self) -> str | None:
         return self.meta.get("excludes")
+
+    @property
+    def items(self) -> type | None:
+        """The dataclass of one table, for a list-of-tables key (see setting's `items`); else None."""
+        c = self.meta.get("items")
+        return c if c is None or isinstance(c, type) else c()
+
+    def item_keys(self) -> tuple[Key, ...]:
+        """The keys of one table of a list-of-tables key, named `data.subsets[].path`; get/set act on one table."""
+        if self.items is None:
+            return ()
+        return tuple(Key(f"{self.name}[].{k.attr}", None, k.attr, k.annotation, k.default, k.meta) for k in describe(self.items, {}))
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -337,6 +352,9 @@ def settings_metadata(cfg, keys: tuple[Key, ...]) -> dict[str, str]:
         value = key.get(cfg)
         if key.path_value(value) is not None:
             value = PurePath(value).name
+        if key.items is not None:  # [[data.subsets]]: the keys each table sets, paths as their last part too
+            value = [{sub.attr: PurePath(v).name if sub.path_value(v) is not None else v for sub in key.item_keys()
+                      if (v := sub.get(table)) is not None} if isinstance(table, key.items) else table for table in value or []]
         recorded[key.name] = value
         if isinstance(key.ss, str) and value is not None and value != "":
             md[key.ss] = str(value)
@@ -377,18 +395,27 @@ def markdown_table(keys: tuple[Key, ...]) -> str:
     """Every key with its flag, type, default, choices, kohya metadata key and help, as a Markdown table."""
     rows = ["| key | flag | type | default | values | metadata | what it does |", "|---|---|---|---|---|---|---|"]
     for k in keys:
+        rows.append(_row(k, table=False))
+        rows += [_row(sub, table=True) for sub in k.item_keys()]
+    return "\n".join(rows)
+
+
+def _row(k: Key, table: bool) -> str:
+    """One key's table row; `table`: a key of a list of tables (TOML only, kohya names are dataset-config keys)."""
+    if table or k.items is not None:
+        flag = "TOML only" + (" (kohya: " + ", ".join(f"`{name}`" for name in k.kohya) + ")" if k.kohya else "")
+    else:
         flag = f"`{k.flag}`" if k.kind != "bool" else f"`{k.flag}` / `--no-{k.flag[2:]}`"
         if k.kohya:
             flag += " (kohya: " + ", ".join(f"`--{name}`" for name in k.kohya) + ")"
-        kind = k.kind + (f" ({k.path})" if k.path else "") + (" or unset" if k.optional else "")
-        values = ", ".join(f"`{c}`" for c in k.choices) if k.choices is not None else ""
-        if k.minimum is not None:
-            values = f">= {k.minimum}" + (f" (0: {k.meta['zero']})" if k.meta.get("zero") else "")
-        if k.unit:
-            values = (values + " " if values else "") + k.unit
-        recorded = "not recorded" if k.ss is False else f"`{k.ss}`" if k.ss else ""
-        rows.append(f"| `{k.name}` | {flag} | {kind} | {_cell(k.default_words() or '')} | {_cell(values)} | {recorded} | {_cell(k.help)} |")
-    return "\n".join(rows)
+    kind = k.kind + (f" ({k.path})" if k.path else "") + (" or unset" if k.optional else "")
+    values = ", ".join(f"`{c}`" for c in k.choices) if k.choices is not None else ""
+    if k.minimum is not None:
+        values = f">= {k.minimum}" + (f" (0: {k.meta['zero']})" if k.meta.get("zero") else "")
+    if k.unit:
+        values = (values + " " if values else "") + k.unit
+    recorded = "not recorded" if k.ss is False else f"`{k.ss}`" if k.ss else ""
+    return f"| `{k.name}` | {flag} | {kind} | {_cell(k.default_words() or '')} | {_cell(values)} | {recorded} | {_cell(k.help)} |"
 
 
 def replace_table(text: str, table: str) -> str:

@@ -39,6 +39,12 @@ The rules, each written once, here:
   nothing to share, and on a busy machine they wait on each other (tiny-base, 64 px, 25 steps on a
   loaded 2-core box: 12-86 s with torch's 2 threads, 2-4 s with one). `cpu_threads` sets the count
   for any model; the previous count is put back after the call.
+- **Prompts** are encoded as A1111 encodes them (sd_lora.prompts): `(word:1.2)`, `(word)`, `[word]`
+  emphasis, `\(` escapes, `BREAK`, any length in 75-token chunks, the negative prompt padded to the
+  prompt's chunks; `clip_skip` N reads the text encoder's Nth layer from the end (SD1/SD2; SDXL
+  ignores it, as A1111 does, and the call's notes say so). The embeddings go to the pipeline as
+  `prompt_embeds`; a plain prompt of up to 75 tokens gives the image the pipeline's own encoding
+  gives, bit for bit. The PNG says `Clip skip: N` when N > 1 (A1111's infotext).
 - **Sampler.** `sampler` is an A1111 name ("Euler a", "DPM++ 2M Karras", ...; sd_lora.samplers),
   built from the model's scheduler config for the call; None keeps the model's own scheduler.
 - **PNG.** Each image carries A1111's infotext as its `parameters` text (`parameters_text`, the one
@@ -151,6 +157,7 @@ def parameters_text(settings: dict[str, Any]) -> str:
         "Steps": settings["steps"], "Sampler": sampler, "Schedule type": schedule, "CFG scale": settings["guidance"],
         "Seed": settings["seed"], "Size": f"{width}x{height}" if width and height else None,
         "Model hash": settings.get("model_hash"), "Model": settings["model"], "VAE": settings.get("vae"),
+        "Clip skip": settings["clip_skip"] if (settings.get("clip_skip") or 1) > 1 else None,  # A1111: after VAE, before extras
         "Lora hashes": ", ".join(f"{lora_hash_name(x['name'])}: {x['hash']}" for x in loras if x.get("hash")) or None,
         "LoRAs": " ".join(f"{x['name']}:{_exact(x['weight'])}:{_exact(x['te_weight'])}"
                           + (f":lbw={x['block_weights']}" if x.get("block_weights") else "") for x in loras) or None,
@@ -168,8 +175,8 @@ _LORA_ITEM = re.compile(r"\s*(.+?):([-+.\deE]+):([-+.\deE]+)(?::lbw=(\S+))?(?=\s
 def settings_from_infotext(text: str) -> dict[str, Any]:
     """What a `parameters` text says about the call that made it, as `generate()` keyword arguments
     (prompt, negative_prompt, seed, steps, guidance, width, height, sampler, guidance_rescale,
-    zero_terminal_snr) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from our
-    LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None),
+    zero_terminal_snr, clip_skip) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from
+    our LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None),
     "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid" (a sweep's
     or comparison's labels: the text of a whole grid, not of one image).
 
@@ -192,6 +199,7 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
         "sampler": from_a1111(res.get("Sampler"), res.get("Schedule type")),
         "guidance_rescale": float(res["Guidance rescale"]) if "Guidance rescale" in res else None,
         "zero_terminal_snr": res.get("Zero terminal SNR") == "True",
+        "clip_skip": int(res["Clip skip"]) if res.get("Clip skip", "").isdigit() else None,
         "loras": loras, "lora_block_weights": [m[4] for m in items], "lora_hashes": hashes,
         "model": res.get("Model"), "model_hash": res.get("Model hash"), "vae": res.get("VAE"), "grid": res.get("Grid"),
     }
@@ -318,6 +326,7 @@ def generate(
     guidance_rescale: float | None = None,
     zero_terminal_snr: bool = False,
     sampler: str | None = None,
+    clip_skip: int | None = None,
     vae: str | os.PathLike | None = None,
     lora_dir: str | os.PathLike | None = None,
     add_trigger_words: bool = False,
@@ -330,6 +339,7 @@ def generate(
     cpu_offload: bool = False,
     cpu_threads: int | None = None,
     strict: bool = True,
+    render: bool = True,
 ) -> GenerationResult:
     """Generate images from `base` (a model path or a loaded diffusers pipeline) with a LoRA stack.
 
@@ -345,6 +355,8 @@ def generate(
         zero_terminal_snr: sample with rescaled betas and trailing timesteps (v-prediction models only).
         sampler: an A1111 sampler name from sd_lora.samplers.SAMPLERS ("Euler a", "DPM++ 2M Karras", ...);
             None: the model's own scheduler.
+        clip_skip: A1111's "Clip skip" (kohya's --clip_skip): condition on the text encoder's Nth layer
+            from the end; None or 1: the last layer. SD1/SD2 only (SDXL ignores it, as A1111 does).
         vae: a replacement VAE (diffusers folder or single file) for this call.
         add_trigger_words: prepend the LoRAs' trigger words to the prompt.
         num_images: images per stack, with seeds seed, seed+1, ...
@@ -353,6 +365,9 @@ def generate(
         cpu_threads: torch CPU threads for the call; None: one for a small UNet on the CPU, else torch's count.
         strict: refuse a LoRA with modules that fit no layer of the base (made for another model);
             False applies the modules that fit and logs the rest (CLI: --skip-mismatched).
+        render: False checks and resolves everything and returns the result without images (its
+            settings are the call's; `render_batch` renders such results together). The service
+            (sd_lora.serve) checks a request this way before it is queued.
 
     Returns a GenerationResult; nothing is written to disk (use `.images[i].save(path)` or `.save_grid(path)`).
     """
@@ -362,6 +377,8 @@ def generate(
     if cpu_threads is not None and (not _whole(cpu_threads) or cpu_threads < 1):
         problems.append(f"cpu threads {_show(cpu_threads)}: must be a whole number, at least 1 (empty: automatic)")
     problems += check_sampler(sampler)
+    if clip_skip is not None and (not _whole(clip_skip) or clip_skip < 1):
+        problems.append(f"clip skip {_show(clip_skip)}: must be a whole number, at least 1 (1: the last layer; 2 is usual for anime SD1 models)")
     is_path = isinstance(base, (str, os.PathLike))
     loaded = not is_path  # a pipeline, or a function that returns one
     if loaded:
@@ -401,7 +418,14 @@ def generate(
         "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
         "model": _model_name(base, pipe), "model_hash": _model_hash(base, pipe), "vae": Path(vae).name if vae else None,
         "loras": _loras(specs), "sampler": sampler, "scheduler": type(pipe.scheduler).__name__,
+        "clip_skip": int(clip_skip) if clip_skip else None,
     }
+    if settings["clip_skip"] and settings["clip_skip"] > 1 and getattr(pipe, "text_encoder_2", None) is not None:
+        notes.append(f"clip skip {settings['clip_skip']}: SDXL ignores clip skip (as A1111 does): both text encoders' "
+                     "penultimate layers are read")
+    if not render:
+        return GenerationResult(images=[], stack=specs, trigger_words=trigger_words, settings=settings,
+                                title=title, labels=[label for label, _ in variants], notes=notes)
     with _threads(cpu_threads or generation_threads(pipe)):
         images = _render(pipe, variants, settings, int(num_images), vae if loaded else None, keep_loras, strict)
     return GenerationResult(images=images, stack=specs, trigger_words=trigger_words, settings=settings,
@@ -414,6 +438,7 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
     import torch
 
     from .models import load_vae, use_zero_terminal_snr
+    from .prompts import pipeline_prompt_kwargs
     from .samplers import make_scheduler
     from .stack import applied_stack, apply_loras, remove_loras
 
@@ -429,18 +454,17 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
             pipe.vae = load_vae(vae, pipe, dtype=old_vae.dtype).to(old_vae.device)
         for label, stack in variants:
             apply_loras(pipe, stack, strict=strict)
+            # encoded with this variant's stack fused (a LoRA may change the text encoder)
+            embeds = pipeline_prompt_kwargs(pipe, settings["encoded_prompt"], settings["negative_prompt"], settings["clip_skip"])
             for i in range(num_images):
                 seed = settings["seed"] + i
                 generator = torch.Generator("cpu").manual_seed(seed)  # a CPU generator: the same image on any device
                 image = pipe(
-                    prompt=settings["encoded_prompt"], negative_prompt=settings["negative_prompt"] or None,
-                    num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                    **embeds, num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                     guidance_rescale=settings["guidance_rescale"], width=settings["width"], height=settings["height"],
                     generator=generator,
                 ).images[0]
-                own = {**settings, "seed": seed, "loras": _loras(stack), "label": label,
-                       "width": image.width, "height": image.height}
-                out.append(GeneratedImage(image=image, label=label, settings=own, parameters=parameters_text(own)))
+                out.append(_image(image, settings, seed, stack, label))
     finally:
         pipe.scheduler, pipe.vae = scheduler, old_vae
         if not keep_loras:
@@ -450,6 +474,57 @@ def _render(pipe, variants, settings: dict, num_images: int, vae, keep_loras: bo
             else:
                 remove_loras(pipe)
     return out
+
+
+def _image(image, settings: dict, seed: int, stack: list[LoraSpec], label: str) -> GeneratedImage:
+    """One rendered image with its own settings (its seed, stack and size) and PNG text."""
+    own = {**settings, "seed": seed, "loras": _loras(stack), "label": label, "width": image.width, "height": image.height}
+    return GeneratedImage(image=image, label=label, settings=own, parameters=parameters_text(own))
+
+
+BATCH_KEYS = ("steps", "guidance", "guidance_rescale", "width", "height", "loras", "clip_skip")  # what one pipeline call shares
+
+
+def render_batch(pipe, calls: list[tuple[GenerationResult, int]], *, strict: bool = True) -> None:
+    """Render several `generate(pipe, ..., render=False)` results in ONE pipeline call and fill in their
+    images: `calls` is (result, number of images) pairs, each image i of a result with seed + i as in
+    `generate`. Their stack is left fused in `pipe`.
+
+    They must share a plain single stack (no sweep or comparison), the values of BATCH_KEYS, and use the
+    model's own scheduler, VAE and no zero terminal SNR. Each image keeps its own CPU generator, so its
+    starting noise is the one `generate` draws for its seed; what differs from rendering it alone is
+    the arithmetic of batched kernels: the images agree to within float rounding, not bit for bit
+    (sd_lora.serve states and tests the tolerance). Used by the service to batch requests."""
+    import torch
+
+    from .prompts import pipeline_prompt_kwargs
+    from .stack import apply_loras
+
+    results = [r for r, _ in calls]
+    first = results[0].settings
+    for r in results:
+        s = r.settings
+        if len(r.labels) != 1 or s["sampler"] or s["zero_terminal_snr"] or s["vae"] or r.images:
+            raise ValueError("render_batch: only plain single-stack results of render=False, with the model's own "
+                             "scheduler and VAE")
+        if any(s[k] != first[k] for k in BATCH_KEYS):
+            raise ValueError(f"render_batch: the results differ in {[k for k in BATCH_KEYS if s[k] != first[k]]}")
+    seeds = [(r, r.settings["seed"] + i) for r, n in calls for i in range(n)]
+    with _threads(generation_threads(pipe)):
+        apply_loras(pipe, results[0].stack, strict=strict)
+        # each prompt encoded as `generate` encodes it (emphasis, long prompts, clip skip), with the stack fused
+        encoded = [pipeline_prompt_kwargs(pipe, r.settings["encoded_prompt"], r.settings["negative_prompt"],
+                                          r.settings["clip_skip"]) for r, _ in seeds]
+        if len({e["prompt_embeds"].shape for e in encoded}) > 1:
+            raise ValueError("render_batch: the prompts encode to different numbers of 75-token chunks; render them apart")
+        embeds = {k: torch.cat([e[k] for e in encoded]) for k in encoded[0]}
+        images = pipe(
+            **embeds, num_inference_steps=first["steps"], guidance_scale=first["guidance"],
+            guidance_rescale=first["guidance_rescale"], width=first["width"], height=first["height"],
+            generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in seeds],
+        ).images
+    for (r, seed), image in zip(seeds, images):
+        r.images.append(_image(image, r.settings, seed, r.stack, ""))
 
 
 def generation_threads(pipe) -> int | None:

@@ -72,24 +72,33 @@ class ArchInfo:
 
 
 # Which text-encoder states the UNet is conditioned on, as diffusers' pipelines encode prompts (and
-# training/conditioning.py does): SD1/SD2 the last layer's (after the final layer norm); SDXL the
+# sd_lora.prompts does): SD1/SD2 the last layer's (after the final layer norm); SDXL the
 # penultimate hidden states of both encoders, plus text_encoder_2's pooled embedding, which passes
-# through every layer. A `clip_skip` option would move the index further back here, and with it the
-# layers left unadapted.
-def conditioning_hidden_state(arch: str) -> int:
+# through every layer. `clip_skip` N (A1111's "Clip skip", kohya's --clip_skip) moves SD1/SD2 N-1
+# layers back, still through the final layer norm; SDXL ignores it, as A1111 and kohya do
+# (sd_lora/prompts.py cites both). The layers left unadapted follow from the same index.
+def conditioning_hidden_state(arch: str, clip_skip: int | None = None) -> int:
     """Index into a text encoder's `hidden_states` (embeddings, then one per layer) whose tokens
-    condition the UNet: -1 the last layer, -2 the penultimate one (SDXL)."""
-    return -2 if arch == ARCH_SDXL else -1
+    condition the UNet: -1 the last layer, -2 the penultimate one (SDXL, or SD1/SD2 with clip skip 2)."""
+    if arch == ARCH_SDXL:
+        return -2
+    return -max(1, int(clip_skip or 1))
 
 
-def unread_text_encoder_layers(arch: str, component: str, num_layers: int) -> range:
+def conditioning_final_layer_norm(arch: str) -> bool:
+    """Whether the encoder's final layer norm is applied to that hidden state (SD1/SD2: yes, also with
+    clip skip; SDXL reads its penultimate states as they are)."""
+    return arch != ARCH_SDXL
+
+
+def unread_text_encoder_layers(arch: str, component: str, num_layers: int, clip_skip: int | None = None) -> range:
     """Layers of a text encoder whose output never reaches the UNet (SDXL text_encoder: its last
-    one). Adapters there would get no gradient (PEFT AdaLoRA's update_ipt crashes on it) and
-    would be saved as all-zero modules, so none are injected."""
+    one; SD1/SD2 with clip skip N: the last N-1). Adapters there would get no gradient (PEFT
+    AdaLoRA's update_ipt crashes on it) and would be saved as all-zero modules, so none are injected."""
     if arch == ARCH_SDXL and component == "text_encoder_2":
         return range(0)  # its pooled projection reads the last layer
-    after = num_layers + 1 + conditioning_hidden_state(arch)  # hidden_states[k]: after k layers
-    return range(after, num_layers)
+    after = num_layers + 1 + conditioning_hidden_state(arch, clip_skip)  # hidden_states[k]: after k layers
+    return range(max(0, after), num_layers)
 
 
 def detect_architecture(shapes: dict[str, tuple[int, ...]]) -> str:

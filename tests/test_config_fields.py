@@ -80,7 +80,7 @@ def test_every_key_describes_itself():
     assert config_key("data.cache_latents").choices == ("ram", "disk", "none")
     # every str key named like a path is marked as one (or the UI would not confine it)
     for k in keys:
-        looks_like_path = k.attr in ("model", "output", "vae", "resume", "sample_prompts") or k.attr.endswith(("path", "_dir"))
+        looks_like_path = k.attr in ("model", "output", "vae", "resume", "sample_prompts", "init_lora") or k.attr.endswith(("path", "_dir"))
         assert bool(k.path) == looks_like_path, k.name
 
 

@@ -169,3 +169,120 @@ def _disk_cache_checks(tmp_path, tiny_pipeline):
     # flip on: mirrored latents are extra entries
     flip = LatentCache(ds2.items, vae, "disk", cache_dir, True, cfg.max_image_pixels)
     assert flip.build(show_progress=False) == {"encoded": 3, "reused": 3}
+
+
+# ---- honest reports: every layout mistake is named, with the folder and the fix -----------------------
+
+
+def _caption(path, text):
+    path.with_suffix(".txt").write_text(text)
+
+
+def test_images_beside_n_name_folders_are_named_not_silently_dropped(tmp_path):
+    root = tmp_path / "mixed"
+    for i in range(2):
+        _caption(_png(root / "10_dotted" / f"{i}.png"), "dotted")
+    for i in range(5):
+        _png(root / "cats" / f"{i}.png")
+    _png(root / "loose.png")
+    ds = scan_dataset(DataConfig(path=str(root), resolution=64))
+    assert {i.path.parent.name for i in ds.items} == {"10_dotted"}  # kohya's rule: only N_name folders
+    text = "\n".join(ds.report.lines())
+    assert f"5 image(s) in {root / 'cats'} are NOT trained" in text and "rename it to e.g. 1_cats" in text
+    assert f"1 image(s) directly in {root} are NOT trained (loose.png)" in text
+    ds.check()  # a warning, not a refusal: the N_name folders train
+
+
+def test_run_outputs_in_the_data_folder_are_left_out_and_named(tmp_path):
+    from sd_lora import artifacts
+
+    root = tmp_path / "data"
+    _caption(_png(root / "a.png"), "a red square")
+    out = root / "style.safetensors"
+    _png(artifacts.sample_image(out, 100, 0))
+    _png(artifacts.sample_grid(out))
+    _png(artifacts.loss_curve(out))
+    out.write_bytes(b"not really a LoRA")
+    ds = scan_dataset(DataConfig(path=str(root), resolution=64))
+    assert [i.path.name for i in ds.items] == ["a.png"]
+    text = "\n".join(ds.report.lines())
+    assert f"{root} holds 3 image(s) that a training run wrote" in text and "style-loss.png" in text
+    assert "NOT trained" in text and "output = somewhere else" in text
+    assert "holds .safetensors files (style.safetensors)" in text
+
+
+def test_data_one_level_too_high_is_refused_with_the_folder_to_use(tmp_path):
+    import pytest
+
+    project = tmp_path / "project"
+    _png(project / "data" / "10_dotted" / "a.png")
+    _png(project / "out" / "style-samples" / "step-000100-0.png")
+    ds = scan_dataset(DataConfig(path=str(project), resolution=64))
+    with pytest.raises(ValueError) as e:
+        ds.check()
+    msg = str(e.value)
+    assert f"{project} has no `N_name` folders, but {project / 'data'} has (10_dotted)" in msg
+    assert f'set data.path = "{project / "data"}"' in msg
+
+
+def test_empty_captions_are_called_empty_not_the_folder_prompt(tmp_path):
+    root = tmp_path / "plain"
+    for i in range(3):
+        _png(root / f"{i}.png")
+    (root / "0.txt").write_text("   \n")  # an empty caption file is no caption
+    ds = scan_dataset(DataConfig(path=str(root), resolution=64))
+    rep = ds.report
+    assert (rep.empty_captions, rep.fallback_captions) == (3, 0)
+    text = "\n".join(rep.lines())
+    assert "0 image(s) use the folder/instance prompt, 3 image(s) have an EMPTY caption" in text
+    assert "set data.instance_prompt" in text
+    named = scan_dataset(DataConfig(path=str(root), resolution=64, instance_prompt="ohwx"))
+    assert (named.report.empty_captions, named.report.fallback_captions) == (0, 3) and not named.report.warnings
+
+
+def test_a_folder_with_no_usable_image_is_refused(tmp_path):
+    import pytest
+
+    root = tmp_path / "data"
+    _png(root / "10_good" / "a.png")
+    (root / "5_broken").mkdir(parents=True)
+    (root / "5_broken" / "x.png").write_bytes(b"not a png")
+    (root / "3_empty").mkdir()
+    ds = scan_dataset(DataConfig(path=str(root), resolution=64))
+    with pytest.raises(ValueError) as e:
+        ds.check()
+    msg = str(e.value)
+    assert f"{root / '5_broken'} has no usable image (all 1 skipped" in msg
+    assert f"{root / '3_empty'} has no usable image (it holds no images); add images to it or remove the folder" in msg
+
+
+def test_a_reg_folder_inside_the_data_folder_is_not_a_stray_folder(tmp_path):
+    root = tmp_path / "data"
+    _png(root / "10_sks" / "a.png")
+    _png(root / "reg" / "1_dog" / "r.png")
+    _png(root / "reg" / "stray.png")
+    ds = scan_dataset(DataConfig(path=str(root), reg_path=str(root / "reg"), resolution=64))
+    assert sorted(i.folder for i in ds.items) == ["10_sks", "reg:1_dog"]
+    warnings = ds.report.warnings
+    assert len(warnings) == 1 and f"data.reg_path: 1 image(s) directly in {root / 'reg'} are NOT trained" in warnings[0]
+
+
+def test_text_cache_on_disk_is_reused_and_keyed_by_the_encoder(tmp_path, one_torch_thread):
+    from sd_lora.data.cache import TextCache
+    from sd_lora.testing import tiny_pipeline
+    from sd_lora.training.conditioning import TextConditioner
+
+    pipe = tiny_pipeline("sd1")
+    cond = TextConditioner(pipe, is_sdxl=False)
+    captions = ["a red square", "a blue circle", "a red square", ""]
+    first = TextCache(tmp_path / "cache")
+    assert first.build(captions, cond, "cpu", show_progress=False) == {"encoded": 3, "reused": 0}
+    again = TextCache(tmp_path / "cache")
+    assert again.build(captions, cond, "cpu", show_progress=False) == {"encoded": 0, "reused": 3}
+    assert torch.equal(again.get(captions)[0], first.get(captions)[0])
+    assert torch.equal(again.get(["a blue circle"])[0], cond.encode(["a blue circle"], "cpu")[0].float())
+    with torch.no_grad():  # another text encoder (a fine-tune): the entries are not reused
+        next(pipe.text_encoder.parameters()).add_(0.5)
+    other = TextCache(tmp_path / "cache")
+    assert other.build(captions, TextConditioner(pipe, is_sdxl=False), "cpu", show_progress=False) == {"encoded": 3, "reused": 0}
+    assert not torch.equal(other.get(["a red square"])[0], first.get(["a red square"])[0])

@@ -60,6 +60,18 @@ def test_generator_writes_kohya_folders(generated):
         assert all(c.endswith(f" background, {trigger}") for c in captions) if trigger else all(c.endswith(" background") for c in captions)
 
 
+def test_the_example_sets_scan_without_a_warning(generated):
+    """Our own examples pass our own dataset report: every image trained, every caption read, nothing to warn about."""
+    from sd_lora.config import DataConfig
+    from sd_lora.data.dataset import scan_dataset
+
+    for name in SETS:
+        ds = scan_dataset(DataConfig(path=str(generated / name), resolution=64))
+        rep = ds.report
+        assert (rep.warnings, rep.problems, rep.skipped, rep.empty_captions, rep.fallback_captions) == ([], [], [], 0, 0), name
+        assert rep.images == len(_images(generated / name)) and dict(rep.captions_by_extension) == {".txt": rep.images}
+
+
 def test_generator_is_deterministic(generated, tmp_path):
     make_datasets.make_datasets(tmp_path)
     first = {p.relative_to(generated): p.read_bytes() for p in generated.rglob("*") if p.is_file()}

@@ -123,7 +123,11 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         image = tmp_path / "fresh.png"
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
         Client(url, verbose=False).predict("", "fresh", [handle_file(str(image))], api_name="/upload_images")
-        page.tab("Dataset")
+        page.tab("Dataset")  # opening the Dataset tab reads its list again too
+        end = time.time() + 20
+        while "datasets/fresh" not in page.options("#dataset-folder") and time.time() < end:
+            time.sleep(0.5)
+        assert page.options("#dataset-folder") == ["datasets/fresh", "datasets/shapes"]
         page.tab("Train")
         end = time.time() + 20  # the tab's select event reads the list again; its answer may take a moment
         while page.options("#train-data") != ["datasets/fresh", "datasets/shapes"] and time.time() < end:

@@ -200,7 +200,11 @@ def test_auth_protects_pages_files_and_api(ws):
     inside = ws.root / "datasets" / "cats" / "a.png"
     try:
         with httpx.Client(base_url=url) as h:
-            assert "sd-lora" not in h.get("").text  # the login page, not the app
+            login = h.get("").text
+            assert '"auth_required": true' in login.replace('":true', '": true')  # the login page, not the app
+            # nothing of the workspace shows before a login (Gradio embeds the API description in this page)
+            for secret in ("datasets/cats", "cats", str(ws.root), "a.png"):
+                assert secret not in login, secret
             assert h.get("config").status_code == 401
             assert h.get(f"gradio_api/file={inside}").status_code in (401, 403)
             assert h.post("gradio_api/upload", files={"files": ("a.png", b"x", "image/png")}).status_code in (401, 403)

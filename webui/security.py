@@ -95,11 +95,20 @@ def map_config_paths(cfg, fn):
         path = key.path_value(key.get(cfg))
         if path is not None:
             key.set(cfg, fn(path, key.name))
+        for i, table in enumerate(key.get(cfg) if key.items is not None else []):  # [[data.subsets]]: their paths too
+            for sub in key.item_keys():
+                path = sub.path_value(sub.get(table))
+                if path is not None:
+                    sub.set(table, fn(path, f"{key.name}[{i + 1}].{sub.attr}"))
     return cfg
 
 
 def confine_config(ws: Workspace, cfg):
     """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError."""
+    if cfg.data.dataset_config_path:
+        # the folders a kohya dataset config names are read from the file, past this check: refused here
+        raise PathError("data.dataset_config_path: kohya dataset configs are not read in the web UI (the folders they "
+                        "name could be outside the workspace); write [[data.subsets]] tables instead")
     return map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
 
 

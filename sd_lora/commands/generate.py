@@ -15,7 +15,7 @@ from ..samplers import SAMPLERS
 
 # With --from-png these come from the PNG unless given on the command line (a value other than the default).
 FROM_PNG_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale",
-                     "zero_terminal_snr", "sampler", "width", "height")
+                     "zero_terminal_snr", "sampler", "width", "height", "clip_skip")
 
 
 def register(subparsers) -> None:
@@ -54,6 +54,9 @@ def register(subparsers) -> None:
                    help="sample a zero-terminal-SNR (v-prediction) model: rescaled betas, trailing timesteps")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, metavar="NAME",
                    help=f"sampler by its A1111 name: {', '.join(SAMPLERS)} (default: the model's own scheduler)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="A1111's Clip skip: condition on the text encoder's Nth layer from the end (2 for most anime "
+                        "SD1 models; SDXL ignores it) (default: 1, the last layer)")
     p.add_argument("--vae", metavar="PATH", help="replacement VAE: a diffusers VAE folder or a single .safetensors VAE file")
     p.add_argument("--width", type=int, default=None, help=f"multiple of 8, at least {MIN_SIZE} (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help=f"multiple of 8, at least {MIN_SIZE} (default: the model's native size)")
@@ -170,8 +173,10 @@ def run(args) -> int:
     import logging
 
     from ..generation import generate
+    from ..logs import quiet_libraries
     from ..stack import LoraSpec
 
+    quiet_libraries(getattr(args, "verbose", False))  # no "Loading pipeline components" bar: our own lines say it
     log = logging.getLogger("sd_lora.generate")
     specs = []
     for text in args.lora:
@@ -194,7 +199,7 @@ def run(args) -> int:
         args.model, chosen["prompt"], specs, negative_prompt=chosen["negative_prompt"], seed=chosen["seed"],
         width=chosen["width"], height=chosen["height"], steps=chosen["steps"], guidance=chosen["guidance"],
         guidance_rescale=chosen["guidance_rescale"], zero_terminal_snr=chosen["zero_terminal_snr"],
-        sampler=chosen["sampler"], vae=args.vae, lora_dir=args.lora_dir,
+        sampler=chosen["sampler"], clip_skip=chosen["clip_skip"], vae=args.vae, lora_dir=args.lora_dir,
         add_trigger_words=args.add_triggers, num_images=args.num_images, sweep_weights=sweep,
         dtype=args.dtype, device=args.device, cpu_offload=args.cpu_offload, cpu_threads=args.cpu_threads,
         strict=not args.skip_mismatched,

@@ -21,12 +21,12 @@ from pathlib import Path
 KOHYA_HINTS = {
     "unet_lr": "--lr is the UNet learning rate here (--text-encoder-lr the text encoder's)",
     "network_module": "choose the adapter with --method (networks.lora is --method lora; LyCORIS algos are --method loha / lokr)",
-    "network_args": "conv layers: --preset full with --conv-rank / --conv-alpha; dropouts: --rank-dropout, --module-dropout",
+    "network_args": "conv layers: --preset full with --conv-rank / --conv-alpha; dropouts: --rank-dropout, --module-dropout; "
+                    "block-wise: --block-dims, --block-alphas, --conv-block-dims, --down-lr-weight, ... (kohya's names as flags)",
     "save_model_as": "LoRA files are always written as .safetensors (kohya keys)",
     "xformers": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
     "sdpa": "attention uses PyTorch's scaled-dot-product kernels; nothing to set",
     "v2": "the architecture is read from the model; nothing to set",
-    "dataset_config": "use --data DIR (kohya `N_name` folders) and the [data] keys of a TOML config",
 }
 # kohya's --output_dir + --output_name give --output; its output name defaults to "last"
 # (library/train_util.py DEFAULT_LAST_OUTPUT_NAME)
@@ -103,6 +103,8 @@ def register(subparsers) -> None:
     groups = {None: p.add_argument_group("training"), "data": p.add_argument_group("data ([data] table)"),
               "network": p.add_argument_group("network ([network] table)")}
     for key in config_keys():
+        if key.items is not None:  # a list of tables ([[data.subsets]]) is written in TOML only
+            continue
         group, dest = groups[key.section], _CFG + key.name
         if key.kind == "bool":
             options = dict(action=argparse.BooleanOptionalAction)
@@ -159,7 +161,23 @@ def config_from_args(args):
             raise ConfigError(["output: given twice; pass --output FILE or kohya's --output_dir/--output_name, not both"])
         given["output"] = str(Path(output_dir or ".") / f"{output_name or KOHYA_DEFAULT_OUTPUT_NAME}.safetensors")
     assign(cfg, config_keys(), given)
+    _batch_size_from_dataset_config(cfg, given)
     return cfg
+
+
+def _batch_size_from_dataset_config(cfg, given: dict) -> None:
+    """kohya sets batch_size per dataset in its dataset config: take it from there unless a flag gave one (a
+    flag that disagrees, or a file whose datasets disagree, is reported by validate())."""
+    if not cfg.data.dataset_config_path or "batch_size" in given or not Path(cfg.data.dataset_config_path).is_file():
+        return
+    from ..data.kohya_config import read_dataset_config
+
+    try:
+        batch_size = read_dataset_config(cfg.data.dataset_config_path).batch_size
+    except ValueError:
+        return  # validate() lists the file's problems
+    if batch_size is not None:
+        cfg.batch_size = batch_size
 
 
 def with_flags(message: str) -> str:
@@ -188,6 +206,7 @@ def run(args) -> int:
 
         dataset = scan_dataset(cfg.data)
         print("\n".join(dataset.report.lines()))
+        dataset.check()  # a refused layout fails the dry run as it would fail the run
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))
         return 0
     from ..logs import quiet_libraries

@@ -15,13 +15,27 @@ from dataclasses import dataclass
 from PIL import Image
 
 
-def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0, min_side: int | None = None,
+                 max_side: int | None = None) -> list[tuple[int, int]]:
     """All (w, h) with w*h <= resolution^2, sides multiples of `step`, aspect within 1/max_ratio..max_ratio.
 
     For each width the tallest height that fits is used, as kohya does, so buckets use the full area;
-    every bucket also exists turned sideways.
+    every bucket also exists turned sideways. With `min_side` or `max_side` (kohya's min_bucket_reso /
+    max_bucket_reso) the buckets are kohya's instead: every width from min_side to max_side with the
+    tallest height <= max_side that fits the area, whatever the aspect (library/model_util.py
+    make_bucket_resolutions, kohya-ss/sd-scripts 48d368fa).
     """
     area = resolution * resolution
+    if min_side is not None or max_side is not None:
+        low = min_side if min_side is not None else max(step, resolution // 2 // step * step)
+        high = max_side if max_side is not None else 2 * resolution
+        side = int(math.sqrt(area) // step) * step
+        kohya = {(side, side)}
+        for w in range(low, high + 1, step):
+            h = min(high, int(area // w) // step * step)
+            if h >= low:
+                kohya.update({(w, h), (h, w)})
+        return sorted(kohya)
     min_side = max(step, resolution // 2 // step * step)  # kohya: 256 for 512
     buckets = set()
     w = min_side

@@ -9,6 +9,11 @@ where it stopped.
 
 We cache the mean of the VAE's latent distribution (deterministic; the SD VAE's std is ~1e-3).
 Flipped images are encoded too when random flip is on (a flipped latent is not the flip of a latent).
+
+Text-encoder outputs are cached per distinct caption, in RAM or (data.cache_text_to_disk) also on
+disk, keyed by the caption + a fingerprint of everything that shapes the output: the encoders'
+configs and weights, the tokenizers' vocabularies and lengths, the conditioner's settings and the
+source of the module that encodes (so a change to how captions are encoded invalidates old entries).
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = "1"
 
 
+def _weights_digest(h, module, prefixes: tuple[str, ...] | None = None) -> None:
+    """Feed ~1024 values spread over each weight (of the named sub-modules) into the hash `h`."""
+    for name, p in module.named_parameters():
+        if prefixes is None or name.startswith(prefixes):
+            values = p.detach().flatten()
+            h.update(name.encode())
+            h.update(values[:: max(1, values.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+
+
 def vae_fingerprint(vae) -> str:
     """A short hash of the VAE's config and of every weight that shapes a latent (encoder, quant_conv),
     so cache entries made by another VAE (e.g. a `vae =` replacement, a fine-tune that changed only
@@ -41,11 +55,24 @@ def vae_fingerprint(vae) -> str:
     # "_name_or_path", "_diffusers_version" ... say where the VAE was loaded from, not what it computes
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, p in vae.named_parameters():
-        if name.startswith(("encoder.", "quant_conv.")):
-            values = p.detach().flatten()
-            h.update(name.encode())
-            h.update(values[:: max(1, values.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+    _weights_digest(h, vae, ("encoder.", "quant_conv."))
+    return h.hexdigest()[:16]
+
+
+def conditioner_fingerprint(conditioner) -> str:
+    """A short hash of what turns a caption into the text-encoder output (see the module docstring)."""
+    import inspect
+
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(inspect.getsource(inspect.getmodule(type(conditioner))).encode())
+    settings = {k: v for k, v in vars(conditioner).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for tok in conditioner.tokenizers:
+        h.update(json.dumps([type(tok).__name__, tok.model_max_length, sorted(tok.get_vocab().items())]).encode())
+    for enc in conditioner.encoders:
+        config = {k: v for k, v in enc.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        _weights_digest(h, enc)
     return h.hexdigest()[:16]
 
 
@@ -67,10 +94,26 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
-class LatentCache:
-    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`."""
+def cache_folder(data, items: list[Item]) -> Path:
+    """The disk cache folder: data.cache_dir, else .sd-lora-cache in the dataset folder (the first subset's
+    folder, or the kohya dataset config's, when the folders are listed)."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    if data.path:
+        return Path(data.path) / ".sd-lora-cache"
+    if data.dataset_config_path:
+        return Path(data.dataset_config_path).parent / ".sd-lora-cache"
+    first = next((Path(i.subset.path) for i in items if i.subset is not None and i.subset.path), Path("."))
+    return first / ".sd-lora-cache"
 
-    def __init__(self, items: list[Item], vae, mode: str, cache_dir: Path | None, flip: bool, max_pixels: int):
+
+class LatentCache:
+    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`.
+
+    flip: encode mirrored copies of every item (True), of none (False), or of the items whose subset flips
+    (None)."""
+
+    def __init__(self, items: list[Item], vae, mode: str, cache_dir: Path | None, flip: bool | None, max_pixels: int):
         self.items, self.vae, self.mode, self.flip, self.max_pixels = items, vae, mode, flip, max_pixels
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram: dict[tuple[int, bool], torch.Tensor] = {}
@@ -90,7 +133,7 @@ class LatentCache:
 
         if self.mode == "none":
             return {"encoded": 0, "reused": 0}
-        todo = [(i, f) for i in range(len(self.items)) for f in ((False, True) if self.flip else (False,))]
+        todo = [(i, f) for i in range(len(self.items)) for f in ((False, True) if self._flips(i) else (False,))]
         encoded = reused = 0
         bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress, leave=False)
         for n, (i, flipped) in enumerate(todo):
@@ -118,8 +161,11 @@ class LatentCache:
         bar.close()
         return {"encoded": encoded, "reused": reused}
 
+    def _flips(self, index: int) -> bool:
+        return self.items[index].flip if self.flip is None else self.flip
+
     def get(self, index: int, flipped: bool) -> torch.Tensor:
-        flipped = flipped and self.flip
+        flipped = flipped and self._flips(index)
         if self.mode == "ram":
             return self.ram[(index, flipped)]
         if self.mode == "disk":
@@ -130,22 +176,49 @@ class LatentCache:
 
 
 class TextCache:
-    """Text-encoder outputs per caption, for a frozen text encoder (computed once, kept in RAM)."""
+    """Text-encoder outputs per caption, for a frozen text encoder: computed once, kept in RAM, and also
+    in files under `cache_dir` when given (reused by the next run, e.g. a resumed one)."""
 
-    def __init__(self):
+    def __init__(self, cache_dir: Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.hidden: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def build(self, captions: list[str], conditioner, device, batch_size: int = 16, show_progress: bool = True) -> None:
+    def build(self, captions: list[str], conditioner, device, batch_size: int = 16, show_progress: bool = True) -> dict:
+        """Encode every caption not cached yet. Returns counts {"encoded": n, "reused": m}."""
+        from safetensors.torch import load_file, save_file
+
         unique = [c for c in dict.fromkeys(captions) if c not in self.hidden]
+        files: dict[str, Path] = {}
+        reused = 0
+        if self.cache_dir is not None:
+            fp = conditioner_fingerprint(conditioner)
+            for c in unique:
+                files[c] = self.cache_dir / f"text-{hashlib.sha256(f'{fp}|{c}'.encode()).hexdigest()}.safetensors"
+                if files[c].is_file():
+                    try:
+                        entry = load_file(str(files[c]))
+                    except Exception:  # noqa: BLE001 - a damaged entry is encoded again
+                        files[c].unlink(missing_ok=True)
+                        continue
+                    self.hidden[c] = entry["hidden"]
+                    if "pooled" in entry:
+                        self.pooled[c] = entry["pooled"]
+                    reused += 1
+            unique = [c for c in unique if c not in self.hidden]
         for start in tqdm(range(0, len(unique), batch_size), desc="caching text", disable=not show_progress, leave=False):
             chunk = unique[start : start + batch_size]
             hidden, pooled = conditioner.encode(chunk, device)
             for j, c in enumerate(chunk):
-                self.hidden[c] = hidden[j].float().cpu()
+                self.hidden[c] = hidden[j].float().cpu().contiguous()
                 if pooled is not None:
-                    self.pooled[c] = pooled[j].float().cpu()
+                    self.pooled[c] = pooled[j].float().cpu().contiguous()
+                if c in files:
+                    entry = {"hidden": self.hidden[c]} | ({"pooled": self.pooled[c]} if c in self.pooled else {})
+                    with atomic_path(files[c]) as tmp:
+                        save_file(entry, str(tmp))
+        return {"encoded": len(unique), "reused": reused}
 
     def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = torch.stack([self.hidden[c] for c in captions])

@@ -54,3 +54,69 @@ def shuffle_caption(caption: str, keep_tokens: int, rng: random.Random) -> str:
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
     """{folder: {tag: count}} as kohya writes to ss_tag_frequency (tools read trigger words from it)."""
     return {folder: dict(Counter(t for c in caps for t in split_tags(c))) for folder, caps in captions_by_folder.items()}
+
+
+# ---- a subset's caption options, as kohya applies them (library/train_util.py BaseDataset.process_caption,
+# kohya-ss/sd-scripts 48d368fa): prefix/suffix, whole-caption dropout, keep_tokens / keep_tokens_separator,
+# shuffling, the secondary separator. One difference: when nothing is shuffled kohya trains the
+# keep_tokens_separator characters ("|||") as written; here the separator never reaches the text encoder.
+
+
+def _with_affixes(caption: str, options) -> str:
+    text = caption
+    if options.caption_prefix:
+        text = f"{options.caption_prefix} {text}"
+    if options.caption_suffix:
+        text = f"{text} {options.caption_suffix}"
+    return " ".join(text.split())
+
+
+def _parts(caption: str, options) -> tuple[list[str], list[str], list[str]]:
+    """(kept in front, shuffled, kept at the end) tags: split at keep_tokens_separator when the caption has it,
+    else the first keep_tokens tags are kept."""
+    sep = options.keep_tokens_separator
+    if sep and sep in caption:
+        front, rest = caption.split(sep, 1)
+        rest, back = rest.split(sep, 1) if sep in rest else (rest, "")
+        return split_tags(front), split_tags(rest), split_tags(back)
+    tags = split_tags(caption)
+    keep = options.keep_tokens or 0
+    return tags[:keep], tags[keep:], []
+
+
+def _finish(tags: list[str], options) -> str:
+    text = join_tags(tags)
+    if options.secondary_separator:
+        text = text.replace(options.secondary_separator, ",")  # kohya writes it as its caption separator
+    return text
+
+
+def fixed_caption(caption: str, options) -> str | None:
+    """The caption a subset trains on when it is the same every step (no shuffling), else None.
+    Dropout aside: a dropped caption is ""."""
+    if options.shuffle_captions:
+        return None
+    text = _with_affixes(caption, options)
+    if options.keep_tokens_separator and options.keep_tokens_separator in text:
+        head, middle, tail = _parts(text, options)
+        return _finish(head + middle + tail, options)
+    # as written otherwise (kohya too leaves an unshuffled caption alone but for the secondary separator)
+    return text.replace(options.secondary_separator, ",") if options.secondary_separator else text
+
+
+def step_caption(caption: str, options, rng: random.Random, epoch: int) -> str:
+    """The caption of one image at one step: shuffled and dropped by its subset's options with `rng` (seeded per
+    step, so a resumed run draws the same); `epoch` counts from 0 (kohya's every-N-epochs dropout counts from 1)."""
+    text = _with_affixes(caption, options)
+    if options.shuffle_captions:
+        head, middle, tail = _parts(text, options)
+        rng.shuffle(middle)
+        text = _finish(head + middle + tail, options)
+    else:
+        text = fixed_caption(caption, options)
+    if options.caption_dropout and rng.random() < options.caption_dropout:
+        return ""
+    every = options.caption_dropout_every_n_epochs
+    if every and (epoch + 1) % every == 0:
+        return ""
+    return text

@@ -10,27 +10,34 @@ Layout (kohya's, which most users already have):
     reg/
       1_dog/               <- regularization (prior-preservation) images, same layout
 
-A folder of images without `N_name` sub-folders is one folder with `repeats` repeats. Every image is
-decoded once here, so broken ones are listed and skipped before any model is loaded.
+A folder of images without `N_name` sub-folders is one folder with `repeats` repeats. The folders can
+also be listed as [[data.subsets]] tables or in a kohya dataset config, each with its own repeats,
+caption options, flip and resolution (sd_lora/data/subsets.py turns all three into `Subset`s). Every
+image is decoded once here, so broken ones are listed and skipped before any model is loaded.
+
+The report says what will really be trained, loudly where it is not what the folder suggests: images
+left out because they sit beside `N_name` folders instead of in one, files a training run wrote
+(samples, loss plots: never training data), empty captions, and the samples of each subset per epoch.
+It refuses (`Dataset.check`) a folder that looks one level too high (no `N_name` folders, but a
+sub-folder has them) and a subset with no usable image, naming the folder and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import artifacts
 from ..config import IMAGE_EXTENSIONS, DataConfig
 from .buckets import Placement, make_buckets, place
-from .captions import caption_extensions, read_caption
+from .captions import caption_extensions, fixed_caption, read_caption
 from .images import ImageProblem, open_image
+from .subsets import REPEATS_FOLDER, Subset, dataset_subsets
 
 logger = logging.getLogger(__name__)
-
-_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 @dataclass
@@ -41,13 +48,18 @@ class Item:
     caption: str
     repeats: int
     is_reg: bool
-    folder: str
+    folder: str  # the subset's name
     placement: Placement
     file_hash: str  # sha256 of the file bytes (part of the cache key)
+    subset: Subset | None = None  # its options: caption shuffling and dropout, flip, resolution
 
     @property
     def bucket(self) -> tuple[int, int]:
         return self.placement.bucket
+
+    @property
+    def flip(self) -> bool:
+        return bool(self.subset.flip) if self.subset is not None else False
 
 
 @dataclass
@@ -55,22 +67,41 @@ class DatasetReport:
     images: int = 0
     reg_images: int = 0
     captions_by_extension: Counter = field(default_factory=Counter)
-    fallback_captions: int = 0
+    fallback_captions: int = 0  # images without a caption file that use a non-empty folder/instance prompt
+    empty_captions: int = 0  # images that train on "" (no caption file and no prompt to fall back on)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    folders: dict[str, int] = field(default_factory=dict)  # folder -> repeats
+    folders: dict[str, int] = field(default_factory=dict)  # subset name -> repeats
     buckets: Counter = field(default_factory=Counter)  # (w, h) -> images
+    buckets_by_resolution: dict[int, Counter] = field(default_factory=dict)  # resolution -> (w, h) -> images
+    subsets: list[dict] = field(default_factory=list)  # per subset: name, path, images, repeats, samples, ...
+    warnings: list[str] = field(default_factory=list)  # trained anyway, but probably not what was meant
+    problems: list[str] = field(default_factory=list)  # refused: Dataset.check raises with these
 
     def lines(self) -> list[str]:
         caps = ", ".join(f"{n} from {ext}" for ext, n in self.captions_by_extension.most_common()) or "none"
+        fallback = f"{self.fallback_captions} image(s) use the folder/instance prompt"
+        if self.empty_captions:
+            fallback += f", {self.empty_captions} image(s) have an EMPTY caption"
         out = [
             f"{self.images} training images in {len([f for f in self.folders if not f.startswith('reg:')])} folder(s)"
             + (f", {self.reg_images} regularization images" if self.reg_images else ""),
-            f"captions: {caps}; {self.fallback_captions} image(s) use the folder/instance prompt",
-            "buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items())),
         ]
+        total = sum(s["samples"] for s in self.subsets) or 1
+        for s in self.subsets:  # the step arithmetic of each subset: its share of an epoch
+            out.append(f"  {s['name']}: {s['images']} image(s) x {s['repeats']} repeats = {s['samples']} samples per epoch "
+                       f"({100 * s['samples'] / total:.0f}%), {s['resolution']} px" + (", regularization" if s["is_reg"] else "")
+                       + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else ""))
+        out.append(f"captions: {caps}; {fallback}")
+        if len(self.buckets_by_resolution) > 1:
+            for res, counts in sorted(self.buckets_by_resolution.items()):
+                out.append(f"buckets at {res} px: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items())))
+        else:
+            out.append("buckets: " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items())))
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} image(s):")
             out += [f"  {p}: {why}" for p, why in self.skipped]
+        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"error: {p}" for p in self.problems]
         return out
 
     def to_dict(self) -> dict:
@@ -79,9 +110,13 @@ class DatasetReport:
             "reg_images": self.reg_images,
             "captions_by_extension": dict(self.captions_by_extension),
             "fallback_captions": self.fallback_captions,
+            "empty_captions": self.empty_captions,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "folders": self.folders,
             "buckets": {f"{w}x{h}": n for (w, h), n in self.buckets.items()},
+            "subsets": [dict(s) for s in self.subsets],
+            "warnings": list(self.warnings),
+            "problems": list(self.problems),
         }
 
 
@@ -90,10 +125,33 @@ class Dataset:
     items: list[Item]
     report: DatasetReport
 
+    def check(self) -> None:
+        """Raise ValueError naming every refused folder (and the fix), or when nothing is left to train on."""
+        problems = list(self.report.problems)
+        if not problems and not [i for i in self.items if not i.is_reg]:
+            problems.append("no training images: every usable image is a regularization image (reg_path / is_reg); add "
+                            "training images" if self.report.reg_images else
+                            "data.path: no usable training images (see the skipped list above)")
+        if problems:
+            raise ValueError("the dataset cannot be trained as it is:\n" + "\n".join(f"  - {p}" for p in problems))
+
     @property
     def num_repeated(self) -> int:
         """Images x repeats: the number of samples in one epoch."""
         return sum(i.repeats for i in self.items)
+
+    def cacheable_captions(self) -> list[str] | None:
+        """Every caption a step can train on, when they are known before training (for the text-encoder
+        cache); None when some subset shuffles its captions (then they differ from step to step)."""
+        out = []
+        for item in self.items:
+            text = fixed_caption(item.caption, item.subset) if item.subset is not None else item.caption
+            if text is None:
+                return None
+            out.append(text)
+            if item.subset is not None and (item.subset.caption_dropout or item.subset.caption_dropout_every_n_epochs):
+                out.append("")
+        return list(dict.fromkeys(out))
 
     def epoch_batches(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
         """The batches of one epoch as lists of item indices: a pure function of (seed, epoch).
@@ -117,54 +175,169 @@ class Dataset:
         return batches
 
 
-def _folders(root: Path, default_repeats: int) -> list[tuple[Path, int, str]]:
-    """(folder, repeats, name) for each image folder under root."""
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and _REPEATS_FOLDER.match(p.name))
-    if subs:
-        out = []
-        for p in subs:
-            m = _REPEATS_FOLDER.match(p.name)
-            out.append((p, max(1, int(m[1])), m[2].replace("_", " ").strip()))
-        return out
-    return [(root, default_repeats, "")]
+def _run_output(rel: Path) -> bool:
+    """A path (relative to the scanned folder) that a training run wrote, or inside one such folder."""
+    return any(artifacts.is_run_output(part) for part in rel.parts)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _images_in(folder: Path, outputs: list[Path] | None = None, recursive: bool = True) -> list[Path]:
+    """The images in `folder` (and its sub-folders when `recursive`), without hidden ones and without what a
+    training run wrote (sample images, sample grids, loss curves: collected into `outputs` for the report)."""
+    found = []
+    for p in sorted(folder.rglob("*") if recursive else folder.glob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if _run_output(rel):
+            if outputs is not None:
+                outputs.append(p)
+            continue
+        found.append(p)
+    return found
+
+
+def _shown(paths: list[Path], root: Path, n: int = 3) -> str:
+    names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths[:n]]
+    return ", ".join(names) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def _layout_findings(root: Path, key: str, subsets: list[Subset], other_roots: list[Path], report: DatasetReport,
+                     outputs: list[Path]) -> None:
+    """Warnings and refusals about how a kohya-layout folder is laid out (before any image is read); images a
+    training run wrote at its top level go to `outputs`."""
+    named = [Path(s.path) for s in subsets if Path(s.path) != root]
+    # the other root (a reg folder kept inside the data folder) is not a stray folder of this one
+    outside = lambda p: not any(p == o or o.is_relative_to(p) for o in other_roots)  # noqa: E731
+    children = sorted(p for p in root.iterdir() if not p.name.startswith(".") and outside(p))
+    loras = [p for p in children if p.is_file() and p.suffix.lower() == ".safetensors"]
+    if loras:
+        report.warnings.append(
+            f"{key}: {root} holds .safetensors files ({_shown(loras, root)}): is it an output folder? Only images are "
+            "training data; keep LoRA files and other outputs out of the dataset folder")
+    if named:
+        for sub in children:  # images a run wrote here are not trained either way (not in an N_name folder)
+            if artifacts.is_run_output(sub):
+                found = sorted(sub.rglob("*")) if sub.is_dir() else [sub]
+                outputs += [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        # kohya reads only the N_name folders when there are any: say what that leaves out
+        loose = [p for p in children if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not artifacts.is_run_output(p)]
+        if loose:
+            report.warnings.append(
+                f"{key}: {len(loose)} image(s) directly in {root} are NOT trained ({_shown(loose, root)}): only `N_name` "
+                f"folders are read when there are any; move them into a folder such as {root / ('1_' + root.name)}")
+        for sub in children:
+            if sub.is_dir() and sub not in named and not artifacts.is_run_output(sub):
+                images = _images_in(sub)
+                if images:
+                    report.warnings.append(
+                        f"{key}: {len(images)} image(s) in {sub} are NOT trained: it is not an `N_name` folder (N = repeats) "
+                        f"beside {', '.join(f.name for f in named[:3])}; rename it to e.g. 1_{sub.name} to train on them, "
+                        "or move it out of the dataset folder")
+        return
+    # no N_name folders: is it the folder above the dataset (which holds them one level down)?
+    for sub in children:
+        if sub.is_dir() and not artifacts.is_run_output(sub):
+            inner = sorted(p.name for p in sub.iterdir() if p.is_dir() and REPEATS_FOLDER.match(p.name))
+            if inner:
+                report.problems.append(
+                    f"{key}: {root} has no `N_name` folders, but {sub} has ({', '.join(inner[:3])}): {key} looks one level "
+                    f"too high (it would train every image below it at repeats {subsets[0].repeats}, outputs included); set "
+                    f"{key} = \"{sub}\"")
+                return
+
+
+def _empty_caption_fix(sub: Subset) -> str:
+    if sub.source in ("data.path", "data.reg_path"):
+        named = REPEATS_FOLDER.match(Path(sub.path).name)
+        if named:
+            return f"name the folder {named[1]}_<prompt>"
+        return "set data.class_prompt" if sub.is_reg else "set data.instance_prompt"
+    if sub.source.startswith("data.subsets"):
+        return f"set prompt = \"...\" in {sub.source}"
+    return f"set class_tokens = \"...\" in {sub.source.split(': ', 1)[-1]} of the kohya dataset config"
 
 
 def scan_dataset(cfg: DataConfig) -> Dataset:
-    """Read every image folder of `cfg` (training + regularization) into a Dataset."""
+    """Read every subset of `cfg` (training + regularization) into a Dataset."""
+    from .kohya_config import read_metadata
+
     report = DatasetReport()
     items: list[Item] = []
-    exts = caption_extensions(cfg.caption_extension)
-    buckets = make_buckets(cfg.resolution, cfg.bucket_step)
-    roots = [(Path(cfg.path), False)] + ([(Path(cfg.reg_path), True)] if cfg.reg_path else [])
-    for root, is_reg in roots:
-        for folder, repeats, name in _folders(root, cfg.repeats):
-            key = ("reg:" if is_reg else "") + (folder.name if folder != root else root.name)
-            report.folders[key] = repeats
-            fallback = (cfg.class_prompt if is_reg else cfg.instance_prompt) or name
-            for path in _images_in(folder):
-                try:
-                    img = open_image(path, cfg.max_image_pixels)
-                    data = path.read_bytes()
-                except (ImageProblem, OSError) as e:
-                    report.skipped.append((str(path), str(e)))
-                    logger.warning("skipping %s: %s", path, e)
-                    continue
+    subsets = dataset_subsets(cfg)
+    listed = bool(cfg.dataset_config_path or cfg.subsets)
+    outputs_by_key: dict[str, tuple[Path, list[Path]]] = {}
+    if not listed:  # a kohya-layout folder (and reg folder): what its layout leaves out or gets wrong
+        roots = [(Path(cfg.path), "data.path")] + ([(Path(cfg.reg_path), "data.reg_path")] if cfg.reg_path else [])
+        for root, key in roots:
+            outputs_by_key[key] = (root, [])
+            _layout_findings(root, key, [s for s in subsets if s.source == key], [r for r, _ in roots if r != root], report,
+                             outputs_by_key[key][1])
+    bucket_lists: dict[tuple, list[tuple[int, int]]] = {}
+    for sub in subsets:
+        exts = caption_extensions(sub.caption_extension)
+        shape = (sub.resolution, sub.bucket_step, sub.min_bucket_side, sub.max_bucket_side)
+        buckets = bucket_lists.setdefault(shape, make_buckets(sub.resolution, sub.bucket_step, min_side=sub.min_bucket_side,
+                                                              max_side=sub.max_bucket_side))
+        folder = Path(sub.path) if sub.path else None
+        root, outputs = outputs_by_key.setdefault(sub.key, (folder or Path("."), []))
+        captions: dict[Path, str] = {}
+        if sub.metadata_path:
+            pairs, missing = read_metadata(sub.metadata_path, folder)
+            paths = [p for p, _ in pairs]
+            captions = dict(pairs)
+            for name in missing:
+                report.skipped.append((name, f"listed in {sub.metadata_path} but no such image"))
+        else:
+            paths = _images_in(folder, outputs, recursive=sub.recursive) if folder.is_dir() else []
+        report.folders[sub.name] = sub.repeats
+        usable = empty = 0
+        for path in paths:
+            try:
+                img = open_image(path, cfg.max_image_pixels)
+                data = path.read_bytes()
+            except (ImageProblem, OSError) as e:
+                report.skipped.append((str(path), str(e)))
+                logger.warning("skipping %s: %s", path, e)
+                continue
+            if path in captions:
+                caption, ext = captions[path] or None, "metadata"
+            else:
                 caption, ext = read_caption(path, exts)
-                if caption is None:
-                    caption = fallback or ""
+            if caption is None:
+                caption = sub.prompt or ""
+                if caption:
                     report.fallback_captions += 1
                 else:
-                    report.captions_by_extension[ext] += 1
-                p = place(img.size, cfg.resolution, cfg.bucket_step, buckets, upscale=cfg.upscale, square=not cfg.buckets)
-                items.append(Item(path, caption, repeats, is_reg, key, p, hashlib.sha256(data).hexdigest()))
-                report.buckets[p.bucket] += 1
-                if is_reg:
-                    report.reg_images += 1
-                else:
-                    report.images += 1
+                    empty += 1
+            else:
+                report.captions_by_extension[ext] += 1
+            p = place(img.size, sub.resolution, sub.bucket_step, buckets, upscale=sub.upscale, square=not sub.buckets)
+            items.append(Item(path, caption, sub.repeats, sub.is_reg, sub.name, p, hashlib.sha256(data).hexdigest(), sub))
+            usable += 1
+            report.buckets[p.bucket] += 1
+            report.buckets_by_resolution.setdefault(sub.resolution, Counter())[p.bucket] += 1
+            if sub.is_reg:
+                report.reg_images += 1
+            else:
+                report.images += 1
+        report.empty_captions += empty
+        report.subsets.append({"name": sub.name, "path": sub.path, "images": usable, "repeats": sub.repeats,
+                               "samples": usable * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
+                               "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source})
+        where = folder if folder is not None else sub.metadata_path
+        if not usable:
+            why = f"all {len(paths)} skipped (see the list above)" if paths else "it holds no images"
+            report.problems.append(f"{sub.key}: {where} has no usable image ({why}); add images to it or remove "
+                                   + ("the folder" if sub.source in ("data.path", "data.reg_path") else "the subset"))
+        if empty:
+            report.warnings.append(
+                f"{sub.source}: {empty} image(s) in {where} have an EMPTY caption (no caption file, and no prompt to fall back "
+                f"on): they train on \"\"; put a caption file ({sub.caption_extension}) beside each image, or {_empty_caption_fix(sub)}")
+    for key, (root, outputs) in outputs_by_key.items():
+        if outputs:
+            report.warnings.append(
+                f"{key}: {root} holds {len(outputs)} image(s) that a training run wrote ({_shown(outputs, root)}); they are "
+                "NOT trained. Keep outputs out of the dataset folder: write output = somewhere else")
     return Dataset(items, report)

@@ -21,13 +21,18 @@ class AdaLoraMethod(LoraMethod):
     suffixes = ()
     peft_keys = ()
     network_module = KOHYA_NETWORK
+    loads_weights = False  # its ranks are allocated during training (load() below)
 
     def validate(self, config):
         errors = []
         if config.rank_dropout or config.module_dropout:
             errors.append("method: adalora does not support rank_dropout / module_dropout; set them to 0")
-        if config.block_ranks or config.block_alphas:
-            errors.append("method: adalora allocates ranks itself; remove block_ranks / block_alphas")
+        if (config.block_ranks or config.block_alphas or config.block_dims is not None or config.conv_block_dims is not None
+                or config.conv_block_alphas is not None):
+            errors.append("method: adalora allocates ranks itself; remove block_ranks / block_alphas / block_dims / "
+                          "conv_block_dims / conv_block_alphas (the LR weights work)")
+        if config.init_lora:
+            errors.append("method: adalora cannot start from a LoRA file (init_lora); use method \"lora\"")
         if isinstance(config.adalora_target_rank, int) and isinstance(config.rank, int) and not (1 <= config.adalora_target_rank <= config.rank):
             errors.append(f"adalora_target_rank: must be between 1 and rank ({config.rank})")
         return errors

@@ -52,6 +52,7 @@ class Method:
     network_module: str = LYCORIS_NETWORK  # ss_network_module of its files
     algo: str | None = None  # LyCORIS `algo` in ss_network_args
     needs_base: bool = False  # the delta depends on the base weight (it cannot be summed into a LoRA)
+    loads_weights: bool = True  # load() can start a trained network from file tensors (network.init_lora)
 
     # ---- files ------------------------------------------------------------------------------
     def is_complete(self, t: dict) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from ..fields import describe, keys_of, problems, setting
+from .blocks import block_problems, family_alphas
 
 PRESETS = ("attention", "kohya", "full")  # what each selects: sd_lora/network/presets.py
 BLOCKS = ("down", "mid", "up")
@@ -34,6 +35,9 @@ class NetworkConfig:
         module_dropout: skip the whole adapter of a module for a step (kohya / LyCORIS semantics).
     block_ranks / block_alphas: per UNet block family, e.g. {"down": 8, "mid": 16, "up": 32}
         (modules outside the blocks and the text encoders keep rank / alpha).
+    block_dims / block_alphas / conv_block_dims / conv_block_alphas, down/mid/up_lr_weight,
+        block_lr_zero_threshold: kohya's per-block settings over its block numbering (network/blocks.py).
+    init_lora: a LoRA file the adapters start from (network/init_lora.py).
     """
 
     method: str = setting("lora", "adapter method", choices=_trainable_methods)
@@ -50,7 +54,32 @@ class NetworkConfig:
     train_text_encoder: bool = setting(True, "train adapters on the text encoder(s)", kohya={"network_train_unet_only": False})
     block_ranks: dict[str, int] | None = setting(None, "rank per UNet block family, e.g. {\"down\": 8, \"mid\": 16, \"up\": 32}",
                                                   default_text="rank")
-    block_alphas: dict[str, float] | None = setting(None, "alpha per UNet block family, like block_ranks", default_text="alpha")
+    block_alphas: str | dict[str, float] | list[float] | None = setting(
+        None, "alpha per UNet block family like block_ranks ({\"up\": 16}), or per block as kohya's block_alphas (25 values "
+        "for SD1/SD2, 23 for SDXL: \"2,2,4,...\")", default_text="alpha")
+    # block-wise dims and learning-rate weights, as kohya's network_args spell them (sd_lora/network/blocks.py;
+    # the block table is in docs/training.md)
+    block_dims: str | list[int] | None = setting(
+        None, "rank per UNet block (kohya's block_dims: 25 values for SD1/SD2, 23 for SDXL; 0 leaves a block out), "
+        "e.g. \"2,4,4,4,8,...\"", default_text="rank")
+    conv_block_dims: str | list[int] | None = setting(
+        None, "rank of the 3x3 convs per UNet block (preset full; kohya's conv_block_dims; 0 leaves them out)",
+        default_text="conv_rank")
+    conv_block_alphas: str | list[float] | None = setting(
+        None, "alpha of the 3x3 convs per UNet block (kohya's conv_block_alphas)", default_text="conv_alpha")
+    down_lr_weight: str | list[float] | None = setting(
+        None, "LR multiplier per down block (12 values for SD1/SD2, 9 for SDXL, missing ones 1), or a curve: sine, "
+        "cosine, linear, reverse_linear, zeros, with \"+0.5\" added (kohya's down_lr_weight)", default_text="1")
+    mid_lr_weight: str | float | list[float] | None = setting(
+        None, "LR multiplier of the mid block (SDXL: 3 values; kohya's mid_lr_weight)", default_text="1")
+    up_lr_weight: str | list[float] | None = setting(
+        None, "LR multiplier per up block, like down_lr_weight (kohya's up_lr_weight)", default_text="1")
+    block_lr_zero_threshold: float = setting(
+        0.0, "LR weights at or below this become 0, and a block at 0 gets no modules (kohya's block_lr_zero_threshold)")
+    # continue training from an existing LoRA file (kohya's --network_weights; sd_lora/network/init_lora.py)
+    init_lora: str | None = setting(
+        None, "start from this LoRA file (ours, kohya, LyCORIS, diffusers or PEFT): the network must have its method, "
+        "ranks, alphas and modules", path="file", kohya=("network_weights",))
     # AdaLoRA only: the training length its rank schedule is planned over, and the average rank
     # to end with (PEFT's target_r). Ignored by the other methods.
     adalora_total_steps: int | None = setting(None, "adalora: steps its rank schedule is planned over", unit="steps",
@@ -72,7 +101,8 @@ class NetworkConfig:
                 errors.append(f"{name}: must be in [0, 1) (got {value!r})")
         if not self.train_unet and not self.train_text_encoder:
             errors.append("train_unet/train_text_encoder: nothing to train; set one of them (or both) to true")
-        for field_name, values, kind in (("block_ranks", self.block_ranks, int), ("block_alphas", self.block_alphas, float)):
+        errors += block_problems(self)
+        for field_name, values, kind in (("block_ranks", self.block_ranks, int), ("block_alphas", family_alphas(self.block_alphas), float)):
             if not isinstance(values, dict):
                 continue
             for block, v in values.items():
@@ -102,14 +132,6 @@ class NetworkConfig:
     @property
     def effective_conv_alpha(self) -> float:
         return float(self.conv_alpha if self.conv_alpha is not None else self.alpha)
-
-    def rank_alpha_for(self, block: str | None, is_conv3x3: bool) -> tuple[int, float]:
-        """(rank, alpha) of one module, given its UNet block family ("down"/"mid"/"up" or None)."""
-        if is_conv3x3:
-            return self.effective_conv_rank, self.effective_conv_alpha
-        rank = (self.block_ranks or {}).get(block, self.rank) if block else self.rank
-        alpha = (self.block_alphas or {}).get(block, self.alpha) if block else self.alpha
-        return int(rank), float(alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from .. import methods
 from ..models import architecture_of
+from .blocks import BlockPlan, block_label, block_plan
+from .blocks import network_args as block_network_args
 from .config import NetworkConfig
 from .presets import Target, adapts_convs, select_targets
 
@@ -25,36 +28,45 @@ logger = logging.getLogger(__name__)
 ADAPTER_NAME = "sd_lora"
 
 
-def _peft_config(config: NetworkConfig, targets: list[Target], is_unet: bool, total_steps: int | None):
-    """The PEFT config for one component: exact target paths, ranks/alphas as PEFT patterns."""
+def _peft_config(config: NetworkConfig, targets: list[Target], total_steps: int | None):
+    """The PEFT config for one component: exact target paths, each target's rank/alpha as PEFT patterns."""
     import re
 
-    paths = [t.path for t in targets]
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    # 3x3 convs (LoCon) first: PEFT uses the first pattern that matches a module.
+    rank_groups: dict[int, list[str]] = defaultdict(list)
+    alpha_groups: dict[float, list[str]] = defaultdict(list)
     for t in targets:
-        if t.conv3x3 and (config.effective_conv_rank, config.effective_conv_alpha) != (config.rank, config.alpha):
-            rank_pattern[re.escape(t.path)] = config.effective_conv_rank
-            alpha_pattern[re.escape(t.path)] = config.effective_conv_alpha
-    if is_unet:
-        prefixes = {"down": r"down_blocks\..*", "mid": r"mid_block\..*", "up": r"up_blocks\..*"}
-        for block, rank in (config.block_ranks or {}).items():
-            rank_pattern[prefixes[block]] = int(rank)
-        for block, alpha in (config.block_alphas or {}).items():
-            alpha_pattern[prefixes[block]] = float(alpha)
-    common = dict(target_modules=paths, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        if t.rank != config.rank:
+            rank_groups[t.rank].append(re.escape(t.path))
+        if t.alpha != float(config.alpha):
+            alpha_groups[t.alpha].append(re.escape(t.path))
+    # One alternation of exact paths per value: PEFT tries every pattern on every module (a regex each),
+    # so a pattern per module would cost n^2 matches on SDXL's ~700 modules.
+    common = dict(target_modules=[t.path for t in targets],
+                  rank_pattern={"|".join(paths): rank for rank, paths in rank_groups.items()},
+                  alpha_pattern={"|".join(paths): alpha for alpha, paths in alpha_groups.items()})
     return methods.get(config.method).peft_config(config, common, total_steps)
+
+
+def resolve_targets(targets: list[Target], plan: BlockPlan) -> list[Target]:
+    """The targets with the (rank, alpha) the plan gives each; a target at rank 0 is left out."""
+    out = []
+    for t in targets:
+        rank, alpha = plan.rank_alpha(t.block_index, t.conv3x3) if t.component == "unet" else (
+            plan.conv_default if t.conv3x3 else plan.default)
+        if rank > 0:
+            out.append(replace(t, rank=int(rank), alpha=float(alpha)))
+    return out
 
 
 class LoraNetwork:
     """The adapters injected into one pipeline: parameters for the optimizer, kohya state dict, removal."""
 
-    def __init__(self, pipe, config: NetworkConfig, arch: str, targets: list[Target], tuners: dict):
+    def __init__(self, pipe, config: NetworkConfig, arch: str, targets: list[Target], tuners: dict, plan: BlockPlan | None = None):
         self.pipe = pipe
         self.config = config
         self.arch = arch
         self.targets = targets
+        self.plan = plan or block_plan(config, arch)
         self.method = methods.get(config.method)
         self._tuners = tuners  # component -> PEFT tuner (BaseTuner) kept for AdaLoRA's allocator
         self._hooks: list = [h for t in targets for h in self.method.hooks(self._layer(t), ADAPTER_NAME, config)]
@@ -83,6 +95,22 @@ class LoraNetwork:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def lr_weights(self) -> dict[int, tuple[str, float]] | None:
+        """Block LR weights (down/mid/up_lr_weight): id(parameter) -> (block label, LR multiplier) of every
+        UNet adapter parameter; None when none are set (all at the UNet rate, one group). The optimizer's
+        param_groups split the UNet group by it, as kohya's prepare_optimizer_params does per block."""
+        if self.plan.lr_weights is None:
+            return None
+        out = {}
+        for t in self.targets:
+            if t.component != "unet":
+                continue
+            label = block_label(t.block_index, self.arch) if t.block_index is not None else "other"
+            for n, p in self._layer(t).named_parameters():
+                if ADAPTER_NAME in n.split("."):
+                    out[id(p)] = (label, self.plan.lr_weight(t.block_index))
+        return out
 
     # -- per-step work of the method (AdaLoRA) ------------------------------------------------
     def update_ranks(self, global_step: int) -> None:
@@ -121,7 +149,9 @@ class LoraNetwork:
         convs = adapts_convs(cfg.preset)
         return dict(method=cfg.method, rank=cfg.rank, alpha=cfg.alpha,
                     conv_rank=cfg.effective_conv_rank if convs else None,
-                    conv_alpha=cfg.effective_conv_alpha if convs else None)
+                    conv_alpha=cfg.effective_conv_alpha if convs else None,
+                    # kohya writes its block settings inside ss_network_args (train_network.py: json.dumps(net_kwargs))
+                    network_args=block_network_args(cfg, self.plan, convs) or None)
 
     def kohya_shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> shape of the kohya state dict (works on meta-device pipelines: no data needed)."""
@@ -177,12 +207,14 @@ class LoraNetwork:
         self._tuners.clear()
 
 
-def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int | None = None) -> LoraNetwork:
+def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int | None = None,
+                   clip_skip: int | None = None) -> LoraNetwork:
     """Add trainable adapters to `pipe.unet` and its text encoder(s), in place.
 
     Base weights are frozen; adapter parameters are fp32 and trainable (whatever the base dtype).
     `total_steps` is the training length, for methods that plan over it (AdaLoRA's rank schedule,
-    unless `config.adalora_total_steps` says otherwise).
+    unless `config.adalora_total_steps` says otherwise). `clip_skip` is the training's: the
+    text-encoder layers it skips get no adapters (sd_lora.models.unread_text_encoder_layers).
     Returns the LoraNetwork that gives the parameters to optimise and the kohya state dict to save.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -199,10 +231,16 @@ def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int |
                 f"pipe.{component} already has adapters injected. Call network.remove() (or load a fresh "
                 "pipeline) before injecting a new network."
             )
-    targets = select_targets(pipe, arch, config.preset, config.train_unet, config.train_text_encoder)
+    targets = select_targets(pipe, arch, config.preset, config.train_unet, config.train_text_encoder, clip_skip)
     targets = methods.get(config.method).select(targets)
+    plan = block_plan(config, arch)
+    selected = len(targets)
+    targets = resolve_targets(targets, plan)
+    if len(targets) < selected:
+        logger.info("%d modules left out: their block's dim or LR weight is 0", selected - len(targets))
     if not targets:
-        raise ValueError(f"preset {config.preset!r} found no modules to adapt in this {arch} pipeline.")
+        raise ValueError(f"preset {config.preset!r} found no modules to adapt in this {arch} pipeline"
+                         + (" (every block's dim or LR weight is 0)." if selected else "."))
 
     grouped: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
@@ -211,7 +249,7 @@ def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int |
     for component, comp_targets in grouped.items():
         model = getattr(pipe, component)
         model.requires_grad_(False)
-        peft_config = _peft_config(config, comp_targets, is_unet=component == "unet", total_steps=total_steps)
+        peft_config = _peft_config(config, comp_targets, total_steps=total_steps)
         on_meta = next(model.parameters()).device.type == "meta"
         tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(peft_config.peft_type).value]
         tuner = tuner_cls(model, peft_config, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=on_meta)
@@ -221,7 +259,11 @@ def inject_network(pipe, config: NetworkConfig | None = None, total_steps: int |
                 if p.dtype != torch.float32 and not on_meta:
                     p.data = p.data.float()
                 p.requires_grad_(True)
-    network = LoraNetwork(pipe, config, arch, targets, tuners)
+    network = LoraNetwork(pipe, config, arch, targets, tuners, plan)
+    if config.init_lora:
+        from .init_lora import load_init_lora
+
+        load_init_lora(network, config.init_lora)
     logger.info(
         "Injected %s (%s preset, rank %d, alpha %g) into %d modules: %s trainable parameters",
         config.method, config.preset, config.rank, config.alpha, len(targets), f"{network.num_parameters():,}",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..models import ARCH_SDXL, unread_text_encoder_layers
+from .blocks import block_family, block_index
 from .naming import kohya_module_name, te_prefixes, unet_layout
 
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
@@ -40,6 +41,10 @@ class Target:
     module: nn.Module
     block: str | None  # "down" / "mid" / "up" for UNet modules inside those blocks
     conv3x3: bool  # a conv with a kernel larger than 1x1 (gets conv_rank / conv_alpha)
+    block_index: int | None = None  # kohya's UNet block number (sd_lora/network/blocks.py)
+    # (rank, alpha) the network gives it: set by inject_network from the config (blocks.BlockPlan)
+    rank: int | None = None
+    alpha: float | None = None
 
     @property
     def in_features(self) -> int:
@@ -54,11 +59,6 @@ class Target:
     @property
     def kernel_numel(self) -> int:
         return 1 if isinstance(self.module, nn.Linear) else int(self.module.kernel_size[0] * self.module.kernel_size[1])
-
-
-def _block_of(path: str) -> str | None:
-    head = path.split(".", 1)[0]
-    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head)
 
 
 def _is_conv3x3(module: nn.Module) -> bool:
@@ -100,8 +100,10 @@ def text_encoder_targets(text_encoder, preset: str) -> list[tuple[str, nn.Module
     return found
 
 
-def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool = True, train_text_encoder: bool = True) -> list[Target]:
-    """Every module the preset adapts in a pipeline (or a dict of components), with its kohya name."""
+def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool = True, train_text_encoder: bool = True,
+                   clip_skip: int | None = None) -> list[Target]:
+    """Every module the preset adapts in a pipeline (or a dict of components), with its kohya name
+    (clip_skip: the training's; the text-encoder layers it skips get no adapter)."""
     components = pipe_or_components if isinstance(pipe_or_components, dict) else {
         name: getattr(pipe_or_components, name, None) for name in ("unet", "text_encoder", "text_encoder_2")
     }
@@ -114,14 +116,15 @@ def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool 
                 name = kohya_module_name("unet", path, arch, layout)
             except KeyError:
                 continue  # no kohya name in this layout: kohya cannot adapt it either
-            targets.append(Target("unet", path, name, module, _block_of(path), _is_conv3x3(module)))
+            index = block_index(name, arch)
+            targets.append(Target("unet", path, name, module, block_family(index, arch), _is_conv3x3(module), index))
     if train_text_encoder:
         for component in te_prefixes(arch):
             te = components.get(component)
             if te is None:
                 continue
             # Layers the UNet's conditioning never reads (SDXL CLIP-L's last) get no adapter.
-            unread = unread_text_encoder_layers(arch, component, te.config.num_hidden_layers)
+            unread = unread_text_encoder_layers(arch, component, te.config.num_hidden_layers, clip_skip)
             for path, module in text_encoder_targets(te, preset):
                 layer = _TE_LAYER.match(path)
                 if layer and int(layer[1]) in unread:
@@ -134,13 +137,16 @@ def select_targets(pipe_or_components, arch: str, preset: str, train_unet: bool 
 def estimate_file_bytes(targets: list[Target], config, bytes_per_param: int = 2) -> int | None:
     """Tensor bytes of a kohya file for these targets (fp16 by default; alphas included), counted by
     the method (sd_lora.methods: LoRA/LoCon/DoRA exactly, LoHa twice a LoRA); None where the method
-    cannot say in advance (LoKr: its factorisation depends on each layer's shape)."""
+    cannot say in advance (LoKr: its factorisation depends on each layer's shape). The targets are a
+    network's (`LoraNetwork.targets`: each with the rank the config gives it)."""
     from .. import methods
 
     method = methods.get(config.method)
     total = 0
     for t in targets:
-        n = method.file_params(t, config.rank_alpha_for(t.block, t.conv3x3)[0])
+        if t.rank is None:
+            raise ValueError(f"{t.kohya_name}: no rank resolved; pass a network's targets (LoraNetwork.targets)")
+        n = method.file_params(t, t.rank)
         if n is None:
             return None
         total += n * bytes_per_param

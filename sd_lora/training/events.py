@@ -17,7 +17,8 @@ from typing import Callable
 # kind -> its fields, in the order the trainer sends them (all of them, always; a value may be null)
 EVENTS: dict[str, tuple[str, ...]] = {
     # the dataset report (data.dataset.DatasetReport.to_dict): captions found, buckets, skipped images
-    "dataset": ("images", "reg_images", "captions_by_extension", "fallback_captions", "skipped", "folders", "buckets"),
+    "dataset": ("images", "reg_images", "captions_by_extension", "fallback_captions", "empty_captions", "skipped", "folders",
+                "subsets", "buckets", "warnings", "problems"),
     # the plan (loop.Plan) and its arithmetic: images x repeats x epochs / batch / accumulation / processes
     "start": ("images", "samples_per_epoch", "batches_per_epoch", "steps_per_epoch", "total_steps", "epochs",
               "arithmetic", "batch_size", "gradient_accumulation", "processes"),

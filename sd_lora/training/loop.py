@@ -39,14 +39,15 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
-from ..data.cache import LatentCache, TextCache
-from ..data.captions import shuffle_caption, tag_frequency
+from ..data.cache import LatentCache, TextCache, cache_folder
+from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
 from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
-from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
+from .loss import (diffusion_loss, huber_threshold, noise_scheduler_for_training, noisy_latents, sample_noise,
+                   sample_timesteps, training_target)
 from .optim import make_optimizer, make_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
@@ -219,8 +220,9 @@ class _Trainer:
         for line in self.dataset.report.lines():
             self.log(line)
         self.events.emit("dataset", **self.dataset.report.to_dict())
-        if not [i for i in self.dataset.items if not i.is_reg]:
-            raise ValueError(f"data.path: no usable training images in {cfg.data.path} (see the skipped list above)")
+        for message in self.dataset.report.warnings:  # in the log already (lines()); an event for the web UI
+            self.events.emit("warning", message=message)
+        self.dataset.check()  # refuses a folder one level too high, an empty N_name folder, no usable image
         self.plan = make_plan(cfg, self.dataset, self.world)
         self.log("steps: " + self.plan.describe(cfg, self.world))
         self.events.emit("start", **self.plan.__dict__, arithmetic=self.plan.describe(cfg, self.world),
@@ -259,6 +261,9 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         arch = architecture_of(pipe)
         self.log(f"model: {arch.description}, {arch.prediction_type}")
+        if cfg.clip_skip and cfg.clip_skip > 1 and arch.is_sdxl:
+            self.warn(f"clip_skip {cfg.clip_skip}: SDXL ignores clip skip (it reads both text encoders' penultimate layers, "
+                      "as kohya and A1111 do); leave clip_skip unset for SDXL")
         if cfg.zero_terminal_snr:
             if arch.prediction_type != "v_prediction":
                 raise ValueError(
@@ -291,7 +296,7 @@ class _Trainer:
             elif weight_dtype != torch.float32:
                 reload_in_dtype(m, weight_dtype)
         torch.manual_seed(cfg.seed)  # adapter initialisation
-        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps)
+        network = inject_network(pipe, cfg.network, total_steps=self.plan.total_steps, clip_skip=cfg.clip_skip)
         train_te = bool(network.text_encoder_parameters()) and cfg.te_lr > 0
         # base_precision (fp8/nf4/...): frozen Linear/Conv weights stored small, upcast per layer.
         applied = apply_base_precision(pipe, cfg.base_precision, weight_dtype, readers)
@@ -315,20 +320,17 @@ class _Trainer:
                 for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
                     if te is not None:
                         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from diffusers import DDPMScheduler
-
-        # zero_terminal_snr: betas rescaled so that the last timestep is pure noise (alphas_cumprod[-1] = 0).
-        # Off, the base's own scheduler config decides (a zero-SNR fine-tune may already say so).
-        noise_scheduler = DDPMScheduler.from_config(
-            pipe.scheduler.config, **({"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}))
+        noise_scheduler = noise_scheduler_for_training(pipe.scheduler.config, cfg.zero_terminal_snr)
         return Model(pipe, arch, network, weight_dtype, train_unet=bool(network.unet_parameters()), train_te=train_te,
-                     noise_scheduler=noise_scheduler, conditioner=TextConditioner(pipe, arch.is_sdxl))
+                     noise_scheduler=noise_scheduler,
+                     conditioner=TextConditioner(pipe, arch.is_sdxl, max_token_length=cfg.max_token_length,
+                                                 clip_skip=cfg.clip_skip, warn=self.warn))
 
     def _build_caches(self, model: Model) -> Caches:
         cfg, d = self.cfg, self.cfg.data
         items = self.dataset.items
-        cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.path) / ".sd-lora-cache"
-        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, d.flip, d.max_image_pixels)
+        cache_dir = cache_folder(d, items)
+        latents = LatentCache(items, model.pipe.vae, d.cache_latents, cache_dir, None, d.max_image_pixels)  # flip: per subset
         if d.cache_latents == "disk" and not self.main:
             self.acc.wait_for_everyone()  # the main process writes the disk cache, the others read it
         t0 = time.time()
@@ -341,11 +343,15 @@ class _Trainer:
         if d.cache_latents != "none":
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
+        if self.main:  # long captions: one warning per caption cut, with its file (conditioning.py)
+            model.conditioner.check_captions((i.caption, str(i.path)) for i in items)
         text = None
-        if not model.train_te and d.cache_text and not d.shuffle_captions:
-            captions = [i.caption for i in items] + ([""] if d.caption_dropout > 0 else [])
-            text = TextCache()
-            text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+        captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
+        if not model.train_te and d.cache_text and captions is not None:
+            text = TextCache(cache_dir if d.cache_text_to_disk else None)
+            counts = text.build(captions, model.conditioner, self.acc.device, show_progress=self.bars)
+            if d.cache_text_to_disk:
+                self.log(f"text: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir}")
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
@@ -358,7 +364,7 @@ class _Trainer:
     def _prepare_optimization(self, model: Model) -> Optimization:
         cfg, acc, pipe = self.cfg, self.acc, model.pipe
         groups = param_groups(model.network.unet_parameters(), model.network.text_encoder_parameters() if model.train_te else [],
-                              cfg.lr, cfg.te_lr)
+                              cfg.lr, cfg.te_lr, model.network.lr_weights())
         optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
@@ -436,18 +442,11 @@ class _Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _batch(self, idxs: list[int], rng: random.Random):
+    def _batch(self, idxs: list[int], rng: random.Random, epoch: int):
         d, device = self.cfg.data, self.acc.device
         items = [self.dataset.items[i] for i in idxs]
-        flips = [d.flip and rng.random() < 0.5 for _ in items]
-        captions = []
-        for it in items:
-            c = it.caption
-            if d.shuffle_captions:
-                c = shuffle_caption(c, d.keep_tokens, rng)
-            if d.caption_dropout and rng.random() < d.caption_dropout:
-                c = ""
-            captions.append(c)
+        flips = [it.flip and rng.random() < 0.5 for it in items]
+        captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
         latents = torch.stack([self.caches.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
         placements = []
@@ -466,9 +465,8 @@ class _Trainer:
         rng = random.Random(_seed_for("aug", *key))
         generator = torch.Generator().manual_seed(_seed_for("noise", *key))
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
-        latents, captions, weights, placements = self._batch(idxs, rng)
+        latents, captions, weights, placements = self._batch(idxs, rng, step // self.plan.steps_per_epoch)
         device, model, text_cache = self.acc.device, self.model, self.caches.text
-        noise_scheduler = model.noise_scheduler
         with self.acc.autocast():
             if text_cache is not None:
                 hidden, pooled = text_cache.get(captions)
@@ -479,15 +477,7 @@ class _Trainer:
             else:
                 with torch.no_grad():
                     hidden, pooled = model.conditioner.encode(captions, device)
-            noise = sample_noise(latents, generator, cfg.noise_offset)
-            timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            extra = {}
-            if model.arch.is_sdxl:
-                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
-            pred = self.opt.unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        loss = diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma)
+        loss = compute_loss(cfg, model, self.opt.unet, latents, hidden, pooled, placements, weights, generator, self.acc.autocast)
         reg = model.network.regularization_loss()
         return loss + reg if isinstance(reg, torch.Tensor) else loss
 
@@ -628,6 +618,7 @@ class _Trainer:
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
+            clip_skip=cfg.clip_skip,  # also modelspec.encoder_layer, as kohya's sai_model_spec writes it
         )
         return {**config_metadata(cfg), **run}
 
@@ -673,7 +664,7 @@ class _Trainer:
                 paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
                                        self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                        guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                       on_progress=progress, should_stop=self._stop_requested)
+                                       on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
@@ -705,6 +696,27 @@ class _Trainer:
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)
         return path
+
+
+def compute_loss(cfg: TrainConfig, model: Model, unet, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                 placements: list, weights: torch.Tensor, generator: torch.Generator, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """One micro-batch's diffusion loss from its latents and text conditioning (training/loss.py has
+    the formulas): noise, timesteps and perturbations drawn from `generator`, the UNet's prediction,
+    the target, the weighted loss. tests/test_reference_math.py checks it against the reference scripts."""
+    noise_scheduler, device = model.noise_scheduler, latents.device
+    # the noise in fp32, outside autocast (the pyramid's interpolation must not run in half precision)
+    noise = sample_noise(latents, generator, cfg)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
+                                 cfg.min_timestep, cfg.max_timestep)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg)
+    with autocast():
+        extra = {}
+        if model.arch.is_sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
+        pred = unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    return diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma, loss_type=cfg.loss_type,
+                          huber_c=huber_threshold(timesteps, noise_scheduler, cfg), debiased_estimation=cfg.debiased_estimation_loss)
 
 
 def follow_schedule(scheduler) -> None:

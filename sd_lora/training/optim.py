@@ -15,11 +15,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def param_groups(unet_params, te_params, lr: float, te_lr: float) -> list[dict]:
-    """Separate groups so the UNet and text encoder LoRAs get their own learning rates."""
+def param_groups(unet_params, te_params, lr: float, te_lr: float, lr_weights: dict | None = None) -> list[dict]:
+    """Separate groups so the UNet and text encoder LoRAs get their own learning rates.
+
+    lr_weights (LoraNetwork.lr_weights(): the block LR weights): the UNet group is split per block,
+    "unet_IN04" at lr x its weight (sd_lora/network/blocks.py)."""
+    from ..network.blocks import split_by_lr_weight
+
     groups = []
     if unet_params:
-        groups.append({"params": list(unet_params), "lr": lr, "name": "unet"})
+        for suffix, weight, params in split_by_lr_weight(unet_params, lr_weights):
+            groups.append({"params": params, "lr": lr * weight, "name": "unet" + suffix})
     if te_params and te_lr > 0:
         groups.append({"params": list(te_params), "lr": te_lr, "name": "text_encoder"})
     return groups

@@ -5,8 +5,9 @@
 --n negative prompt, --w/--h width/height, --s sampler steps, --d seed, --l guidance (CFG) scale.
 Lines starting with # and empty lines are ignored. Images are rendered with the pipeline being
 trained (adapters active), with a seeded generator, so the same line gives comparable images across
-steps. Runs with zero_terminal_snr sample with a zero-SNR, trailing-spacing scheduler and guidance
-rescale (sample_guidance_rescale, 0.7 by default for them).
+steps. Prompts are encoded as `sd_lora.generate` encodes them (sd_lora.prompts: A1111 emphasis, long
+prompts), with the run's clip_skip. Runs with zero_terminal_snr sample with a zero-SNR,
+trailing-spacing scheduler and guidance rescale (sample_guidance_rescale, 0.7 by default for them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def sample_size(sp: SamplePrompt, resolution: int) -> tuple[int, int]:
 @torch.no_grad()
 def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, resolution: int,
                    default_steps: int, default_seed: int, autocast=None, guidance_rescale: float = 0.0,
-                   zero_terminal_snr: bool = False, on_progress=None, should_stop=None) -> list[Path]:
+                   zero_terminal_snr: bool = False, on_progress=None, should_stop=None,
+                   clip_skip: int | None = None) -> list[Path]:
     """Render every prompt; returns the PNG paths, named by artifacts.sample_image for the run whose
     LoRA file is `output` (`<stem>-samples/step-000100-0.png`, ...).
 
@@ -49,6 +51,7 @@ def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, r
     from .. import artifacts
     from ..io import atomic_path
     from ..models import use_zero_terminal_snr
+    from ..prompts import pipeline_prompt_kwargs
 
     artifacts.samples_dir(output).mkdir(parents=True, exist_ok=True)
     scheduler = use_zero_terminal_snr(pipe) if zero_terminal_snr else pipe.scheduler  # the original, put back below
@@ -72,8 +75,9 @@ def render_samples(pipe, prompts: list[SamplePrompt], output: Path, step: int, r
 
             generator = torch.Generator(device="cpu").manual_seed(default_seed + i if sp.seed is None else sp.seed)
             with autocast() if autocast else nullcontext():
+                embeds = pipeline_prompt_kwargs(pipe, sp.prompt, sp.negative or "", clip_skip=clip_skip)
                 image = pipe(
-                    sp.prompt, negative_prompt=sp.negative or None, width=w, height=h,
+                    **embeds, width=w, height=h,
                     num_inference_steps=steps, guidance_scale=sp.guidance,
                     guidance_rescale=guidance_rescale, generator=generator, callback_on_step_end=step_end,
                 ).images[0]

@@ -15,6 +15,13 @@ from ..jobs import JobError
 from ..security import PathError, Workspace
 
 
+# Lists of workspace files (models, datasets, LoRAs, configs, jobs) start EMPTY and are filled by the
+# page's load (and tab-select) events. Gradio 6 embeds the app's API description, with every dropdown's
+# choices and default, even in the login page it serves to a visitor who has not logged in
+# (gradio/routes.py `main`: `gradio_api_info` in the template context whatever the auth state), so
+# choices given at construction would show the workspace's file names to anyone who can reach the port.
+
+
 def guard(fn):
     """Show our user-facing errors (bad path, bad config, ...) as a red toast / API error, not a traceback.
 

@@ -64,7 +64,9 @@ BASIC_KEYS = [
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed", "data.repeats",
 ]
 # Keys the page sets another way, so they get no form field.
-NOT_ON_FORM = {"resume": "the Resume button continues a stopped job"}
+NOT_ON_FORM = {"resume": "the Resume button continues a stopped job",
+               "data.subsets": "[[data.subsets]] tables are written in the TOML box",
+               "data.dataset_config_path": "kohya dataset configs are not read in the web UI (webui/security.py)"}
 # Every other key, in the config's order: the "Advanced" part of the form is built from these, so a new
 # setting appears there with its help and type without an edit here.
 ADVANCED_KEYS = [k.name for k in config_keys() if k.name not in BASIC_KEYS and k.name not in NOT_ON_FORM]
@@ -522,7 +524,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     gr.Markdown("### Jobs (the running one is shown after a reload too)")
     with gr.Row():
         # allow_custom_value: jobs appear after the page was built; the queue checks every id it is given
-        job = gr.Dropdown(job_choices(), label="job", value=None, scale=3, allow_custom_value=True)
+        job = gr.Dropdown([], label="job", value=None, scale=3, allow_custom_value=True)
         # off until a job that can stop (or resume) is selected: the view turns them on
         stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", scale=1, interactive=False, elem_id="stop")
         resume_btn = gr.Button("Resume", scale=1, interactive=False, elem_id="resume")
@@ -542,9 +544,9 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row():
-                    f_model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True,
+                    f_model = gr.Dropdown([], label="base model (models/ in the workspace)", allow_custom_value=True,
                                           value=start_values["model"] or None, elem_id="train-model")
-                    f_data = gr.Dropdown(list_dirs(ws, "datasets"), label="dataset folder", allow_custom_value=True,
+                    f_data = gr.Dropdown([], label="dataset folder", allow_custom_value=True,
                                          value=start_values["data.path"] or None, elem_id="train-data")
                     f_output = gr.Textbox(start_values["output"], label="output name (loras/NAME.safetensors)")
                 with gr.Row():
@@ -576,7 +578,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                     cfg_name = gr.Textbox(label=f"save as ({CONFIGS}/NAME.toml)", scale=3, elem_id="config-name")
                     save_btn = gr.Button("Save config", scale=1, elem_id="save-config")
                 with gr.Row():
-                    cfg_file = gr.Dropdown(list_configs(ws), label=f"saved configs ({CONFIGS}/)", value=None, scale=3,
+                    cfg_file = gr.Dropdown([], label=f"saved configs ({CONFIGS}/)", value=None, scale=3,
                                            allow_custom_value=True, elem_id="config-file")
                     load_btn = gr.Button("Load config", scale=1, elem_id="load-config")
         basic = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
