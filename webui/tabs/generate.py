@@ -119,7 +119,8 @@ def build(ctx, tab=None) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
-                model = gr.Dropdown(list_models(ws), label="base model (models/ in the workspace)", allow_custom_value=True, scale=4)
+                # choices start empty and are filled on load (common.py: the login page shows the initial ones)
+                model = gr.Dropdown([], label="base model (models/ in the workspace)", allow_custom_value=True, scale=4)
                 refresh_btn = gr.Button("Refresh", scale=0)
             prompt = gr.Textbox(label="prompt (<lora:NAME:WEIGHT> and <lora:NAME:WEIGHT:lbw=OUTD> tags work too)", lines=2)
             negative = gr.Textbox(label="negative prompt")
@@ -143,7 +144,7 @@ def build(ctx, tab=None) -> None:
             gr.Markdown("**LoRA stack** (from loras/ of the workspace)")
             for i in range(LORA_ROWS):
                 with gr.Row():
-                    name = gr.Dropdown([""] + list_loras(ws), value="", label=f"LoRA {i + 1}", scale=3, allow_custom_value=True)
+                    name = gr.Dropdown([""], value="", label=f"LoRA {i + 1}", scale=3, allow_custom_value=True)
                     weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2)
                     block_rows.append(gr.Textbox(label="block weights (lbw: OUTD, 1,0,0,... ; empty: all 1)", scale=2,
                                                  placeholder="e.g. OUTD or IN04=0.5,M00=0", elem_id=f"generate-lbw-{i + 1}"))
@@ -169,5 +170,6 @@ def build(ctx, tab=None) -> None:
         generate_on_page, inputs, [images, info, error], api_name=False, concurrency_limit=1, concurrency_id="generate")
     api_go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1, concurrency_id="generate")
     refresh_btn.click(refresh, None, [model, *names], api_name=False)
+    gr.context.Context.root_block.load(refresh, None, [model, *names], api_name=False)
     if tab is not None:
         tab.select(refresh, None, [model, *names], api_name=False)

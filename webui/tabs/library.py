@@ -254,8 +254,9 @@ def build(ctx, tab=None) -> None:
             resize_btn = gr.Button("Resize")
     with gr.Accordion("Extract (a LoRA from a fine-tuned model and its base)", open=False):
         with gr.Row():
-            ex_base = gr.Dropdown(list_models(ws), label="base model (models/)")
-            ex_tuned = gr.Dropdown(list_models(ws), label="fine-tuned model (models/)")
+            # choices start empty and are filled on load (common.py: the login page shows the initial ones)
+            ex_base = gr.Dropdown([], label="base model (models/)")
+            ex_tuned = gr.Dropdown([], label="fine-tuned model (models/)")
             ex_rank = gr.Number(16, label="rank", precision=0)
             ex_name = gr.Textbox(label="new name (optional)")
             ex_btn = gr.Button("Extract")
@@ -289,5 +290,6 @@ def build(ctx, tab=None) -> None:
         return [gr.update(choices=list_models(ws))] * 2
 
     refresh.click(model_choices, None, [ex_base, ex_tuned], api_name=False)
+    gr.context.Context.root_block.load(model_choices, None, [ex_base, ex_tuned], api_name=False)
     if tab is not None:
         tab.select(model_choices, None, [ex_base, ex_tuned], api_name=False)
