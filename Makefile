@@ -21,8 +21,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/sd-lora demo
 
+# Two worker processes (pytest-xdist), one test file each at a time (module fixtures stay in one
+# process): most tests run on one torch thread or wait on a subprocess, so 2 cores finish in ~half
+# the time. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Benchmarks print ratios against the reference tool; minutes each, not tests (see bench/README.md).
 bench: setup

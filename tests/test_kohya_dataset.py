@@ -315,7 +315,9 @@ def test_import_kohya_gui_config_round_trips(tmp_path, capsys):
         "adamw", "bf16", 0.05, 1, 25)
     assert cfg.output == str(tmp_path / "test" / "output" / "locon-AdamW.safetensors")
     text = (tmp_path / "locon.toml").read_text()
-    for unmapped in ("clip_skip = 2: no equivalent", "LyCORIS_preset", "max_token_length", "save_precision",
+    # clip_skip and max_token_length are settings of ours now (issue #19 item 4): they map
+    assert (cfg.clip_skip, cfg.max_token_length) == (2, 75)
+    for unmapped in ("LyCORIS_preset", "save_precision",
                      "xformers = \"xformers\": attention uses PyTorch"):
         assert unmapped in text and unmapped in err
     assert "model_list" not in text  # the GUI's copy of the model name

@@ -305,7 +305,7 @@ def test_a_client_that_disconnects_has_its_queued_work_cancelled(pipe, lora_dir)
 def test_the_scheduler_cancels_a_queued_job_and_serves_an_overdue_one_first():
     def job(stack: str, arrived: float) -> Job:
         plan = SimpleNamespace(settings={"loras": [{"file": stack, "weight": 1.0, "te_weight": 1.0}], "steps": 2,
-                                         "guidance": 7.0, "guidance_rescale": 0.0, "width": 64, "height": 64})
+                                         "guidance": 7.0, "guidance_rescale": 0.0, "width": 64, "height": 64, "clip_skip": None})
         return Job(call={}, plan=plan, arrived=arrived)
 
     s = Scheduler(None, max_wait=5.0, max_batch=2, start=False)
