@@ -160,3 +160,11 @@ def test_the_library_tab_form_edits_through_the_library_function(lora, tmp_path)
             edit("../../etc/passwd", "x", "", "", "", None, False)
     finally:
         demo.sd_lora_context.queue.shutdown()
+
+
+def test_a_set_trigger_phrase_comes_first_even_with_an_underscore():
+    from sd_lora.formats.metadata import trigger_words
+
+    md = {"ss_tag_frequency": '{"10_sks": {"sks": 5, "red": 3}}', "modelspec.trigger_phrase": "hatsune_miku, blue hair"}
+    assert trigger_words(md) == ["hatsune_miku", "blue hair", "sks", "red"]
+    assert trigger_words({"ss_tag_frequency": '{"10_sks": {"sks": 5}}'}) == ["sks"]

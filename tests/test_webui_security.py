@@ -196,6 +196,13 @@ def test_auth_protects_pages_files_and_api(ws):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    # a model, a LoRA and a saved config whose names must not show before a login either
+    (ws.root / "models" / "private-base").mkdir(parents=True)
+    (ws.root / "models" / "private-base" / "model_index.json").write_text("{}")
+    (ws.root / "loras").mkdir(exist_ok=True)
+    (ws.root / "loras" / "client-style.safetensors").write_bytes(b"\0" * 16)
+    (ws.root / "configs").mkdir(exist_ok=True)
+    (ws.root / "configs" / "client-job.toml").write_text("")
     demo = launch(ws.root, port=port, auth=("alice", "s3cret"), block=False, quiet=True)
     inside = ws.root / "datasets" / "cats" / "a.png"
     try:
@@ -203,7 +210,7 @@ def test_auth_protects_pages_files_and_api(ws):
             login = h.get("").text
             assert '"auth_required": true' in login.replace('":true', '": true')  # the login page, not the app
             # nothing of the workspace shows before a login (Gradio embeds the API description in this page)
-            for secret in ("datasets/cats", "cats", str(ws.root), "a.png"):
+            for secret in ("datasets/cats", "cats", str(ws.root), "a.png", "private-base", "client-style", "client-job"):
                 assert secret not in login, secret
             assert h.get("config").status_code == 401
             assert h.get(f"gradio_api/file={inside}").status_code in (401, 403)

@@ -239,7 +239,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
     """The words to type to call a LoRA up, from its `ss_tag_frequency` ({folder: {tag: count}}, as
     kohya and our trainer write it); the one place that decides them.
 
-    First the instance tokens: the `name` of each `N_name` training folder, where the captions
+    First the words a person set in `modelspec.trigger_phrase`; then the instance tokens: the `name` of each `N_name` training folder, where the captions
     contain it (a folder's name is only trained as the caption of images without one, which kohya
     and sd_lora.data both do; elsewhere it is just a folder name). Then the most frequent short tags
     (comma-separated caption parts of at most MAX_TRIGGER_WORDS words), ties by name. Repeats are
@@ -262,8 +262,11 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
         if name and any(isinstance(t, str) and word.search(t) for t in tags):
             instance.append(name)
     short = sorted((t for t in counts if len(t.split()) <= MAX_TRIGGER_WORDS), key=lambda t: (-counts[t], t))
+    # words a person set (SAI modelspec.trigger_phrase, comma-separated: `sd-lora edit-metadata --trigger`) come first
+    phrase = metadata.get("modelspec.trigger_phrase")
+    chosen = [" ".join(w.split()) for w in phrase.split(",") if w.strip()] if isinstance(phrase, str) else []
     out: list[str] = []
-    for word in instance + short:
+    for word in chosen + instance + short:
         if word.lower() not in {w.lower() for w in out}:
             out.append(word)
     return out[:limit]
