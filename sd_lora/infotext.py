@@ -127,6 +127,15 @@ def lora_hash(path: str | os.PathLike) -> str:
     return _cached("file", path, lambda: _sha256(path))[:LORA_HASH_DIGITS]
 
 
+def file_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """The hashes a LoRA file is looked up by (Civitai's names): `sha256` of the whole file, `autov2`
+    its first 10 hex digits (A1111's model hash), `autov3` the first 12 of the tensor-bytes hash
+    (A1111's "Lora hashes" entry; it survives metadata edits)."""
+    path = Path(path)
+    full = _cached("file", path, lambda: _sha256(path))
+    return {"sha256": full, "autov2": full[:MODEL_HASH_DIGITS], "autov3": lora_hash(path)}
+
+
 def lora_hash_name(name: str) -> str:
     """A LoRA's name as A1111 writes it in "Lora hashes" (':' and ',' would break the list)."""
     return name.replace(":", "").replace(",", "")

@@ -217,8 +217,14 @@ def test_cli_inspect_and_convert(sd1, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "kohya" and info["architecture"] == "sd1" and info["modules"] == len(net.targets)
     assert info["ranks"] == {"2": 26, "4": 103} and info["trigger_words"][0] == "sks" and info["nan_or_inf_modules"] == []
+    # Civitai's hashes: AutoV2 = the file's SHA-256, 10 hex; AutoV3 = the tensor bytes' SHA-256, 12 hex
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert info["hashes"] == {"sha256": hashlib.sha256(data).hexdigest(), "autov2": hashlib.sha256(data).hexdigest()[:10],
+                              "autov3": hashlib.sha256(data[header:]).hexdigest()[:12]}
     assert main(["inspect", str(path)]) == 0
-    assert "trigger words: sks, red circle" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "trigger words: sks, red circle" in shown and f"AutoV3 {info['hashes']['autov3']}" in shown
     for to in ("diffusers", "peft", "kohya"):
         out = tmp_path / (f"{to}.safetensors" if to != "peft" else "peft")
         assert main(["convert", str(path), "--to", to, "--out", str(out), "--dtype", "fp32"]) == 0

@@ -19,6 +19,7 @@ def inspect_lora(path, strict: bool = True) -> dict:
     from pathlib import Path
 
     from ..fields import recorded_settings
+    from ..infotext import file_hashes
     from ..formats.lora_file import is_finite
     from ..formats.read import load_lora
 
@@ -48,6 +49,7 @@ def inspect_lora(path, strict: bool = True) -> dict:
         "tensor_bytes": lora.num_bytes(),
         "trigger_words": lora.trigger_words,
         "nan_or_inf_modules": non_finite,
+        "hashes": file_hashes(p) if p.is_file() else {},  # what Civitai and A1111 look the file up by
         "settings": recorded_settings(lora.metadata),  # what sd-lora trained it with ({} for other tools' files)
         "metadata": lora.metadata,
     }
@@ -78,6 +80,9 @@ def run(args) -> int:
         elif key == "file_bytes":
             value = f"{value / 1e6:.1f} MB"
         print(f"{key.replace('_', ' ')}: {value}")
+    if info["hashes"]:
+        h = info["hashes"]
+        print(f"hashes: AutoV2 {h['autov2']} (A1111 model hash), AutoV3 {h['autov3']} (A1111 \"Lora hashes\"), sha256 {h['sha256']}")
     bad = info["nan_or_inf_modules"]
     print(f"NaN/inf check: {'FAILED in ' + str(len(bad)) + ' modules (first: ' + bad[0] + ')' if bad else 'ok'}")
     settings = info["settings"]
