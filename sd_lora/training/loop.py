@@ -47,7 +47,7 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, re
 from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
-from .optim import make_optimizer, make_scheduler, param_groups
+from .optim import averaged_weights, choose_optimizer, network_param_groups, run_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Optimization:
     params: list[torch.nn.Parameter]
     optimizer: object
     scheduler: object
+    choice: object  # optim.OptimizerChoice: which class, with which arguments (ss_optimizer)
     models: dict  # name -> module whose trainable parameters a checkpoint holds
     unet: torch.nn.Module  # wrapped by accelerate when it is trained
     text_encoders: list
@@ -357,12 +358,15 @@ class _Trainer:
 
     def _prepare_optimization(self, model: Model) -> Optimization:
         cfg, acc, pipe = self.cfg, self.acc, model.pipe
-        groups = param_groups(model.network.unet_parameters(), model.network.text_encoder_parameters() if model.train_te else [],
-                              cfg.lr, cfg.te_lr)
-        optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
+        groups = network_param_groups(model.network, model.train_te, cfg)
+        choice = choose_optimizer(cfg, self.plan.total_steps, acc.device.type)
+        for message in choice.warnings:
+            self.warn(message)
+        optimizer = choice.build(groups)
+        self.log(f"optimizer: {choice.label}; groups: " + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups))
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
-        scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, self.plan.total_steps)
+        scheduler = run_scheduler(cfg, optimizer, choice, self.plan.total_steps)
         unet = acc.prepare(pipe.unet) if model.train_unet else pipe.unet
         text_encoders = [
             acc.prepare(te) if (model.train_te and any(p.requires_grad for p in te.parameters())) else te
@@ -372,6 +376,7 @@ class _Trainer:
             params=[p for g in groups for p in g["params"]],
             optimizer=acc.prepare(optimizer),
             scheduler=scheduler,
+            choice=choice,
             models={name: getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")},
             unet=unet,
             text_encoders=text_encoders,
@@ -625,9 +630,9 @@ class _Trainer:
             learning_rate=cfg.lr,
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
-            optimizer=cfg.optimizer,
+            optimizer=self.opt.choice.label,  # kohya's "module.Class(args)"
             lr_scheduler=cfg.lr_scheduler,
-            lr_warmup_steps=cfg.lr_warmup_steps,
+            lr_warmup_steps=warmup_steps(cfg.lr_warmup_steps, self.plan.total_steps),
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation,
@@ -645,11 +650,16 @@ class _Trainer:
             training_comment=cfg.comment or None,
         )
 
+    def _eval_weights(self):
+        """Schedule-free optimizers: the averaged weights while sampling and saving (training ones restored after)."""
+        return averaged_weights(self.opt.optimizer, self.opt.choice.spec, self.opt.params)
+
     def _save_lora(self, path: Path, step: int) -> Path:
         if self.main:
             from ..formats.kohya import save_lora
 
-            path = save_lora(path, self.model.network, self._metadata(step))
+            with self._eval_weights():
+                path = save_lora(path, self.model.network, self._metadata(step))
             self.log(f"saved {path}")
             self.events.emit("saved", step=step, path=str(path))
         self.acc.wait_for_everyone()
@@ -684,10 +694,12 @@ class _Trainer:
                         self.log(f"samples for step {step}: prompt {i + 1}/{n} done, ETA {eta:.0f} s")
 
             try:
-                paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
-                                       self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
-                                       guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                       on_progress=progress, should_stop=self._stop_requested)
+                with self._eval_weights():
+                    paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
+                                           self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
+                                           guidance_rescale=self.cfg.guidance_rescale,
+                                           zero_terminal_snr=self.cfg.zero_terminal_snr,
+                                           on_progress=progress, should_stop=self._stop_requested)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
