@@ -203,3 +203,42 @@ def test_schedule_free_samples_and_saves_the_averaged_weights():
     adamw = choose_optimizer(TrainConfig(optimizer="adamw"), 10)
     with averaged_weights(None, adamw.spec, [p]):  # no-op for the others
         assert torch.equal(p, y)
+
+
+def test_loraplus_groups_of_a_real_network():
+    from sd_lora.network.inject import inject_network
+    from sd_lora.testing import tiny_pipeline
+    from sd_lora.training.optim import network_param_groups
+
+    pipe = tiny_pipeline("sd1")
+    cfg = TrainConfig(lr=1e-4, text_encoder_lr=5e-5, loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=4,
+                      network={"rank": 2, "preset": "attention", "train_text_encoder": True})
+    network = inject_network(pipe, cfg.network)
+    groups = {g["name"]: g for g in network_param_groups(network, True, cfg)}
+    assert {n: g["lr"] for n, g in groups.items()} == pytest.approx(
+        {"unet": 1e-4, "unet_plus": 16e-4, "text_encoder": 5e-5, "text_encoder_plus": 20e-5})
+    names = {id(p): n for n, p in network.named_parameters()}
+    assert all(".lora_B." in names[id(p)] for p in groups["unet_plus"]["params"] + groups["text_encoder_plus"]["params"])
+    assert all(".lora_A." in names[id(p)] for p in groups["unet"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(network.parameters())
+    network.remove()
+    loha = TrainConfig(loraplus_lr_ratio=16, network={"method": "loha", "rank": 2, "preset": "attention"})
+    with pytest.raises(ValueError, match="has no LoRA up"):
+        network_param_groups(inject_network(pipe, loha.network), False, loha)
+
+
+def test_step_events_show_the_rate_prodigy_applies():
+    from sd_lora.training.optim import applied_lr
+
+    p = torch.nn.Parameter(torch.ones(8))
+    cfg = TrainConfig(optimizer="prodigy", lr=1.0)
+    choice = choose_optimizer(cfg, 10)
+    opt = choice.build([{"params": [p], "lr": 1.0}])
+    sched = run_scheduler(cfg, opt, choice, 10)
+    for _ in range(3):
+        (p ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    d = opt.param_groups[0]["d"]
+    assert d > 1e-6 and applied_lr(opt, sched) == pytest.approx(d)  # lr 1.0 x the estimate, which has grown

@@ -47,7 +47,7 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, re
 from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
 from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
-from .optim import averaged_weights, choose_optimizer, network_param_groups, run_scheduler, warmup_steps
+from .optim import applied_lr, averaged_weights, choose_optimizer, network_param_groups, run_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
 
@@ -568,7 +568,7 @@ class _Trainer:
             bar.update()
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
-                                 lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
+                                 lr=applied_lr(self.opt.optimizer, self.opt.scheduler), it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
                 if not self.bars:
                     self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {rate_text(it_s)}"

@@ -188,6 +188,14 @@ def run_scheduler(cfg, optimizer, choice: OptimizerChoice, total_steps: int):
                           cfg.lr_scheduler_min_lr_ratio or 0.0, adafactor_lr=cfg.lr if choice.own_schedule else None)
 
 
+def applied_lr(optimizer, scheduler) -> float:
+    """The first group's rate as the optimizer applies it, for the step events: Prodigy and D-Adaptation
+    multiply lr by their estimate `d` (kept in the param group), so lr alone (1.0) says nothing."""
+    lr = scheduler.get_last_lr()[0]
+    d = optimizer.param_groups[0].get("d")
+    return lr * float(d) if d is not None else lr
+
+
 @contextlib.contextmanager
 def averaged_weights(optimizer, spec: OptimizerSpec, params: list[torch.nn.Parameter]):
     """Inside: the weights to sample and save. For a schedule-free optimizer these are the averaged x
