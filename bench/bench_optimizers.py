@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +43,13 @@ def child(args) -> None:
         opt = build(self, groups)
         inner = opt.step
 
-        def step(*a, **k):
+        def step(_self, *a, **k):
             t = time.perf_counter()
             out = inner(*a, **k)
             step_s.append(time.perf_counter() - t)
             return out
 
-        opt.step = step
+        opt.step = types.MethodType(step, opt)  # a bound method, as torch's LR scheduler wraps it
         built.append(opt)
         return opt
 

@@ -1,6 +1,7 @@
 """How well each optimizer learns the demo's stripe style on the shipped tiny base, in the same steps.
 
     .venv/bin/python bench/compare_optimizers_style.py [--steps 300] [--optimizers adamw prodigy] [--out out/compare]
+        [--variant "prodigy use_bias_correction=True safeguard_warmup=True"]   (an optimizer with optimizer_args)
 
 Every run is the demo's stripe training (sd_lora/demo.py train_style_loras: tiny base, 64 px, batch
 4, rank 8 on the kohya preset, seed 0, UNet only) with only the optimizer and its rate changed:
@@ -27,14 +28,15 @@ sys.path.insert(0, str(REPO))
 RATES = {"adamw": 1e-3, "prodigy": 1.0, "dadapt_adam": 1.0, "adamw_schedulefree": 1e-3, "came": 1e-3, "adamw8bit": 1e-3}
 
 
-def train_stripes(out: Path, data: Path, optimizer: str, lr: float, steps: int) -> Path:
+def train_stripes(out: Path, data: Path, optimizer: str, lr: float, steps: int, args: list[str] | None = None,
+                  tag: str = "") -> Path:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.demo import DEFAULT_BASE
     from sd_lora.training.loop import train
 
     # the demo's stripe config (sd_lora/demo.py train_style_loras), optimizer and lr aside
     return train(TrainConfig(
-        model=str(DEFAULT_BASE), output=str(out / f"stripes-{optimizer}.safetensors"),
+        model=str(DEFAULT_BASE), output=str(out / f"stripes-{optimizer}{tag}.safetensors"), optimizer_args=args or None,
         data=DataConfig(path=str(data), resolution=64, cache_latents="ram"), steps=steps, batch_size=4, lr=lr,
         optimizer=optimizer, seed=0, cpu_threads=1, log_every=50,
         network={"preset": "kohya", "rank": 8, "alpha": 8, "train_text_encoder": False},
@@ -59,7 +61,10 @@ def stripe_score(pipe, lora: Path | None) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="the demo's steps (sd-lora demo --steps default)")
-    ap.add_argument("--optimizers", nargs="+", default=["adamw", "prodigy"])
+    ap.add_argument("--optimizers", nargs="*", default=["adamw", "prodigy"])
+    ap.add_argument("--variant", action="append", default=[], metavar="'NAME KEY=VALUE ...'",
+                    help="also train optimizer NAME with these optimizer_args (repeatable)")
+    ap.add_argument("--baseline", type=float, help="AdamW's stripe energy from an earlier run (skips training adamw again)")
     ap.add_argument("--out", default="out/compare_optimizers")
     args = ap.parse_args()
 
@@ -78,15 +83,17 @@ def main() -> int:
     with single_thread():
         base = stripe_score(pipe, None)
     print(json.dumps({"optimizer": "base (no LoRA)", "stripe_energy": round(base, 4)}), flush=True)
-    results = {}
-    for name in args.optimizers:
+    results = {"adamw": args.baseline} if args.baseline is not None else {}
+    runs = [(name, []) for name in args.optimizers] + [(v.split()[0], v.split()[1:]) for v in args.variant]
+    for i, (name, opt_args) in enumerate(runs):
         t0 = time.perf_counter()
-        lora = train_stripes(out, data, name, RATES.get(name, 1e-3), args.steps)
+        label = name + (f" ({' '.join(opt_args)})" if opt_args else "")
+        lora = train_stripes(out, data, name, RATES.get(name, 1e-3), args.steps, opt_args, f"-{i}" if opt_args else "")
         seconds = time.perf_counter() - t0
         with single_thread():
             score = stripe_score(pipe, lora)
-        results[name] = score
-        print(json.dumps({"optimizer": name, "lr": RATES.get(name, 1e-3), "steps": args.steps, "stripe_energy": round(score, 4),
+        results[label] = score
+        print(json.dumps({"optimizer": label, "lr": RATES.get(name, 1e-3), "steps": args.steps, "stripe_energy": round(score, 4),
                           "train_s": round(seconds, 1)}), flush=True)
     if "adamw" in results:
         gain = results["adamw"] - base
