@@ -242,3 +242,18 @@ def test_step_events_show_the_rate_prodigy_applies():
         sched.step()
     d = opt.param_groups[0]["d"]
     assert d > 1e-6 and applied_lr(opt, sched) == pytest.approx(d)  # lr 1.0 x the estimate, which has grown
+
+
+def test_optimizer_args_from_toml_and_kohya_flags():
+    from sd_lora.cli import build_parser
+    from sd_lora.commands.train import config_from_args
+    from sd_lora.config import config_from_dict
+
+    table = config_from_dict({"optimizer": "prodigy", "optimizer_args": {"betas": [0.9, 0.99], "d_coef": 2}})
+    words = config_from_dict({"optimizer": "prodigy", "optimizer_args": ["betas=0.9,0.99", "d_coef=2"]})  # a kohya TOML
+    args = build_parser().parse_args(["train", "--optimizer_type", "Prodigy", "--optimizer_args", "betas=0.9,0.99", "d_coef=2",
+                                      "--lr_warmup_steps", "0.1"])
+    flags = config_from_args(args)
+    assert flags.optimizer == "prodigy" and flags.lr_warmup_steps == 0.1
+    for cfg in (table, words, flags):
+        assert optimizers.parse_optimizer_args(cfg.optimizer_args) == {"betas": (0.9, 0.99), "d_coef": 2}
