@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import artifacts, optimizers
-from .fields import Key, describe, keys_of, problems, setting, suggest
+from .fields import Key, describe, keys_of, problems, setting, settings_metadata, suggest
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
 
@@ -40,6 +40,8 @@ BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")  # how training
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LATENT_CACHE = ("ram", "disk", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # training/loss.py implements each
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,7 @@ class DataConfig:
                         flag="--data", kohya=("train_data_dir",))
     reg_path: str | None = setting(None, "regularization (class) images folder, same layout; enables prior preservation",
                                    path="dir", flag="--reg-data", kohya=("reg_data_dir",))
-    prior_loss_weight: float = setting(1.0, "loss weight of regularization images", minimum=0)
+    prior_loss_weight: float = setting(1.0, "loss weight of regularization images", minimum=0, ss="ss_prior_loss_weight")
     caption_extension: str = setting(".txt", "caption side-file extension tried first (.txt and .caption are also read)")
     instance_prompt: str | None = setting(None, "caption for images without a caption file",
                                           default_text="the folder name after `N_`")
@@ -70,19 +72,19 @@ class DataConfig:
     repeats: int = setting(1, "repeats for folders not named `N_name`", minimum=1)
     resolution: int = setting(512, "training resolution: bucket area <= resolution^2; 512 for SD1, 768 for SD2-v, 1024 for SDXL",
                               unit="px")
-    buckets: bool = setting(True, "aspect-ratio buckets (off: center-crop everything to a square)", kohya={"enable_bucket": True})
+    buckets: bool = setting(True, "aspect-ratio buckets (off: center-crop everything to a square)", kohya={"enable_bucket": True}, ss="ss_enable_bucket")
     bucket_step: int = setting(64, "bucket sides are multiples of this", unit="px", kohya=("bucket_reso_steps",))
     upscale: bool = setting(False, "upscale small images to the full bucket area", kohya={"bucket_no_upscale": False})
-    shuffle_captions: bool = setting(False, "shuffle comma-separated caption tags each step", kohya={"shuffle_caption": True})
-    keep_tokens: int = setting(0, "with shuffle_captions: number of leading tags kept in place", minimum=0)
-    caption_dropout: float = setting(0.0, "probability of training an image with an empty caption", kohya=("caption_dropout_rate",))
-    flip: bool = setting(False, "random horizontal flip", kohya={"flip_aug": True})
+    shuffle_captions: bool = setting(False, "shuffle comma-separated caption tags each step", kohya={"shuffle_caption": True}, ss="ss_shuffle_caption")
+    keep_tokens: int = setting(0, "with shuffle_captions: number of leading tags kept in place", minimum=0, ss="ss_keep_tokens")
+    caption_dropout: float = setting(0.0, "probability of training an image with an empty caption", kohya=("caption_dropout_rate",), ss="ss_caption_dropout_rate")
+    flip: bool = setting(False, "random horizontal flip", kohya={"flip_aug": True}, ss="ss_flip_aug")
     # kohya's --cache_latents caches in RAM, --cache_latents_to_disk on disk (declared in that order: disk wins)
     cache_latents: str = setting("ram", "latent cache (none: VAE-encode every step)", choices=LATENT_CACHE,
                                  kohya={"cache_latents": "ram", "cache_latents_to_disk": "disk"})
-    cache_dir: str | None = setting(None, "disk cache folder", path="dir", default_text="<data>/.sd-lora-cache")
+    cache_dir: str | None = setting(None, "disk cache folder", path="dir", default_text="<data>/.sd-lora-cache", ss=False)
     cache_text: bool = setting(True, "cache text-encoder outputs when the text encoder is frozen")
-    max_image_pixels: int = setting(64_000_000, "images with more pixels are skipped (decompression-bomb guard)", minimum=1)
+    max_image_pixels: int = setting(64_000_000, "images with more pixels are skipped (decompression-bomb guard)", minimum=1, ss=False)
 
 
 @dataclass
@@ -90,23 +92,24 @@ class TrainConfig:
     """Everything `sd_lora.train` needs. Only `model`, `data.path` and `output` have no usable default."""
 
     model: str = setting("", "base model: diffusers folder or .safetensors file", path="path",
-                         kohya=("pretrained_model_name_or_path",))
+                         kohya=("pretrained_model_name_or_path",), ss="ss_sd_model_name")
     # kohya's --output_dir + --output_name give this file (sd_lora/commands/train.py joins them)
-    output: str = setting("", "output LoRA file (.safetensors); kohya's --output_dir + --output_name work too", path="file")
+    output: str = setting("", "output LoRA file (.safetensors); kohya's --output_dir + --output_name work too", path="file", ss=False)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     steps: int | None = setting(None, "optimizer steps to train (or set epochs)", minimum=1, excludes="epochs",
                                 kohya=("max_train_steps",))
     epochs: int | None = setting(None, "epochs to train (or set steps)", minimum=1, excludes="steps", kohya=("max_train_epochs",))
-    batch_size: int = setting(1, "images per batch per process", minimum=1, kohya=("train_batch_size",))
-    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",))
-    lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",))
+    batch_size: int = setting(1, "images per batch per process", minimum=1, kohya=("train_batch_size",), ss="ss_batch_size_per_device")
+    gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",), ss="ss_gradient_accumulation_steps")
+    lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",), ss="ss_learning_rate")
     text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate", metavar="LR", default_text="lr")
     # optimizers and schedules (#18)
     optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes; prodigy / dadapt_adam adapt their step size: lr = 1.0; "
                              "adamw_schedulefree needs lr_scheduler = \"constant\"; docs/training.md compares them)",
-                             choices=OPTIMIZERS, kohya=("optimizer_type",))
+                             choices=OPTIMIZERS, kohya=("optimizer_type",),
+                             ss="ss_optimizer")  # the trainer writes kohya's "module.Class(args)" of what ran
     optimizer_args: dict[str, object] | list[str] | None = setting(
         None, "keyword arguments of the optimizer: a table (betas = [0.9, 0.99]) or kohya's key=value words "
         "(--optimizer-args \"betas=0.9,0.99\" \"d_coef=2\"); values are Python literals", metavar="KEY=VALUE",
@@ -119,42 +122,70 @@ class TrainConfig:
                                                    default_text="loraplus_lr_ratio")
     loraplus_text_encoder_lr_ratio: float | None = setting(None, "LoRA+ ratio of the text encoder only", minimum=0,
                                                            default_text="loraplus_lr_ratio")
-    lr_scheduler: str = setting("constant", "learning-rate schedule (formulas in docs/training.md)", choices=SCHEDULERS)
+    lr_scheduler: str = setting("constant", "learning-rate schedule (formulas in docs/training.md)", choices=SCHEDULERS,
+                                ss="ss_lr_scheduler")
     lr_warmup_steps: float = setting(0, "learning-rate warm-up: steps, or below 1 a ratio of the run (0.05: the first 5 %)",
-                                     unit="steps", minimum=0)
+                                     unit="steps", minimum=0, ss="ss_lr_warmup_steps")
     lr_scheduler_num_cycles: int = setting(1, "cosine_with_restarts: number of cosine decays (each restarts at lr)", minimum=1)
     lr_scheduler_power: float = setting(1.0, "polynomial: the power of the decay (1: linear)", minimum=0)
     lr_scheduler_min_lr_ratio: float | None = setting(
         None, "lowest learning rate of the decaying schedules, as a ratio of lr (0.1: decay to lr / 10)", minimum=0,
         default_text="0")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm", minimum=0, zero="off")
-    mixed_precision: str = setting("no", "compute dtype (fp16: CUDA only)", choices=MIXED_PRECISION)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", minimum=0, zero="off", ss="ss_max_grad_norm")
+    mixed_precision: str = setting("no", "compute dtype (fp16: CUDA only)", choices=MIXED_PRECISION, ss="ss_mixed_precision")
     base_precision: str | None = setting(
         None, "storage of the frozen UNet/text-encoder weights (nf4/int8: CUDA + bitsandbytes); upcast per layer to the "
         "mixed-precision dtype", choices=BASE_PRECISIONS, default_text="the mixed-precision dtype")
-    gradient_checkpointing: bool = setting(False, "trade compute for memory")
-    min_snr_gamma: float | None = setting(None, "min-SNR loss weighting gamma (5 is usual)", default_text="off")
-    noise_offset: float = setting(0.0, "noise offset (0.05-0.1 helps very dark/bright images)")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory", ss="ss_gradient_checkpointing")
+    min_snr_gamma: float | None = setting(None, "min-SNR loss weighting gamma (5 is usual)", default_text="off", ss="ss_min_snr_gamma")
+    noise_offset: float = setting(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", ss="ss_noise_offset")
     prediction_type: str | None = setting(None, "override the model's prediction type", choices=PREDICTION_TYPES,
                                           default_text="the model's", kohya={"v_parameterization": "v_prediction"})
     zero_terminal_snr: bool = setting(
         False, "rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2024): the model learns to start "
-        "from pure noise. Needs a v-prediction model (or prediction_type = \"v_prediction\")")
+        "from pure noise. Needs a v-prediction model (or prediction_type = \"v_prediction\")", ss="ss_zero_terminal_snr")
     vae: str | None = setting(
         None, "replacement VAE for latent caching and samples: a diffusers VAE folder (or a model folder with vae/) or a "
         "single .safetensors VAE file, e.g. madebyollin's sdxl-vae-fp16-fix for fp16 SDXL", path="path",
-        default_text="the base model's")
-    seed: int = setting(42, "random seed (data order, noise, timesteps)")
+        default_text="the base model's", ss="ss_vae_name")
+    seed: int = setting(42, "random seed (data order, noise, timesteps)", ss="ss_seed")
+
+    # loss options (#18): kohya sd-scripts' names and formulas (sd_lora/training/loss.py; docs/training.md "Loss options")
+    loss_type: str = setting("l2", "per-pixel loss: l2 (MSE), l1, huber (pseudo-Huber) or smooth_l1; huber/smooth_l1 pull "
+                             "less on large errors (corrupt images, bad captions)", choices=LOSS_TYPES, ss="ss_loss_type")
+    huber_c: float = setting(0.1, "huber/smooth_l1 threshold c (with huber_schedule: its value at the last timestep)", ss="ss_huber_c")
+    huber_schedule: str = setting("snr", "how the huber threshold varies with the timestep: constant (huber_c x "
+                                  "huber_scale), exponential (1 at t=0 down to huber_c), snr (from the noise level)",
+                                  choices=HUBER_SCHEDULES, ss="ss_huber_schedule")
+    huber_scale: float = setting(1.0, "huber threshold multiplier (constant and exponential schedules)", ss="ss_huber_scale")
+    debiased_estimation_loss: bool = setting(False, "weight each timestep by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)): "
+                                             "debiased estimation (Yu et al. 2024)", ss="ss_debiased_estimation")
+    ip_noise_gamma: float | None = setting(None, "input perturbation: extra noise on the UNet input that the target does "
+                                           "not contain (0.1 is usual)", minimum=0, default_text="off", ss="ss_ip_noise_gamma")
+    ip_noise_gamma_random_strength: bool = setting(False, "with ip_noise_gamma: a random strength in [0, ip_noise_gamma) per step",
+                                                   ss="ss_ip_noise_gamma_random_strength")
+    noise_offset_random_strength: bool = setting(False, "with noise_offset: a random strength in [0, noise_offset) per step",
+                                                 ss="ss_noise_offset_random_strength")
+    adaptive_noise_scale: float | None = setting(None, "with noise_offset: add this x |mean of each latent channel| to the "
+                                                 "offset (images far from mid-grey get more)", default_text="off",
+                                                 ss="ss_adaptive_noise_scale")
+    multires_noise_iterations: int | None = setting(None, "multi-resolution (pyramid) noise levels; 6-10 is usual",
+                                                    minimum=0, zero="off", default_text="off", ss="ss_multires_noise_iterations")
+    multires_noise_discount: float = setting(0.3, "with multires_noise_iterations: weight of each coarser level "
+                                             "(level i: discount^i)", minimum=0, ss="ss_multires_noise_discount")
+    min_timestep: int | None = setting(None, "smallest timestep trained (0-999)", minimum=0, default_text="0")
+    max_timestep: int | None = setting(None, "train timesteps below this (1-1000)", minimum=1,
+                                       default_text="the schedule's length (1000)")
 
     save_every: int | None = setting(None, "save a LoRA file + resumable checkpoint every N steps", minimum=0, zero="never",
-                                     default_text="never", kohya=("save_every_n_steps",))
+                                     default_text="never", kohya=("save_every_n_steps",), ss=False)
     save_every_epochs: int | None = setting(None, "save every N epochs", minimum=0, zero="never", default_text="never",
-                                            kohya=("save_every_n_epochs",))
-    keep_checkpoints: int = setting(3, "resumable checkpoints kept (newest)", minimum=0, zero="keep all")
+                                            kohya=("save_every_n_epochs",), ss=False)
+    keep_checkpoints: int = setting(3, "resumable checkpoints kept (newest)", minimum=0, zero="keep all", ss=False)
     checkpoint_dir: str | None = setting(None, "checkpoint folder", path="dir",
-                                         default_text="<output stem>-checkpoints next to the output")
+                                         default_text="<output stem>-checkpoints next to the output", ss=False)
     resume: str | None = setting(None, "continue the newest checkpoint of this output (latest, or the flag alone), or the "
-                                 "checkpoint folder given", path="dir", keywords=("latest",), metavar="latest|DIR")
+                                 "checkpoint folder given", path="dir", keywords=("latest",), metavar="latest|DIR", ss=False)
 
     sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
                                        kohya=("sample_every_n_steps",))
@@ -167,10 +198,10 @@ class TrainConfig:
         default_text="0.7 with zero_terminal_snr, else 0")
 
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
-                                      minimum=1, default_text="torch's choice")
-    log_every: int = setting(1, "write a step event every N steps", minimum=1)
-    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)")
-    comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",))
+                                      minimum=1, default_text="torch's choice", ss=False)
+    log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)", ss=False)
+    comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",), ss="ss_training_comment")
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -283,6 +314,7 @@ class TrainConfig:
             e.append(f"min_snr_gamma: must be > 0 (got {self.min_snr_gamma!r}); 5 is usual, or leave it unset")
         if not 0 <= self.noise_offset <= 1:
             e.append(f"noise_offset: must be between 0 and 1 (got {self.noise_offset!r}); 0.05-0.1 is usual")
+        e += self._loss_rules()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
         if self.resume not in (None, "latest") and check_paths and not Path(self.resume).is_dir():
@@ -313,6 +345,32 @@ class TrainConfig:
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         return e
 
+    def _loss_rules(self) -> list[str]:
+        """The loss options (#18) that depend on another one."""
+        e = []
+        if self.huber_c <= 0 or (self.huber_schedule != "constant" and self.huber_c > 1):
+            e.append(f"huber_c: must be > 0, and <= 1 with huber_schedule = \"{self.huber_schedule}\" (got {self.huber_c!r}); "
+                     "0.1 is usual")
+        if self.huber_scale <= 0:
+            e.append(f"huber_scale: must be > 0 (got {self.huber_scale!r}); 1.0 is usual")
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            e.append("adaptive_noise_scale: needs noise_offset; set noise_offset (e.g. 0.05) or leave adaptive_noise_scale unset")
+        if self.noise_offset_random_strength and not self.noise_offset:
+            e.append("noise_offset_random_strength: needs noise_offset; set noise_offset (e.g. 0.05) or set "
+                     "noise_offset_random_strength = false")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            e.append("ip_noise_gamma_random_strength: needs ip_noise_gamma; set ip_noise_gamma (e.g. 0.1) or set "
+                     "ip_noise_gamma_random_strength = false")
+        if self.min_timestep is not None and self.min_timestep > 999:
+            e.append(f"min_timestep: must be 0-999 (got {self.min_timestep}); leave it unset to start at 0")
+        if self.max_timestep is not None and self.max_timestep > 1000:
+            e.append(f"max_timestep: must be 1-1000 (got {self.max_timestep}); leave it unset to train every timestep")
+        low, high = self.min_timestep or 0, 1000 if self.max_timestep is None else self.max_timestep
+        if low > high or (low == high and high >= 1000):
+            e.append(f"min_timestep/max_timestep: the range [{low}, {high}) is empty; set min_timestep below max_timestep "
+                     "(equal values train that one timestep)")
+        return e
+
     def check(self) -> None:
         """Raise ConfigError listing every problem, if there are any."""
         errors = self.validate()
@@ -327,6 +385,11 @@ SECTIONS = {"data": DataConfig, "network": NetworkConfig}
 def config_keys() -> tuple[Key, ...]:
     """Every training config key, described by its field: `model`, ..., `data.path`, ..., `network.rank`, ..."""
     return describe(TrainConfig, SECTIONS)
+
+
+def config_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """The metadata a trained file gets from these settings (each field declares its `ss_` key)."""
+    return settings_metadata(cfg, config_keys())
 
 
 def config_key(name: str) -> Key:

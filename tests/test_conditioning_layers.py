@@ -10,7 +10,6 @@ import torch
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
 from sd_lora.models import conditioning_hidden_state, unread_text_encoder_layers
-from sd_lora.network import NetworkConfig
 from sd_lora.network.presets import select_targets
 from sd_lora.testing import tiny_pipeline
 from sd_lora.training import train

@@ -2,7 +2,7 @@
 the workspace, the New-job form survives a reload, errors stay on the page, Stop/Resume are off with
 no job, and a config is saved into configs/ of the workspace.
 
-Screenshots (train-form-reload.png, train-error.png) go to $SD_LORA_SCREENSHOT_DIR or a temp dir.
+Screenshots (train-form-reload.png, train-error.png, train-advanced.png) go to $SD_LORA_SCREENSHOT_DIR or a temp dir.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ pytestmark = [
 ]
 
 
+# The TOML editor's whole text: CodeMirror renders only the lines in view, so innerText can miss some.
+TOML_JS = ("(() => { const c = document.querySelector('#train-toml .cm-content'); const v = c && c.cmView && c.cmView.view;"
+           " return c ? (v ? v.state.doc.toString() : c.innerText) : ''; })()")
+
+
 class Page(Browser):
     """Real mouse clicks and key presses (Gradio's text boxes send their `input` event on key presses,
     not on inserted text), and a page that always has the focus (Gradio's dropdowns open on focus)."""
@@ -31,6 +36,9 @@ class Page(Browser):
     def __init__(self):
         super().__init__()
         self.send("Emulation.setFocusEmulationEnabled", enabled=True)
+
+    def js(self, expr: str):
+        return super().js(expr.replace("TOML_JS", TOML_JS))  # the editor's text, wherever an expression names it
 
     def click_at(self, selector_js: str) -> None:
         """Press and release the mouse on the element that the JS expression returns."""
@@ -77,7 +85,7 @@ class Page(Browser):
         time.sleep(0.5)
 
     def toml(self) -> str:
-        return self.js("document.querySelector('#train-toml .cm-content').innerText")
+        return self.js("TOML_JS")
 
     def message(self) -> dict:
         return self.js("(() => { const m = document.querySelector('#train-message');"
@@ -106,27 +114,37 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         # no job yet: neither Stop nor Resume can do anything, so neither looks pressable
         assert page.wait("document.querySelector('#stop').disabled && document.querySelector('#resume').disabled", 15,
                          what="Stop and Resume disabled")
+        # ... and a disabled Stop is not red: it looks like the disabled Resume
+        colours = page.js("['#stop', '#resume'].map(s => getComputedStyle(document.querySelector(s)).backgroundColor)")
+        assert colours[0] == colours[1], colours
 
         # a dataset uploaded while the page is open is offered once the tab is opened again
         assert page.options("#train-data") == ["datasets/shapes"]
         image = tmp_path / "fresh.png"
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
         Client(url, verbose=False).predict("", "fresh", [handle_file(str(image))], api_name="/upload_images")
-        page.tab("Dataset")
+        page.tab("Dataset")  # opening the Dataset tab reads its list again too
+        end = time.time() + 20
+        while "datasets/fresh" not in page.options("#dataset-folder") and time.time() < end:
+            time.sleep(0.5)
+        assert page.options("#dataset-folder") == ["datasets/fresh", "datasets/shapes"]
         page.tab("Train")
+        end = time.time() + 20  # the tab's select event reads the list again; its answer may take a moment
+        while page.options("#train-data") != ["datasets/fresh", "datasets/shapes"] and time.time() < end:
+            time.sleep(0.5)
         assert page.options("#train-data") == ["datasets/fresh", "datasets/shapes"]
 
         # the form as typed survives a reload (repeats is in the form now)
         page.choose("#train-data", "datasets/fresh")
         page.type_into("steps", "77")
         page.type_into("repeats", "3")
-        page.wait("(() => { const t = document.querySelector('#train-toml .cm-content').innerText;"
+        page.wait("(() => { const t = TOML_JS;"
                   " return t.includes('steps = 77') && t.includes('repeats = 3') && t.includes('path = \"datasets/fresh\"'); })()",
                   20, what="the TOML to follow the form")
         page.send("Page.reload")
         page.wait("document.querySelectorAll('button[role=tab]').length >= 4", what="the tabs after the reload")
         page.tab("Train")
-        page.wait("(() => { const t = document.querySelector('#train-toml .cm-content'); return t && t.innerText.includes('steps = 77'); })()",
+        page.wait("(() => { return TOML_JS.includes('steps = 77'); })()",
                   20, what="the form's TOML after the reload")
         toml = page.toml()
         assert "repeats = 3" in toml and 'path = "datasets/fresh"' in toml
@@ -148,7 +166,7 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         # validation names the config's keys (not CLI flags) in the same box
         page.type_into("output name", "fresh_lora")
         page.type_into("steps", "0")
-        page.wait("document.querySelector('#train-toml .cm-content').innerText.split('\\n').includes('steps = 0')", 20, what="steps = 0 in the TOML")
+        page.wait("TOML_JS.split('\\n').includes('steps = 0')", 20, what="steps = 0 in the TOML")
         page.click_text("Validate")
         page.wait("(() => { const m = document.querySelector('#train-message');"
                   " return m && m.dataset.kind === 'error' && /^steps[:/]/m.test(m.innerText); })()", 20, what="the validation problems")
@@ -156,15 +174,25 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
 
         # save the config into configs/ of the workspace; it is offered in the list of saved configs
         page.type_into("steps", "5")
-        page.wait("document.querySelector('#train-toml .cm-content').innerText.split('\\n').includes('steps = 5')", 20, what="steps = 5 in the TOML")
+        page.wait("TOML_JS.split('\\n').includes('steps = 5')", 20, what="steps = 5 in the TOML")
         page.type_into("save as", "mine")
         page.click_at("document.querySelector('#save-config')")
         page.wait("document.querySelector('#train-message').innerText.includes('configs/mine.toml')", 20, what="the saved note")
         saved = (ws / "configs" / "mine.toml").read_text()
         assert "steps = 5" in saved and 'path = "../datasets/fresh"' in saved and "repeats = 3" in saved
         assert "configs/mine.toml" in page.options("#config-file")
+
+        # every other key is in the closed "Advanced" section, built from the keys (issue #17)
+        page.click_at("document.querySelector('#train-advanced button, #train-advanced .label-wrap')")
+        page.type_into("noise_offset", "0.05")
+        page.type_into("epochs", "2")
+        page.wait("(() => { const t = TOML_JS.split('\\n');"
+                  " return t.includes('noise_offset = 0.05') && t.includes('epochs = 2') && !t.some(l => l.startsWith('steps =')); })()",
+                  20, what="the advanced fields in the TOML (epochs replacing steps)")
+        page.js("document.querySelector('#adv-noise_offset').scrollIntoView({block: 'center'})")
+        page.screenshot(shots / "train-advanced.png")
     finally:
         page.close()
         stop(demo)
-    for name in ("train-form-reload", "train-error"):
+    for name in ("train-form-reload", "train-error", "train-advanced"):
         assert (shots / f"{name}.png").stat().st_size > 10_000

@@ -220,3 +220,68 @@ def test_form_starts_with_the_default_config(ws):
         assert dump_config(after) == dump_config(expected)
     finally:
         demo.close()
+
+
+# ---- issue #17: every key is on the form, the rare ones under "Advanced" ----------------------------------
+
+def test_every_config_key_has_a_form_field_or_a_reason():
+    from sd_lora.config import config_keys
+    from webui.tabs.train import ADVANCED_KEYS, BASIC_KEYS, FORM_KEYS, NOT_ON_FORM
+
+    names = [k.name for k in config_keys()]
+    assert sorted(FORM_KEYS + list(NOT_ON_FORM)) == sorted(names)
+    assert FORM_KEYS == BASIC_KEYS + ADVANCED_KEYS and len(set(FORM_KEYS)) == len(FORM_KEYS)
+
+
+def test_advanced_fields_round_trip_their_keys_types():
+    from sd_lora.config import config_key
+    from webui.tabs.train import ADVANCED_KEYS, FORM_KEYS, apply_form, default_config, form_values
+
+    # what the page's boxes send for a value of each kind (numbers as floats, JSON as text)
+    sent = {"epochs": 3.0, "text_encoder_lr": "5e-5", "base_precision": "bf16", "prediction_type": "v_prediction",
+            "network.block_ranks": '{"down": 4, "up": 8}', "data.caption_extension": ".caption", "data.flip": True,
+            "network.dropout": 0.1, "cpu_threads": 2.0, "comment": "hi there"}
+    assert set(sent) <= set(ADVANCED_KEYS)
+    cfg = default_config()
+    values = dict(zip(FORM_KEYS, form_values(cfg)))
+    values.update(sent)
+    cfg = apply_form(cfg, [values[k] for k in FORM_KEYS])
+    got = {k: config_key(k).get(cfg) for k in sent}
+    assert got == {"epochs": 3, "text_encoder_lr": 5e-5, "base_precision": "bf16", "prediction_type": "v_prediction",
+                   "network.block_ranks": {"down": 4, "up": 8}, "data.caption_extension": ".caption", "data.flip": True,
+                   "network.dropout": 0.1, "cpu_threads": 2, "comment": "hi there"}
+    assert isinstance(cfg.epochs, int) and isinstance(cfg.cpu_threads, int)
+    assert cfg.steps is None  # the edited epochs wins over the form's steps, as a flag would
+    # the form shows what it wrote, and writing it again changes nothing
+    again = dict(zip(FORM_KEYS, form_values(cfg)))
+    assert again["network.block_ranks"] == '{"down": 4, "up": 8}' and again["epochs"] == 3
+    assert apply_form(cfg, [again[k] for k in FORM_KEYS]).to_dict() == cfg.to_dict()
+    # the "default" entry of an optional dropdown, an emptied JSON box and an emptied text box
+    again.update({"base_precision": "", "network.block_ranks": "", "data.caption_extension": ""})
+    cfg = apply_form(cfg, [again[k] for k in FORM_KEYS])
+    assert (cfg.base_precision, cfg.network.block_ranks, cfg.data.caption_extension) == (None, None, "")
+    again["network.block_ranks"] = "[1, 2"
+    with pytest.raises(ValueError, match=r"^network.block_ranks: must be a table"):
+        apply_form(cfg, [again[k] for k in FORM_KEYS])
+
+
+def test_advanced_section_is_built_from_the_keys(tmp_path):
+    import gradio as gr
+
+    from sd_lora.config import config_key
+    from webui.app import build_app
+    from webui.security import Workspace
+    from webui.tabs.train import ADVANCED_KEYS
+
+    demo = build_app(Workspace(tmp_path))
+    try:
+        by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        assert isinstance(by_id["train-advanced"], gr.Accordion) and by_id["train-advanced"].open is False
+        for name in ADVANCED_KEYS:
+            comp, key = by_id["adv-" + name.replace(".", "-")], config_key(name)
+            assert comp.info.startswith(key.help), name
+            kind = gr.Dropdown if key.choices else gr.Checkbox if key.kind == "bool" else gr.Number if key.kind in ("int", "float") else gr.Textbox
+            assert isinstance(comp, kind), name
+        assert [c[1] for c in by_id["adv-base_precision"].choices][0] == ""  # optional: "default" first
+    finally:
+        demo.close()

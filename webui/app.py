@@ -28,6 +28,9 @@ CSS = """
 .sd-progress {width: 100%; height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden}
 .sd-progress > div {height: 100%; background: var(--color-accent); transition: width 0.5s}
 .sd-status {font-variant-numeric: tabular-nums}
+/* a disabled button looks like one whatever its variant (a faded red Stop still read as pressable) */
+button:disabled, button[disabled] {background: var(--neutral-200) !important; color: var(--neutral-500) !important;
+  border-color: var(--neutral-300) !important; opacity: 1 !important; cursor: not-allowed}
 """
 
 
@@ -59,9 +62,9 @@ def build_app(workspace: str | os.PathLike | Workspace, queue: JobQueue | None =
     with gr.Blocks(title="sd-lora", analytics_enabled=False) as demo:
         gr.Markdown(f"## sd-lora &nbsp; <small>workspace: `{ws.root}`</small>")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
-                dataset.build(ctx)
-            # these refresh their file lists each time they are opened (a job may have added a LoRA)
+            # each tab reads its file lists again when it is opened (a job may have added a LoRA)
+            with gr.Tab("Dataset", id="dataset") as dataset_tab:
+                dataset.build(ctx, dataset_tab)
             with gr.Tab("Train", id="train") as train_tab:
                 train.build(ctx, train_tab, timer_s=timer_s)
             with gr.Tab("Generate", id="generate") as generate_tab:

@@ -135,8 +135,10 @@ def run(args) -> int:
     import logging
 
     from ..generation import generate
+    from ..logs import quiet_libraries
     from ..stack import LoraSpec
 
+    quiet_libraries(getattr(args, "verbose", False))  # no "Loading pipeline components" bar: our own lines say it
     log = logging.getLogger("sd_lora.generate")
     specs = []
     for text in args.lora:

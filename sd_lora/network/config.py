@@ -43,7 +43,7 @@ class NetworkConfig:
     alpha: float = setting(16.0, "adapter alpha; the scale applied is alpha / rank", kohya=("network_alpha",))
     conv_rank: int | None = setting(None, "rank of 3x3 convs (full preset)", default_text="rank", minimum=1)
     conv_alpha: float | None = setting(None, "alpha of 3x3 convs (full preset)", default_text="alpha")
-    dropout: float = setting(0.0, "dropout on the adapter input", kohya=("network_dropout",))
+    dropout: float = setting(0.0, "dropout on the adapter input", kohya=("network_dropout",), ss="ss_network_dropout")
     rank_dropout: float = setting(0.0, "probability of dropping each rank channel per sample")
     module_dropout: float = setting(0.0, "probability of skipping a module's whole adapter for a step")
     train_unet: bool = setting(True, "train adapters on the UNet", kohya={"network_train_text_encoder_only": False})

@@ -46,8 +46,9 @@ from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
-from .loss import diffusion_loss, sample_noise, sample_timesteps, training_target
-from .optim import applied_lr, averaged_weights, choose_optimizer, network_param_groups, run_scheduler, warmup_steps
+from .loss import (diffusion_loss, huber_threshold, noise_scheduler_for_training, noisy_latents, sample_noise,
+                   sample_timesteps, training_target)
+from .optim import applied_lr, averaged_weights, choose_optimizer, network_param_groups, run_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -316,12 +317,7 @@ class _Trainer:
                 for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
                     if te is not None:
                         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from diffusers import DDPMScheduler
-
-        # zero_terminal_snr: betas rescaled so that the last timestep is pure noise (alphas_cumprod[-1] = 0).
-        # Off, the base's own scheduler config decides (a zero-SNR fine-tune may already say so).
-        noise_scheduler = DDPMScheduler.from_config(
-            pipe.scheduler.config, **({"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}))
+        noise_scheduler = noise_scheduler_for_training(pipe.scheduler.config, cfg.zero_terminal_snr)
         return Model(pipe, arch, network, weight_dtype, train_unet=bool(network.unet_parameters()), train_te=train_te,
                      noise_scheduler=noise_scheduler, conditioner=TextConditioner(pipe, arch.is_sdxl))
 
@@ -473,7 +469,6 @@ class _Trainer:
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
         latents, captions, weights, placements = self._batch(idxs, rng)
         device, model, text_cache = self.acc.device, self.model, self.caches.text
-        noise_scheduler = model.noise_scheduler
         with self.acc.autocast():
             if text_cache is not None:
                 hidden, pooled = text_cache.get(captions)
@@ -484,15 +479,7 @@ class _Trainer:
             else:
                 with torch.no_grad():
                     hidden, pooled = model.conditioner.encode(captions, device)
-            noise = sample_noise(latents, generator, cfg.noise_offset)
-            timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            extra = {}
-            if model.arch.is_sdxl:
-                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
-            pred = self.opt.unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        loss = diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma)
+        loss = compute_loss(cfg, model, self.opt.unet, latents, hidden, pooled, placements, weights, generator, self.acc.autocast)
         reg = model.network.regularization_loss()
         return loss + reg if isinstance(reg, torch.Tensor) else loss
 
@@ -604,6 +591,9 @@ class _Trainer:
         return path
 
     def _metadata(self, step: int) -> dict[str, str]:
+        """The settings' metadata (each field says where it goes: sd_lora/fields.py settings_metadata), then
+        what this run did, which only the trainer knows (steps, images, the learning rates really used)."""
+        from ..config import config_metadata
         from ..formats.metadata import build_training_metadata
 
         cfg, rep = self.cfg, self.dataset.report
@@ -611,7 +601,7 @@ class _Trainer:
         for it in self.dataset.items:
             if not it.is_reg:
                 captions.setdefault(it.folder, []).append(it.caption)
-        return build_training_metadata(
+        run = build_training_metadata(
             arch=self.model.arch.arch,
             prediction_type=self.model.arch.prediction_type,  # what was trained (cfg or the base's scheduler)
             **self.model.network.metadata_fields(),
@@ -627,28 +617,12 @@ class _Trainer:
             num_train_images=rep.images,
             num_reg_images=rep.reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
-            learning_rate=cfg.lr,
             unet_lr=cfg.lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
-            optimizer=self.opt.choice.label,  # kohya's "module.Class(args)"
-            lr_scheduler=cfg.lr_scheduler,
-            lr_warmup_steps=warmup_steps(cfg.lr_warmup_steps, self.plan.total_steps),
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            mixed_precision=cfg.mixed_precision,
-            min_snr_gamma=cfg.min_snr_gamma,
-            noise_offset=cfg.noise_offset,
-            zero_terminal_snr=cfg.zero_terminal_snr,
-            vae_name=Path(cfg.vae).name if cfg.vae else None,
-            max_grad_norm=cfg.max_grad_norm,
-            caption_dropout_rate=cfg.data.caption_dropout,
-            cache_latents=cfg.data.cache_latents != "none",
-            network_dropout=cfg.network.dropout,
-            sd_model_name=Path(cfg.model).name,
-            training_comment=cfg.comment or None,
+            cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
+            optimizer=self.opt.choice.label,  # the class that ran and its arguments, kohya's "module.Class(args)"
         )
+        return {**config_metadata(cfg), **run}
 
     def _eval_weights(self):
         """Schedule-free optimizers: the averaged weights while sampling and saving (training ones restored after)."""
@@ -731,6 +705,27 @@ class _Trainer:
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)
         return path
+
+
+def compute_loss(cfg: TrainConfig, model: Model, unet, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                 placements: list, weights: torch.Tensor, generator: torch.Generator, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """One micro-batch's diffusion loss from its latents and text conditioning (training/loss.py has
+    the formulas): noise, timesteps and perturbations drawn from `generator`, the UNet's prediction,
+    the target, the weighted loss. tests/test_reference_math.py checks it against the reference scripts."""
+    noise_scheduler, device = model.noise_scheduler, latents.device
+    # the noise in fp32, outside autocast (the pyramid's interpolation must not run in half precision)
+    noise = sample_noise(latents, generator, cfg)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
+                                 cfg.min_timestep, cfg.max_timestep)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg)
+    with autocast():
+        extra = {}
+        if model.arch.is_sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": sdxl_time_ids(placements, device, hidden.dtype)}
+        pred = unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    return diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma, loss_type=cfg.loss_type,
+                          huber_c=huber_threshold(timesteps, noise_scheduler, cfg), debiased_estimation=cfg.debiased_estimation_loss)
 
 
 def follow_schedule(scheduler) -> None:

@@ -23,7 +23,7 @@ def caption_of(image: Path) -> str:
     return existing_caption(image) or ""
 
 
-def build(ctx) -> None:
+def build(ctx, tab=None) -> None:
     ws = ctx.workspace
 
     def dataset_choices() -> list[str]:
@@ -112,7 +112,8 @@ def build(ctx) -> None:
     gr.Markdown("Datasets live in `datasets/` of the workspace: a folder of images with `.txt` captions, "
                 "or kohya `N_name` sub-folders (N = repeats).")
     with gr.Row():
-        folder = gr.Dropdown(dataset_choices(), label="dataset folder", allow_custom_value=True, scale=3)
+        folder = gr.Dropdown(dataset_choices(), label="dataset folder", allow_custom_value=True, scale=3,
+                             elem_id="dataset-folder")
         refresh = gr.Button("Refresh", scale=0)
     with gr.Accordion("Upload images", open=False):
         with gr.Row():
@@ -159,7 +160,18 @@ def build(ctx) -> None:
         items, text = gallery(choices[0])
         return gr.update(choices=choices, value=choices[0]), items, text
 
+    def reopened(current: str | None):
+        """The tab opened again: the list and the gallery as the workspace is now (a dataset uploaded in the
+        Train tab, captions written from a shell)."""
+        choices = dataset_choices()
+        if current not in choices:
+            return initial()
+        items, text = gallery(current)
+        return gr.update(choices=choices), items, text
+
     gr.context.Context.root_block.load(initial, None, [folder, thumbs, note], api_name=False)
+    if tab is not None:
+        tab.select(reopened, folder, [folder, thumbs, note], api_name=False)
     refresh.click(lambda: gr.update(choices=dataset_choices()), None, folder, api_name=False)
     folder.change(gallery, folder, [thumbs, note], api_name="dataset_gallery")
     thumbs.select(select, folder, [image, caption], api_name=False)

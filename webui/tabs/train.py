@@ -14,6 +14,7 @@ import functools
 import hashlib
 import html
 import inspect
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -56,12 +57,18 @@ SIZE_PRESETS: dict[str, dict] = {
     "~4 MB SD1.5 (attention only, rank 8)": {"network.rank": 8, "network.alpha": 4.0, "network.preset": "attention"},
 }
 
-# The form's config keys, in the order of its components. Types, choices and help come from the keys.
-FORM_KEYS = [
+# The form's first part: the settings most runs change, in the order of its components.
+BASIC_KEYS = [
     "model", "data.path", "output", "steps", "batch_size", "lr", "network.method", "network.preset", "network.rank",
     "network.alpha", "data.resolution", "optimizer", "mixed_precision", "gradient_checkpointing",
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed", "data.repeats",
 ]
+# Keys the page sets another way, so they get no form field.
+NOT_ON_FORM = {"resume": "the Resume button continues a stopped job"}
+# Every other key, in the config's order: the "Advanced" part of the form is built from these, so a new
+# setting appears there with its help and type without an edit here.
+ADVANCED_KEYS = [k.name for k in config_keys() if k.name not in BASIC_KEYS and k.name not in NOT_ON_FORM]
+FORM_KEYS = BASIC_KEYS + ADVANCED_KEYS  # the order of the form's components (and of form_values)
 CONFIGS = "configs"  # the workspace folder the page saves configs to and loads them from
 
 
@@ -82,28 +89,38 @@ def parse_toml(text: str) -> TrainConfig:
 def form_values(cfg: TrainConfig) -> list:
     out = []
     for name in FORM_KEYS:
-        v = config_key(name).get(cfg)
+        key = config_key(name)
+        v = key.get(cfg)
         if name == "output":
             v = Path(v).stem if v else ""
         elif name == "sample_prompts":
             v = "\n".join(v) if isinstance(v, list) else (v or "")
+        elif key.kind in ("dict", "list"):
+            v = json.dumps(v) if v is not None else ""  # a JSON box (block ranks ...)
+        elif key.kind == "str":
+            v = v if v is not None else ""  # "" is an optional dropdown's "default" entry too
         out.append(v)
     return out
 
 
 def apply_form(cfg: TrainConfig, values: list) -> TrainConfig:
-    """The form's values into `cfg`, each read as its key's type. The form trains by steps, so a
-    steps value clears an epochs key from the TOML (as a --steps flag does)."""
+    """The form's values into `cfg`, each read as its key's type. Only values that differ from `cfg` are
+    applied, as flags are: a changed `steps` clears an `epochs` from the TOML (and the other way round),
+    so the field just edited wins over its partner."""
     given = {}
     for name, v in zip(FORM_KEYS, values):
+        key = config_key(name)
         if name == "output":
             stem = (v or "").strip()
             v = f"loras/{safe_name(stem, 'output name')}.safetensors" if stem else ""
         elif name == "sample_prompts":
             v = [x.strip() for x in (v or "").splitlines() if x.strip()] or None
         else:
-            v = config_key(name).coerce(v)
-        given[name] = v
+            raw, v = v, key.coerce(v)
+            if raw == "" and key.kind == "str" and not key.optional:
+                v = ""  # an emptied text box: the empty string (an empty dropdown sends None: unset)
+        if v != key.get(cfg) or type(v) is not type(key.get(cfg)):
+            given[name] = v
     assign(cfg, config_keys(), given)
     return cfg
 
@@ -243,12 +260,24 @@ def _field(name: str, label: str, **kw):
     with the key's help as the hint under it."""
     key = config_key(name)
     if key.choices is not None:
-        return gr.Dropdown(list(key.choices), label=label, info=key.help, **kw)
+        choices = [(str(c), c) for c in key.choices]
+        if key.optional:  # unset is a choice too: "the model's", "the mixed-precision dtype" ...
+            choices.insert(0, (f"default ({key.default_words() or 'unset'})", ""))
+        return gr.Dropdown(choices, label=label, info=key.help, **kw)
     if key.kind == "bool":
         return gr.Checkbox(label=label, info=key.help, **kw)
     if key.kind in ("int", "float"):
         return gr.Number(label=label, info=key.help, precision=0 if key.kind == "int" else None, **kw)
+    if key.kind in ("dict", "list"):
+        return gr.Textbox(label=label, info=f"{key.help} (JSON)", **kw)
     return gr.Textbox(label=label, info=key.help, **kw)
+
+
+def _advanced_label(name: str) -> str:
+    """An advanced field is labelled with its key as a TOML file writes it (what the docs table lists)."""
+    key = config_key(name)
+    words = key.default_words()
+    return f"{name}" + (f" (default: {words})" if words and key.default is None else "")
 
 
 def _fmt_s(s) -> str:
@@ -550,8 +579,19 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                     cfg_file = gr.Dropdown(list_configs(ws), label=f"saved configs ({CONFIGS}/)", value=None, scale=3,
                                            allow_custom_value=True, elem_id="config-file")
                     load_btn = gr.Button("Load config", scale=1, elem_id="load-config")
-        form = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
-                f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed, f_repeats]
+        basic = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
+                 f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed, f_repeats]
+        assert len(basic) == len(BASIC_KEYS)
+        advanced = []
+        with gr.Accordion(f"Advanced: every other setting ({len(ADVANCED_KEYS)})", open=False, elem_id="train-advanced"):
+            gr.Markdown("Each field is a config key (docs/training.md lists them all); an empty box means the default.")
+            for section in (None, "data", "network"):
+                names = [n for n in ADVANCED_KEYS if config_key(n).section == section]
+                gr.Markdown(f"**{section or 'training'}**")
+                for i in range(0, len(names), 4):
+                    with gr.Row():
+                        advanced += [field(n, _advanced_label(n), elem_id="adv-" + n.replace(".", "-")) for n in names[i:i + 4]]
+        form = basic + advanced
         assert len(form) == len(FORM_KEYS)
         with gr.Row():
             validate_btn = gr.Button("Validate")
