@@ -14,7 +14,7 @@ from test_train import make_images
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_sd1_trained_with_v_prediction_is_labelled_v(tiny_models, tmp_path):
+def test_sd1_trained_with_v_prediction_is_labelled_v(tiny_models, tmp_path, capsys):
     make_images(tmp_path / "data" / "1_circle", n=2)
     out = tmp_path / "v.safetensors"
     cfg = TrainConfig(model=tiny_models["sd1"], output=str(out), data=DataConfig(path=str(tmp_path / "data"), resolution=64),
@@ -40,6 +40,12 @@ def test_sd1_trained_with_v_prediction_is_labelled_v(tiny_models, tmp_path):
 
     settings = recorded_settings(md)
     assert settings["prediction_type"] == "v_prediction" and settings["data.path"] == "data" and "cpu_threads" not in settings
+    # `sd-lora inspect` shows the settings that are not at their default
+    from sd_lora.cli import main
+
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert 'prediction_type = "v_prediction"' in shown and "  steps = 1" in shown and "  network.method" not in shown
 
 
 def test_prediction_type_follows_the_argument_not_the_architecture():

@@ -18,6 +18,7 @@ def inspect_lora(path, strict: bool = True) -> dict:
     from collections import Counter
     from pathlib import Path
 
+    from ..fields import recorded_settings
     from ..formats.lora_file import is_finite
     from ..formats.read import load_lora
 
@@ -47,11 +48,22 @@ def inspect_lora(path, strict: bool = True) -> dict:
         "tensor_bytes": lora.num_bytes(),
         "trigger_words": lora.trigger_words,
         "nan_or_inf_modules": non_finite,
+        "settings": recorded_settings(lora.metadata),  # what sd-lora trained it with ({} for other tools' files)
         "metadata": lora.metadata,
     }
 
 
+def _changed_settings(settings: dict) -> dict:
+    """The recorded settings whose value is not the key's default (unknown keys, from a newer version, kept)."""
+    from ..config import config_keys
+
+    defaults = {k.name: k.default for k in config_keys()}
+    return {k: v for k, v in sorted(settings.items()) if k not in defaults or defaults[k] != v}
+
+
 def run(args) -> int:
+    from ..fields import CONFIG_METADATA_KEY
+
     info = inspect_lora(args.path, strict=not args.no_strict)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -68,9 +80,17 @@ def run(args) -> int:
         print(f"{key.replace('_', ' ')}: {value}")
     bad = info["nan_or_inf_modules"]
     print(f"NaN/inf check: {'FAILED in ' + str(len(bad)) + ' modules (first: ' + bad[0] + ')' if bad else 'ok'}")
+    settings = info["settings"]
+    if settings:
+        changed = _changed_settings(settings)
+        print(f"trained with (settings not at their default, of {len(settings)} recorded):")
+        for k, v in changed.items():
+            print(f"  {k} = {json.dumps(v)}")
     if md:
         print("metadata:")
         for k in sorted(md):
+            if k == CONFIG_METADATA_KEY and settings:
+                continue  # shown above
             v = md[k]
             print(f"  {k}: {v if len(v) <= 200 else v[:200] + '...'}")
     return 0 if not bad else 1
