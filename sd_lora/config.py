@@ -27,14 +27,14 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import artifacts
+from . import artifacts, optimizers
 from .fields import Key, describe, keys_of, problems, setting, settings_metadata, suggest
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
-OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "paged_lion8bit")
+OPTIMIZERS = tuple(optimizers.OPTIMIZERS)  # sd_lora/optimizers.py: each one's library, arguments and kind
 MIXED_PRECISION = ("no", "fp16", "bf16")
 BASE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "nf4", "int8")  # how training/base_precision.py stores each: its docstring
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -176,10 +176,32 @@ class TrainConfig:
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",), ss="ss_gradient_accumulation_steps")
     lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",), ss="ss_learning_rate")
     text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate", metavar="LR", default_text="lr")
-    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes)", choices=OPTIMIZERS, kohya=("optimizer_type",), ss="ss_optimizer")
-    weight_decay: float = setting(1e-2, "optimizer weight decay", minimum=0)
-    lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers get_scheduler)", choices=SCHEDULERS, ss="ss_lr_scheduler")
-    lr_warmup_steps: int = setting(0, "learning-rate warm-up", unit="steps", minimum=0, ss="ss_lr_warmup_steps")
+    # optimizers and schedules (#18)
+    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes; prodigy / dadapt_adam adapt their step size: lr = 1.0; "
+                             "adamw_schedulefree needs lr_scheduler = \"constant\"; docs/training.md compares them)",
+                             choices=OPTIMIZERS, kohya=("optimizer_type",),
+                             ss="ss_optimizer")  # the trainer writes kohya's "module.Class(args)" of what ran
+    optimizer_args: dict[str, object] | list[str] | None = setting(
+        None, "keyword arguments of the optimizer: a table (betas = [0.9, 0.99]) or kohya's key=value words "
+        "(--optimizer-args \"betas=0.9,0.99\" \"d_coef=2\"); values are Python literals", metavar="KEY=VALUE",
+        default_text="none")
+    weight_decay: float = setting(1e-2, "optimizer weight decay (optimizer_args weight_decay overrides it)", minimum=0)
+    loraplus_lr_ratio: float | None = setting(
+        None, "LoRA+: the up (B) matrices learn at lr x this (16 is the paper's value; methods lora, dora)", minimum=0,
+        default_text="off")
+    loraplus_unet_lr_ratio: float | None = setting(None, "LoRA+ ratio of the UNet only", minimum=0,
+                                                   default_text="loraplus_lr_ratio")
+    loraplus_text_encoder_lr_ratio: float | None = setting(None, "LoRA+ ratio of the text encoder only", minimum=0,
+                                                           default_text="loraplus_lr_ratio")
+    lr_scheduler: str = setting("constant", "learning-rate schedule (formulas in docs/training.md)", choices=SCHEDULERS,
+                                ss="ss_lr_scheduler")
+    lr_warmup_steps: float = setting(0, "learning-rate warm-up: steps, or below 1 a ratio of the run (0.05: the first 5 %)",
+                                     unit="steps", minimum=0, ss="ss_lr_warmup_steps")
+    lr_scheduler_num_cycles: int = setting(1, "cosine_with_restarts: number of cosine decays (each restarts at lr)", minimum=1)
+    lr_scheduler_power: float = setting(1.0, "polynomial: the power of the decay (1: linear)", minimum=0)
+    lr_scheduler_min_lr_ratio: float | None = setting(
+        None, "lowest learning rate of the decaying schedules, as a ratio of lr (0.1: decay to lr / 10)", minimum=0,
+        default_text="0")
     max_grad_norm: float = setting(1.0, "gradient clipping norm", minimum=0, zero="off", ss="ss_max_grad_norm")
     mixed_precision: str = setting("no", "compute dtype (fp16: CUDA only)", choices=MIXED_PRECISION, ss="ss_mixed_precision")
     base_precision: str | None = setting(
@@ -357,8 +379,8 @@ class TrainConfig:
             e.append(f"lr: must be a number > 0 (got {self.lr!r}); 1e-4 is a usual LoRA value")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             e.append(f"text_encoder_lr: must be a number >= 0 (got {self.text_encoder_lr!r}); 5e-5 is usual")
-        if "8bit" in self.optimizer and importlib.util.find_spec("bitsandbytes") is None:
-            e.append(f"optimizer: {self.optimizer} needs bitsandbytes (pip install bitsandbytes), or use optimizer = \"adamw\"")
+        e += optimizers.problems(self.optimizer, self.optimizer_args, self.lr, self.lr_scheduler, self.lr_warmup_steps)
+        e += _schedule_problems(self)
         if self.mixed_precision == "fp16" and not _cuda_available():
             e.append("mixed_precision: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
         if self.base_precision in ("nf4", "int8"):
@@ -570,6 +592,16 @@ def _tables(key: Key, values: list, relative_to) -> tuple[list, list[str]]:
             setattr(obj, k, v)
         items.append(obj)
     return items, errors
+
+
+def _schedule_problems(cfg: TrainConfig) -> list[str]:
+    # optimizers and schedules (#18)
+    e = []
+    if cfg.lr_warmup_steps >= 1 and cfg.lr_warmup_steps != int(cfg.lr_warmup_steps):
+        e.append(f"lr_warmup_steps: {cfg.lr_warmup_steps!r} is neither a whole number of steps nor a ratio below 1")
+    if cfg.lr_scheduler_min_lr_ratio is not None and not cfg.lr_scheduler_min_lr_ratio < 1:
+        e.append(f"lr_scheduler_min_lr_ratio: must be below 1 (got {cfg.lr_scheduler_min_lr_ratio!r}); 0.1 decays to lr / 10")
+    return e
 
 
 def _has_checkpoint(root: Path) -> bool:

@@ -177,7 +177,7 @@ def test_lr_weights_split_the_unet_group_per_block():
 
     net = inject_network(tiny_pipeline("sd1"), NetworkConfig(preset="full", rank=4, down_lr_weight="0,0,0,0,0.5",
                                                              mid_lr_weight=2.0, up_lr_weight="0.25"))
-    groups = param_groups(net.unet_parameters(), net.text_encoder_parameters(), 1e-3, 5e-4, net.lr_weights())
+    groups = param_groups(net.unet_parameters(), net.text_encoder_parameters(), 1e-3, 5e-4, lr_weights=net.lr_weights())
     lrs = {g["name"]: g["lr"] for g in groups}
     # blocks 1-3 at weight 0 have no modules; IN04 0.5, IN05 padded 1.0, MID 2, OUT00 0.25, OUT01-02 1.0
     assert lrs == pytest.approx({"unet_IN04": 5e-4, "unet_IN05": 1e-3, "unet_MID": 2e-3, "unet_OUT00": 2.5e-4,
@@ -189,6 +189,16 @@ def test_lr_weights_split_the_unet_group_per_block():
     assert net.lr_weights() is not None and inject_network(tiny_pipeline("sd1"), NetworkConfig(rank=4)).lr_weights() is None
     plain = param_groups(net.unet_parameters(), [], 1e-3, 0.0)
     assert [g["name"] for g in plain] == ["unet"]
+    # with LoRA+ too, each block's up matrices get their own group; the step events show the run's rate
+    from types import SimpleNamespace
+
+    from sd_lora.training.optim import applied_lr
+
+    up = [p for n, p in net.named_parameters() if "lora_B" in n.split(".")]
+    both = {g["name"]: g["lr"] for g in param_groups(net.unet_parameters(), [], 1e-3, 0.0, up, 4.0, lr_weights=net.lr_weights())}
+    assert both["unet_IN04"] == pytest.approx(5e-4) and both["unet_IN04_plus"] == pytest.approx(2e-3)
+    optimizer = torch.optim.SGD(groups, lr=1e-3)
+    assert applied_lr(optimizer, SimpleNamespace(get_last_lr=lambda: [g["lr"] for g in optimizer.param_groups])) == pytest.approx(1e-3)
 
 
 # ---- continue from a LoRA file -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from sd_lora.config import DataConfig, TrainConfig
+from sd_lora.config import OPTIMIZERS, DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
 from sd_lora.training import TrainingStopped, train
 from sd_lora.training.checkpoint import list_checkpoints
@@ -144,3 +144,75 @@ def test_extended_schedule_sets_the_rate_of_the_longer_run():
     follow_schedule(s)
     assert opt.param_groups[0]["lr"] == opt8.param_groups[0]["lr"] > 0
     assert s.get_last_lr() == s8.get_last_lr()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_resumes_exactly(name, tmp_path):
+    """2 steps, a checkpoint, a fresh optimizer + schedule loaded from it, 2 more steps == 4 steps straight:
+    the optimizer state (8-bit state, Prodigy's d, schedule-free's z and weight sum, Adafactor's factors)
+    goes through checkpoint.py's files and back exactly. A decaying schedule where the optimizer allows one."""
+    from sd_lora.training.checkpoint import load_checkpoint, save_checkpoint
+    from sd_lora.training.optim import choose_optimizer, run_scheduler
+
+    fixed = name in ("adamw_schedulefree", "adafactor")  # schedule-free / its own schedule: constant
+    cfg = TrainConfig(optimizer=name, lr=1.0 if name in ("prodigy", "dadapt_adam") else 1e-2,
+                      lr_scheduler="constant" if fixed else "cosine_with_restarts", lr_scheduler_num_cycles=2,
+                      lr_warmup_steps=0 if name == "adafactor" else 1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)  # 4096 weights: bitsandbytes' 8-bit state
+        choice = choose_optimizer(cfg, 4)
+        opt = choice.build([{"params": list(model.parameters()), "lr": choice.lr or 0.0, "name": "unet"}])
+        return model, opt, run_scheduler(cfg, opt, choice, 4)
+
+    def steps(model, opt, sched, n, start):
+        for i in range(start, start + n):
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(i))
+            (model(x) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+
+    straight = fresh()
+    steps(*straight, 4, 0)
+
+    first = fresh()
+    steps(*first, 2, 0)
+    folder = save_checkpoint(tmp_path, 2, {"m": first[0]}, first[1], first[2], None, {})
+    second = fresh()
+    load_checkpoint(folder, {"m": second[0]}, second[1], second[2], None)
+    steps(*second, 2, 2)
+    for a, b in zip(straight[0].parameters(), second[0].parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_schedule_free_saves_the_averaged_weights_and_resumes_exactly(setup, tmp_path):
+    """adamw_schedulefree in the trainer: the LoRA files hold the averaged (eval) weights, the checkpoint the
+    training ones; a save in the middle of the run (eval, then the training weights back) changes nothing,
+    so 2 + 2 steps equal 4."""
+    from sd_lora.training.checkpoint import latest_checkpoint
+
+    def config(out, **kw):
+        cfg = _config(setup, out, **kw)
+        cfg.steps, cfg.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps = 4, "adamw_schedulefree", "constant", 2
+        cfg.batch_size, cfg.gradient_accumulation, cfg.network.train_text_encoder = 1, 1, False  # small: 3 runs
+        return cfg
+
+    full = tmp_path / "full" / "lora.safetensors"
+    train(config(full, save_every=2))
+    out = tmp_path / "parts" / "lora.safetensors"
+    stop = threading.Event()
+    with pytest.raises(TrainingStopped):
+        train(config(out), on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
+    train(config(out, resume="latest"))
+    a, meta = load_safetensors(full)
+    b, _ = load_safetensors(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert meta["ss_optimizer"].startswith("schedulefree.adamw_schedulefree.AdamWScheduleFree(weight_decay=0.01,warmup_steps=2")
+    # the file is not the training point y that the checkpoint keeps
+    trained, _ = load_safetensors(latest_checkpoint(config(full).checkpoint_root) / "trainable.safetensors")
+    up = next(k for k in a if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
+    y = next(v for k, v in trained.items() if k.startswith("unet.") and "lora_B" in k and v.shape == a[up].shape)
+    assert not any(torch.equal(y, v) for k, v in a.items() if v.shape == y.shape)

@@ -32,7 +32,9 @@ def test_sd1_trained_with_v_prediction_is_labelled_v(tiny_models, tmp_path, caps
               "ss_optimizer", "ss_output_name", "ss_resolution", "ss_sd_model_name", "ss_seed", "ss_steps",
               "ss_tag_frequency", "ss_text_encoder_lr", "ss_unet_lr", "ss_v2", "ss_zero_terminal_snr"}
     assert before <= set(md)
-    assert (md["ss_learning_rate"], md["ss_seed"], md["ss_sd_model_name"], md["ss_optimizer"]) == ("0.0001", "1", "sd1", "adamw")
+    # ss_optimizer: the class that ran and its arguments, as kohya writes it (train_network.py: "module.Class(args)")
+    assert (md["ss_learning_rate"], md["ss_seed"], md["ss_sd_model_name"], md["ss_optimizer"]) == (
+        "0.0001", "1", "sd1", "torch.optim.adamw.AdamW(weight_decay=0.01)")
     assert (md["ss_steps"], md["ss_network_dim"], md["ss_cache_latents"]) == ("1", "4", "True")
     from sd_lora.fields import recorded_settings
 

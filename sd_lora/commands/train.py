@@ -110,6 +110,8 @@ def register(subparsers) -> None:
             options = dict(action=argparse.BooleanOptionalAction)
         elif key.kind == "list":  # sample_prompts: one flag per prompt
             options = dict(action="append", metavar=key.metavar)
+        elif key.kind == "dict" and "list" in key.types:  # optimizer_args: kohya's --optimizer_args k=v k=v
+            options = dict(nargs="+", metavar=key.metavar)
         elif key.meta.get("keywords"):  # --resume alone means --resume latest
             options = dict(nargs="?", const=key.meta["keywords"][0], metavar=key.metavar, type=_flag_type(key))
         elif key.choices is not None:

@@ -93,6 +93,10 @@ class LoraNetwork:
     def parameters(self) -> list[nn.Parameter]:
         return self.unet_parameters() + self.text_encoder_parameters()
 
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(module path, parameter) of every adapter parameter (LoRA+ picks the up matrices by name)."""
+        return list(self._named_adapter_params())
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

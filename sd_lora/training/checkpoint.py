@@ -3,7 +3,10 @@
 A checkpoint is a folder `<checkpoint root>/step-00000100/` (names: sd_lora.artifacts) holding
   trainable.safetensors  every trainable parameter (fp32, by its module path), bit-exact
   optimizer.pt           optimizer + LR scheduler (+ fp16 grad scaler) state, read back with
-                         torch.load(weights_only=True): plain tensors and numbers, nothing executed
+                         torch.load(weights_only=True): plain tensors and numbers, nothing executed.
+                         Every optimizer of sd_lora/optimizers.py keeps all it needs there (8-bit
+                         state, Prodigy's d, schedule-free's z and weight sum, Adafactor's factors):
+                         tests/test_resume.py resumes each one exactly
   trainer.json           step, loss history, the config that made it, world size
 It is written to a temporary folder and renamed into place, so a crash leaves either the whole
 checkpoint or none. The data order and every random draw are functions of (seed, step) (see
@@ -61,6 +64,9 @@ def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, s
     """Write checkpoint `root/step-XXXXXXXX` atomically; prune to the `keep` newest (0: keep all)."""
     import torch
 
+    if any(g.get("train_mode") is False for g in optimizer.param_groups):
+        # schedule-free in eval mode holds the averaged weights, not the ones training continues from
+        raise RuntimeError("save_checkpoint: the schedule-free optimizer is in eval mode; save after optimizer.train()")
     root.mkdir(parents=True, exist_ok=True)
     final = root / artifacts.checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"

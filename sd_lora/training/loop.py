@@ -48,7 +48,7 @@ from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
 from .loss import (diffusion_loss, huber_threshold, noise_scheduler_for_training, noisy_latents, sample_noise,
                    sample_timesteps, training_target)
-from .optim import make_optimizer, make_scheduler, param_groups
+from .optim import applied_lr, averaged_weights, choose_optimizer, network_param_groups, run_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class Optimization:
     params: list[torch.nn.Parameter]
     optimizer: object
     scheduler: object
+    choice: object  # optim.OptimizerChoice: which class, with which arguments (ss_optimizer)
     models: dict  # name -> module whose trainable parameters a checkpoint holds
     unet: torch.nn.Module  # wrapped by accelerate when it is trained
     text_encoders: list
@@ -363,12 +364,15 @@ class _Trainer:
 
     def _prepare_optimization(self, model: Model) -> Optimization:
         cfg, acc, pipe = self.cfg, self.acc, model.pipe
-        groups = param_groups(model.network.unet_parameters(), model.network.text_encoder_parameters() if model.train_te else [],
-                              cfg.lr, cfg.te_lr, model.network.lr_weights())
-        optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, acc.device.type)
+        groups = network_param_groups(model.network, model.train_te, cfg)
+        choice = choose_optimizer(cfg, self.plan.total_steps, acc.device.type)
+        for message in choice.warnings:
+            self.warn(message)
+        optimizer = choice.build(groups)
+        self.log(f"optimizer: {choice.label}; groups: " + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups))
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
-        scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, self.plan.total_steps)
+        scheduler = run_scheduler(cfg, optimizer, choice, self.plan.total_steps)
         unet = acc.prepare(pipe.unet) if model.train_unet else pipe.unet
         text_encoders = [
             acc.prepare(te) if (model.train_te and any(p.requires_grad for p in te.parameters())) else te
@@ -378,6 +382,7 @@ class _Trainer:
             params=[p for g in groups for p in g["params"]],
             optimizer=acc.prepare(optimizer),
             scheduler=scheduler,
+            choice=choice,
             models={name: getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")},
             unet=unet,
             text_encoders=text_encoders,
@@ -553,7 +558,7 @@ class _Trainer:
             bar.update()
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
-                                 lr=self.opt.scheduler.get_last_lr()[0], it_per_s=round(it_s, 4),
+                                 lr=applied_lr(self.opt.optimizer, self.opt.scheduler), it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
                 if not self.bars:
                     self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {rate_text(it_s)}"
@@ -619,14 +624,20 @@ class _Trainer:
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
             clip_skip=cfg.clip_skip,  # also modelspec.encoder_layer, as kohya's sai_model_spec writes it
+            optimizer=self.opt.choice.label,  # the class that ran and its arguments, kohya's "module.Class(args)"
         )
         return {**config_metadata(cfg), **run}
+
+    def _eval_weights(self):
+        """Schedule-free optimizers: the averaged weights while sampling and saving (training ones restored after)."""
+        return averaged_weights(self.opt.optimizer, self.opt.choice.spec, self.opt.params)
 
     def _save_lora(self, path: Path, step: int) -> Path:
         if self.main:
             from ..formats.kohya import save_lora
 
-            path = save_lora(path, self.model.network, self._metadata(step))
+            with self._eval_weights():
+                path = save_lora(path, self.model.network, self._metadata(step))
             self.log(f"saved {path}")
             self.events.emit("saved", step=step, path=str(path))
         self.acc.wait_for_everyone()
@@ -661,10 +672,12 @@ class _Trainer:
                         self.log(f"samples for step {step}: prompt {i + 1}/{n} done, ETA {eta:.0f} s")
 
             try:
-                paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
-                                       self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
-                                       guidance_rescale=self.cfg.guidance_rescale, zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                       on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
+                with self._eval_weights():
+                    paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
+                                           self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
+                                           guidance_rescale=self.cfg.guidance_rescale,
+                                           zero_terminal_snr=self.cfg.zero_terminal_snr,
+                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
