@@ -121,7 +121,7 @@ def apply_form(cfg: TrainConfig, values: list) -> TrainConfig:
             raw, v = v, key.coerce(v)
             if raw == "" and key.kind == "str" and not key.optional:
                 v = ""  # an emptied text box: the empty string (an empty dropdown sends None: unset)
-        if v != key.get(cfg) or type(v) is not type(key.get(cfg)):
+        if v != key.get(cfg):  # equal values of another type (0 and 0.0) are no edit
             given[name] = v
     assign(cfg, config_keys(), given)
     return cfg
