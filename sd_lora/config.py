@@ -417,6 +417,11 @@ class TrainConfig:
             e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without resume, or set a checkpoint folder")
         if self.ema_decay is not None and self.ema_decay >= 1:
             e.append(f"ema_decay: must be below 1 (got {self.ema_decay!r}); 0.999 is usual, 0 turns the EMA off")
+        if not self.ema_decay:
+            used = [k for k, v in (("ema_samples", self.ema_samples), ("ema_warmup", self.ema_warmup),
+                                   ("ema_update_every", self.ema_update_every != 1)) if v]
+            e += [f"{k}: has no effect without ema_decay; set ema_decay (0.999 is usual) or leave {k} at its default"
+                  for k in used]
         if self.sample_guidance_rescale is not None and not 0 <= self.sample_guidance_rescale <= 1:
             e.append(f"sample_guidance_rescale: must be between 0 and 1 (got {self.sample_guidance_rescale!r}); 0.7 is usual, "
                      "or leave it unset")

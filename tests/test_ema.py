@@ -153,10 +153,10 @@ def test_resume_is_exact(full_run, tiny_training_root, tmp_path):
             assert torch.equal(a[k], b[k]), (b_path.name, k)
 
 
-@pytest.mark.parametrize("decay", [None, 0.0])
-def test_off_by_default(tiny_training_root, tmp_path, decay):
+def test_off_by_default(tiny_training_root, tmp_path):
     out = tmp_path / "lora.safetensors"
-    train(_config(tiny_training_root, out, steps=1, ema_decay=decay))
+    assert TrainConfig().ema_decay is None
+    train(_config(tiny_training_root, out, steps=1))
     assert out.is_file() and not artifacts.ema_lora(out).exists()
     assert EMA_METADATA_KEY not in load_safetensors(out)[1]
 
@@ -164,3 +164,28 @@ def test_off_by_default(tiny_training_root, tmp_path, decay):
 def test_decay_must_be_below_one(tiny_training_root, tmp_path):
     errors = _config(tiny_training_root, tmp_path / "x.safetensors", ema_decay=1.0).validate()
     assert any(e.startswith("ema_decay:") for e in errors)
+
+
+def test_ema_samples_render_with_the_ema_weights(tiny_training_root, tmp_path, recorded, monkeypatch):
+    from sd_lora.training import sampling
+
+    during, original = [], sampling.render_samples
+
+    def render(*args, **kw):
+        during.append([p.detach().clone() for p in recorded["ema"].params])
+        return original(*args, **kw)
+
+    monkeypatch.setattr(sampling, "render_samples", render)
+    out = tmp_path / "lora.safetensors"
+    train(_config(tiny_training_root, out, steps=2, ema_decay=0.5, ema_samples=True, sample_prompts=["red circle"],
+                  sample_steps=1))
+    ema, raw = recorded["ema"], recorded["weights"][2]
+    assert len(during) == 1 and artifacts.sample_image(out, 2, 0).is_file()
+    assert all(torch.equal(d, s) for d, s in zip(during[0], ema.ema.shadow_params))  # EMA weights while rendering
+    assert any(not torch.equal(d, r) for d, r in zip(during[0], raw))
+    assert all(torch.equal(p.detach(), r) for p, r in zip(ema.params, raw))  # training weights back afterwards
+
+
+def test_ema_options_need_ema_decay(tiny_training_root, tmp_path):
+    errors = _config(tiny_training_root, tmp_path / "x.safetensors", ema_samples=True, ema_update_every=3).validate()
+    assert {e.split(":")[0] for e in errors} >= {"ema_samples", "ema_update_every"}
