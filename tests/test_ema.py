@@ -153,12 +153,17 @@ def test_resume_is_exact(full_run, tiny_training_root, tmp_path):
             assert torch.equal(a[k], b[k]), (b_path.name, k)
 
 
-def test_off_by_default(tiny_training_root, tmp_path):
+def test_off_by_default_then_on_at_resume(tiny_training_root, tmp_path):
     out = tmp_path / "lora.safetensors"
     assert TrainConfig().ema_decay is None
     train(_config(tiny_training_root, out, steps=1))
     assert out.is_file() and not artifacts.ema_lora(out).exists()
     assert EMA_METADATA_KEY not in load_safetensors(out)[1]
+    # extended with EMA on: its checkpoint has no EMA state, so the average starts there, said in a warning
+    events = []
+    train(_config(tiny_training_root, out, steps=2, ema_decay=0.5, resume="latest"), on_event=events.append)
+    assert any(e["event"] == "warning" and e["message"].startswith("ema_decay:") for e in events)
+    assert artifacts.ema_lora(out).is_file()
 
 
 def test_decay_must_be_below_one(tiny_training_root, tmp_path):
