@@ -194,3 +194,14 @@ def test_ema_samples_render_with_the_ema_weights(tiny_training_root, tmp_path, r
 def test_ema_options_need_ema_decay(tiny_training_root, tmp_path):
     errors = _config(tiny_training_root, tmp_path / "x.safetensors", ema_samples=True, ema_update_every=3).validate()
     assert {e.split(":")[0] for e in errors} >= {"ema_samples", "ema_update_every"}
+
+
+def test_ema_file_names():
+    from pathlib import Path
+
+    out = Path("out/style.safetensors")
+    assert artifacts.ema_lora(out) == Path("out/style-ema.safetensors")
+    step = artifacts.ema_lora(artifacts.intermediate_lora(out, 100))
+    assert step == Path("out/style-step000100-ema.safetensors")
+    assert artifacts.intermediate_step(step) is None  # an EMA file is not read as a step's raw LoRA
+    assert artifacts.is_run_output(artifacts.ema_lora(out)) and not artifacts.is_run_output(out)

@@ -16,8 +16,8 @@ kinds and fields from events.EVENTS.
 
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
-batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state,
-and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
+(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
