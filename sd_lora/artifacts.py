@@ -8,6 +8,7 @@ For `--output out/style.safetensors`:
 
     out/style.safetensors                  the LoRA (final)
     out/style-step000100.safetensors       intermediate LoRA files (save_every)
+    out/style-ema.safetensors              EMA weights of a LoRA file (ema_decay; also style-step000100-ema...)
     out/style-checkpoints/step-00000100/   resumable checkpoints (+ STOP: create it to stop the run)
     out/style-samples/step-000100-0.png    sample images (step, prompt index)
     out/style-samples.png                  grid of all samples
@@ -26,8 +27,8 @@ _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 _INTERMEDIATE_RE = re.compile(r"^(?P<stem>.+)-step(?P<step>\d{6,})$")
 _SAMPLE_RE = re.compile(r"^step-(?P<step>\d{6,})-(?P<index>\d+)$")
 # what follows the output's stem in the names of the files and folders beside it
-_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD = (
-    "-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard")
+_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, _EMA = (
+    "-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard", "-ema")
 
 
 def _beside(output: str | Path, tail: str) -> Path:
@@ -67,6 +68,11 @@ def intermediate_step(path: str | Path) -> int | None:
     return int(m.group("step")) if m and Path(path).suffix == ".safetensors" else None
 
 
+def ema_lora(lora: str | Path) -> Path:
+    """The EMA file beside a saved LoRA file (final or intermediate): `style.safetensors` -> `style-ema.safetensors`."""
+    return _beside(lora, f"{_EMA}.safetensors")
+
+
 def samples_dir(output: str | Path) -> Path:
     return _beside(output, _SAMPLES)
 
@@ -99,8 +105,8 @@ def tensorboard_dir(output: str | Path) -> Path:
 
 def is_run_output(path: str | Path) -> bool:
     """True for files and folders that a training run writes besides its final LoRA (intermediate
-    LoRAs, checkpoints, samples, grids, loss curves, events, TensorBoard logs)."""
+    LoRAs, EMA files, checkpoints, samples, grids, loss curves, events, TensorBoard logs)."""
     p = Path(path)
     name = p.name
     return (intermediate_step(p) is not None or sample_step(p) is not None or name.endswith(
-        (_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD)))
+        (_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, f"{_EMA}.safetensors")))

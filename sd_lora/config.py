@@ -277,6 +277,15 @@ class TrainConfig:
         None, "guidance rescale (0-1) for sample images; keeps high CFG from over-exposing zero-terminal-SNR models",
         default_text="0.7 with zero_terminal_snr, else 0")
 
+    # EMA (#18): a moving average of the adapter weights, saved as NAME-ema.safetensors beside each LoRA file
+    ema_decay: float | None = setting(None, "EMA of the adapter weights with this decay (0.999 is usual; the average "
+                                      "covers about 1/(1-decay) updates), saved beside each LoRA as NAME-ema.safetensors",
+                                      minimum=0, zero="off", default_text="off")
+    ema_update_every: int = setting(1, "with ema_decay: update the EMA every N optimizer steps", minimum=1, unit="steps")
+    ema_warmup: bool = setting(False, "with ema_decay: warm the decay up as diffusers' EMAModel does "
+                               "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
+    ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
+
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
                                       minimum=1, default_text="torch's choice", ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
@@ -406,6 +415,13 @@ class TrainConfig:
             e.append(f"resume: {self.resume} is not a checkpoint folder; set it to one from {self.checkpoint_root} or to latest")
         if self.resume == "latest" and check_paths and self.output and not _has_checkpoint(self.checkpoint_root):
             e.append(f"resume: no checkpoint in {self.checkpoint_root} yet; start without resume, or set a checkpoint folder")
+        if self.ema_decay is not None and self.ema_decay >= 1:
+            e.append(f"ema_decay: must be below 1 (got {self.ema_decay!r}); 0.999 is usual, 0 turns the EMA off")
+        if not self.ema_decay:
+            used = [k for k, v in (("ema_samples", self.ema_samples), ("ema_warmup", self.ema_warmup),
+                                   ("ema_update_every", self.ema_update_every != 1)) if v]
+            e += [f"{k}: has no effect without ema_decay; set ema_decay (0.999 is usual) or leave {k} at its default"
+                  for k in used]
         if self.sample_guidance_rescale is not None and not 0 <= self.sample_guidance_rescale <= 1:
             e.append(f"sample_guidance_rescale: must be between 0 and 1 (got {self.sample_guidance_rescale!r}); 0.7 is usual, "
                      "or leave it unset")

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `<checkpoint root>/step-00000100/` (names: sd_lora.artifacts) holding
   trainable.safetensors  every trainable parameter (fp32, by its module path), bit-exact
-  optimizer.pt           optimizer + LR scheduler (+ fp16 grad scaler) state, read back with
+  optimizer.pt           optimizer + LR scheduler (+ fp16 grad scaler, + EMA weights) state, read back with
                          torch.load(weights_only=True): plain tensors and numbers, nothing executed.
                          Every optimizer of sd_lora/optimizers.py keeps all it needs there (8-bit
                          state, Prodigy's d, schedule-free's z and weight sum, Adafactor's factors):
@@ -60,8 +60,10 @@ def load_trainable_state(models: dict[str, torch.nn.Module], state: dict[str, to
             p.copy_(state[k].to(p.device, p.dtype))
 
 
-def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, scaler, trainer: dict, keep: int = 0) -> Path:
-    """Write checkpoint `root/step-XXXXXXXX` atomically; prune to the `keep` newest (0: keep all)."""
+def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, scaler, trainer: dict, keep: int = 0,
+                    ema=None) -> Path:
+    """Write checkpoint `root/step-XXXXXXXX` atomically; prune to the `keep` newest (0: keep all).
+    `ema`: the run's training.ema.AdapterEMA, if any (its state goes into optimizer.pt)."""
     import torch
 
     if any(g.get("train_mode") is False for g in optimizer.param_groups):
@@ -78,6 +80,7 @@ def save_checkpoint(root: Path, step: int, models: dict, optimizer, scheduler, s
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
         }
         with atomic_write(tmp / "optimizer.pt") as f:
             torch.save(opt_state, f)
@@ -136,8 +139,10 @@ def read_trainer_state(folder: Path) -> dict:
     return json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
 
 
-def load_checkpoint(folder: Path, models: dict, optimizer, scheduler, scaler) -> dict:
-    """Restore weights, optimizer, scheduler (and scaler) from `folder`; returns trainer.json's dict."""
+def load_checkpoint(folder: Path, models: dict, optimizer, scheduler, scaler, ema=None) -> dict:
+    """Restore weights, optimizer, scheduler (and scaler, and `ema`) from `folder`; returns trainer.json's
+    dict, with "ema_loaded": False when `ema` is given but the checkpoint has no EMA state (a run that had
+    EMA off: the EMA then starts from the resumed weights)."""
     import torch
 
     for name in _FILES:
@@ -150,4 +155,9 @@ def load_checkpoint(folder: Path, models: dict, optimizer, scheduler, scaler) ->
     scheduler.load_state_dict(opt["scheduler"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    return read_trainer_state(folder)
+    state = read_trainer_state(folder)
+    if ema is not None:
+        state["ema_loaded"] = opt.get("ema") is not None
+        if state["ema_loaded"]:
+            ema.load_state_dict(opt["ema"])
+    return state

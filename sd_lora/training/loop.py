@@ -16,8 +16,8 @@ kinds and fields from events.EVENTS.
 
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
-batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state,
-and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
+(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class Optimization:
     unet: torch.nn.Module  # wrapped by accelerate when it is trained
     text_encoders: list
     wrapped: list  # the DDP-wrapped modules (no gradient sync inside an accumulation window)
+    ema: object = None  # ema.AdapterEMA of the adapter weights (ema_decay), else None
 
 
 @dataclass
@@ -378,8 +379,14 @@ class _Trainer:
             acc.prepare(te) if (model.train_te and any(p.requires_grad for p in te.parameters())) else te
             for te in model.conditioner.encoders
         ]
+        params = [p for g in groups for p in g["params"]]
+        ema = None
+        if cfg.ema_decay:
+            from .ema import AdapterEMA
+
+            ema = AdapterEMA(params, cfg.ema_decay, cfg.ema_update_every, cfg.ema_warmup)
         return Optimization(
-            params=[p for g in groups for p in g["params"]],
+            params=params,
             optimizer=acc.prepare(optimizer),
             scheduler=scheduler,
             choice=choice,
@@ -387,6 +394,7 @@ class _Trainer:
             unet=unet,
             text_encoders=text_encoders,
             wrapped=[m for m in [unet, *text_encoders] if m is not None and m is not getattr(m, "module", m)],
+            ema=ema,
         )
 
     def _resume(self, opt: Optimization) -> tuple[int, History]:
@@ -404,7 +412,9 @@ class _Trainer:
         if int(saved["step"]) > self.plan.total_steps:
             raise ValueError(f"resume: {folder} is at step {saved['step']}, past this run's {self.plan.total_steps} steps; "
                              f"set steps to more than {saved['step']} to train on from it")
-        state = load_checkpoint(folder, opt.models, opt.optimizer, opt.scheduler, getattr(self.acc, "scaler", None))
+        state = load_checkpoint(folder, opt.models, opt.optimizer, opt.scheduler, getattr(self.acc, "scaler", None), opt.ema)
+        if state.get("ema_loaded") is False:
+            self.warn(f"ema_decay: {folder} was saved without EMA weights; the EMA starts from the resumed weights")
         # A run extended past the one that wrote the checkpoint has a longer schedule: the learning
         # rate of the next step comes from this run's schedule, not the saved one.
         follow_schedule(opt.scheduler)
@@ -542,6 +552,8 @@ class _Trainer:
                     acc.clip_grad_norm_(self.opt.params, cfg.max_grad_norm)
                 self.opt.optimizer.step()
                 self.model.network.update_ranks(step)
+                if self.opt.ema is not None:
+                    self.opt.ema.after_step(step + 1)
                 self.opt.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 # After a skipped (NaN) update torch warns that the schedule steps before the optimizer;
@@ -587,7 +599,8 @@ class _Trainer:
         path = self.cfg.checkpoint_root / artifacts.checkpoint_name(step)
         if self.main:
             path = save_checkpoint(self.cfg.checkpoint_root, step, self.opt.models, self.opt.optimizer, self.opt.scheduler,
-                                   getattr(self.acc, "scaler", None), self._trainer_state(), self.cfg.keep_checkpoints)
+                                   getattr(self.acc, "scaler", None), self._trainer_state(), self.cfg.keep_checkpoints,
+                                   ema=self.opt.ema)
             self.cfg.stop_file.unlink(missing_ok=True)  # handled: a resume must not stop again at once
             self.events.emit("checkpoint", step=step, path=str(path))
         self.acc.wait_for_everyone()
@@ -636,10 +649,18 @@ class _Trainer:
         if self.main:
             from ..formats.kohya import save_lora
 
+            metadata = self._metadata(step)
             with self._eval_weights():
-                path = save_lora(path, self.model.network, self._metadata(step))
+                path = save_lora(path, self.model.network, metadata)
             self.log(f"saved {path}")
             self.events.emit("saved", step=step, path=str(path))
+            if self.opt.ema is not None:
+                # The EMA of the training weights (with schedule-free ones: of y, not the averaged x)
+                from .ema import EMA_METADATA_KEY
+
+                with self.opt.ema.swapped_in():
+                    ema_path = save_lora(artifacts.ema_lora(path), self.model.network, {**metadata, EMA_METADATA_KEY: "true"})
+                self.log(f"saved {ema_path} (EMA weights)")
         self.acc.wait_for_everyone()
         return path
 
@@ -672,7 +693,8 @@ class _Trainer:
                         self.log(f"samples for step {step}: prompt {i + 1}/{n} done, ETA {eta:.0f} s")
 
             try:
-                with self._eval_weights():
+                use_ema = self.cfg.ema_samples and self.opt.ema is not None
+                with (self.opt.ema.swapped_in() if use_ema else self._eval_weights()):
                     paths = render_samples(self.model.pipe, prompts, self.cfg.output_path, step, self.cfg.data.resolution,
                                            self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                            guidance_rescale=self.cfg.guidance_rescale,
