@@ -14,6 +14,19 @@ from sd_lora.data.masks import latent_mask, pixel_mask
 from sd_lora.training.loss import diffusion_loss
 
 
+@pytest.fixture(scope="module")
+def tiny_sd1():
+    """One tiny SD1 pipeline for the module, built on one thread (a busy 2-core machine)."""
+    from sd_lora.testing import tiny_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield tiny_pipeline("sd1")
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Sched:  # diffusion_loss reads only the prediction type (no SNR weighting here)
     class config:
         prediction_type = "epsilon"
@@ -104,9 +117,7 @@ def test_the_mask_is_cropped_and_flipped_with_its_image(tmp_path):
     torch.testing.assert_close(lat[0, 1, 2], px[8:16, 16:24].mean())
 
 
-def test_cache_keys_differ_with_and_without_a_mask_and_entries_hold_it(tmp_path):
-    from sd_lora.testing import tiny_pipeline
-
+def test_cache_keys_differ_with_and_without_a_mask_and_entries_hold_it(tmp_path, tiny_sd1):
     plain_cfg, masks = _dataset(tmp_path)
     plain = scan_dataset(plain_cfg).items
     masked = scan_dataset(DataConfig(path=plain_cfg.path, resolution=64, masked_loss=True, mask_path=str(masks))).items
@@ -119,25 +130,20 @@ def test_cache_keys_differ_with_and_without_a_mask_and_entries_hold_it(tmp_path)
     edited = scan_dataset(DataConfig(path=plain_cfg.path, resolution=64, masked_loss=True, mask_path=str(masks))).items
     assert keys.key(edited[0], False) != keys.key(masked[0], False)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        vae = tiny_pipeline("sd1").vae
-        disk = LatentCache(edited, vae, "disk", tmp_path / "cache", True, 10**8)
-        assert disk.build(show_progress=False) == {"encoded": 2, "reused": 0}
-        ram = LatentCache(edited, vae, "ram", None, True, 10**8)
-        ram.build(show_progress=False)
-        none = LatentCache(edited, vae, "none", None, True, 10**8)
-        for flipped in (False, True):
-            latent, mask = disk.get_with_mask(0, flipped)
-            assert mask.shape == (1, *latent.shape[-2:])
-            torch.testing.assert_close(mask, item_mask(edited[0], flipped, latent.shape[-2:]))
-            torch.testing.assert_close(ram.get_with_mask(0, flipped)[1], mask)
-            torch.testing.assert_close(none.get_with_mask(0, flipped)[1], mask)
-        assert LatentCache(edited, vae, "disk", tmp_path / "cache", True, 10**8).build(show_progress=False)["reused"] == 2
-        assert LatentCache(plain, vae, "none", None, False, 10**8).get_with_mask(0, False)[1] is None
-    finally:
-        torch.set_num_threads(threads)
+    vae = tiny_sd1.vae
+    disk = LatentCache(edited, vae, "disk", tmp_path / "cache", True, 10**8)
+    assert disk.build(show_progress=False) == {"encoded": 2, "reused": 0}
+    ram = LatentCache(edited, vae, "ram", None, True, 10**8)
+    ram.build(show_progress=False)
+    none = LatentCache(edited, vae, "none", None, True, 10**8)
+    for flipped in (False, True):
+        latent, mask = disk.get_with_mask(0, flipped)
+        assert mask.shape == (1, *latent.shape[-2:])
+        torch.testing.assert_close(mask, item_mask(edited[0], flipped, latent.shape[-2:]))
+        torch.testing.assert_close(ram.get_with_mask(0, flipped)[1], mask)
+        torch.testing.assert_close(none.get_with_mask(0, flipped)[1], mask)
+    assert LatentCache(edited, vae, "disk", tmp_path / "cache", True, 10**8).build(show_progress=False)["reused"] == 2
+    assert LatentCache(plain, vae, "none", None, False, 10**8).get_with_mask(0, False)[1] is None
 
 
 def test_clear_errors_missing_mask_other_size_and_no_source(tmp_path):
@@ -166,3 +172,40 @@ def test_kohya_dataset_config_and_subset_tables_read_the_mask_options(tmp_path):
     assert [i.mask.alpha for i in items] == [False, True] and items[0].mask.path == masks / "x.png"
     tables = DataConfig(resolution=64, subsets=[{"path": f"{cfg.path}/1_a", "alpha_mask": True}, {"path": f"{cfg.path}/1_a"}])
     assert [i.mask is not None for i in scan_dataset(tables).items] == [True, False]
+
+
+def test_training_weights_the_loss_by_the_cached_masks(tmp_path, monkeypatch, tiny_sd1):
+    """One real step: the loop hands the loss each item's cached mask (ones for an image without alpha)."""
+    from sd_lora.config import TrainConfig
+    from sd_lora.testing import write_noise_images
+    from sd_lora.training import loop, train
+
+    seen = []
+    real = loop.diffusion_loss
+
+    def spy(pred, target, *args, **kwargs):
+        seen.append(kwargs["mask"])
+        return real(pred, target, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", spy)
+    data = write_noise_images(tmp_path / "data" / "1_thing", 2)
+    rgba = Image.open(data / "0.png").convert("RGBA")
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :32] = 0  # the left half is ignored
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    rgba.save(data / "0.png")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tiny_sd1.save_pretrained(tmp_path / "base")
+        train(TrainConfig(model=str(tmp_path / "base"), output=str(tmp_path / "out" / "lora.safetensors"), steps=1,
+                          batch_size=2, data={"path": str(data.parent), "resolution": 64, "alpha_mask": True},
+                          network={"rank": 2, "preset": "attention"}))
+    finally:
+        torch.set_num_threads(threads)
+    (mask,) = seen
+    assert mask is not None and mask.shape[:2] == (2, 1)
+    half = mask.shape[-1] // 2
+    by_mean = sorted(mask, key=lambda m: m.mean().item())
+    assert torch.all(by_mean[0][..., :half] == 0) and torch.all(by_mean[0][..., half:] == 1)  # the alpha image
+    assert torch.all(by_mean[1] == 1)  # the opaque one trains everywhere
