@@ -209,3 +209,27 @@ def test_training_weights_the_loss_by_the_cached_masks(tmp_path, monkeypatch, ti
     by_mean = sorted(mask, key=lambda m: m.mean().item())
     assert torch.all(by_mean[0][..., :half] == 0) and torch.all(by_mean[0][..., half:] == 1)  # the alpha image
     assert torch.all(by_mean[1] == 1)  # the opaque one trains everywhere
+
+
+def test_masks_follow_the_exif_rotation_of_their_image(tmp_path):
+    """A phone photo stored sideways with an EXIF "rotate 90" tag: its alpha is rotated with it, and an upright
+    mask (as a mask editor saves it) is the rotated image's size, so it is accepted and gives the same mask."""
+    from PIL import ImageOps
+
+    pat = _pattern(96, 64)
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = pat, pat
+    img = tmp_path / "data" / "x.png"
+    img.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to view
+    Image.fromarray(rgba, "RGBA").save(img, exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(img))
+    assert upright.size == (64, 96)
+    (tmp_path / "m").mkdir()
+    upright.getchannel("A").save(tmp_path / "m" / "x.png")
+    a = scan_dataset(DataConfig(path=str(tmp_path / "data"), resolution=64, alpha_mask=True)).items[0]
+    f = scan_dataset(DataConfig(path=str(tmp_path / "data"), resolution=64, masked_loss=True, mask_path=str(tmp_path / "m")))
+    f.check()
+    torch.testing.assert_close(pixel_mask(a.mask, a.placement, False), pixel_mask(f.items[0].mask, f.items[0].placement, False))
+    assert a.placement.resized[1] > a.placement.resized[0]  # placed as the upright (portrait) image
