@@ -110,6 +110,14 @@ class DataConfig:
                                           default_text="2 x resolution", ss="ss_max_bucket_reso")
     cache_text_to_disk: bool = setting(False, "with cache_text: keep the text-encoder outputs in the disk cache folder too, "
                                        "for the next run", kohya={"cache_text_encoder_outputs_to_disk": True}, ss=False)
+    # masked loss (#19)
+    masked_loss: bool = setting(False, "weight the loss per pixel by a mask (white = train, black = ignore), downsampled to "
+                                "latent size; the masks come from alpha_mask or mask_path")
+    alpha_mask: bool = setting(False, "use each image's alpha channel as its loss mask (opaque = train; an image without "
+                               "alpha trains everywhere); weights the loss even without masked_loss, as in kohya")
+    mask_path: str | None = setting(None, "with masked_loss: folder of mask images named as the training images (any image "
+                                    "extension), each the size of its image; the red channel is the weight", path="dir",
+                                    kohya=("conditioning_data_dir",))
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them
@@ -155,6 +163,8 @@ class SubsetConfig:
     upscale: bool | None = _per_subset("upscale")
     min_bucket_side: int | None = _per_subset("min_bucket_side")
     max_bucket_side: int | None = _per_subset("max_bucket_side")
+    alpha_mask: bool | None = _per_subset("alpha_mask", kohya=("alpha_mask",))
+    mask_path: str | None = _per_subset("mask_path", kohya=("conditioning_data_dir",))
 
 
 

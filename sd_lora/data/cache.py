@@ -3,8 +3,9 @@
 Encoding a 512 px image with the SD VAE takes seconds on a CPU and is the same every epoch, so by
 default every image is encoded once before training (kept in RAM, or on disk to survive restarts and
 to save RAM). A disk entry is keyed by a hash of the image bytes + the resize/crop/flip settings +
-the VAE, so editing an image, changing the resolution or swapping the model invalidates exactly the
-entries it affects. Entries are written one by one atomically: an interrupted caching pass continues
+the VAE (+ the mask file's hash, or "alpha", with masked loss: the entry then holds the mask at latent
+size too), so editing an image or its mask, changing the resolution or swapping the model invalidates
+exactly the entries it affects. Entries are written one by one atomically: an interrupted caching pass continues
 where it stopped.
 
 We cache the mean of the VAE's latent distribution (deterministic; the SD VAE's std is ~1e-3).
@@ -32,6 +33,7 @@ from ..io import atomic_path
 from .buckets import apply_placement
 from .dataset import Item
 from .images import image_to_tensor, open_image
+from .masks import latent_mask, pixel_mask
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +109,16 @@ def cache_folder(data, items: list[Item]) -> Path:
     return first / ".sd-lora-cache"
 
 
+def item_mask(item: Item, flipped: bool, latent_size: tuple[int, int]) -> torch.Tensor | None:
+    """The (1, h, w) loss mask of one item at its latent's size (None: the item has no mask)."""
+    if item.mask is None:
+        return None
+    return latent_mask(pixel_mask(item.mask, item.placement, flipped), latent_size)
+
+
 class LatentCache:
-    """Latents of every (item, flipped) pair, in RAM or in files under `cache_dir`.
+    """Latents of every (item, flipped) pair, with the item's loss mask at latent size (masked loss), in RAM or
+    in files under `cache_dir`.
 
     flip: encode mirrored copies of every item (True), of none (False), or of the items whose subset flips
     (None)."""
@@ -117,11 +127,14 @@ class LatentCache:
         self.items, self.vae, self.mode, self.flip, self.max_pixels = items, vae, mode, flip, max_pixels
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.ram: dict[tuple[int, bool], torch.Tensor] = {}
+        self.ram_masks: dict[tuple[int, bool], torch.Tensor] = {}
         self._fp = vae_fingerprint(vae) if mode == "disk" else ""
 
     def key(self, item: Item, flipped: bool) -> str:
         p = item.placement
         parts = [CACHE_VERSION, item.file_hash, str(p.bucket), str(p.resized), str(p.crop), str(flipped), self._fp]
+        if item.mask is not None:  # an entry holds the mask too: one made without it (or with another) is not reused
+            parts.append(f"mask:{item.mask.digest}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def _file(self, item: Item, flipped: bool) -> Path:
@@ -142,19 +155,24 @@ class LatentCache:
                 path = self._file(item, flipped)
                 if path.is_file():
                     try:
-                        load_file(str(path))  # a damaged entry is re-encoded, not trusted
+                        entry = load_file(str(path))  # a damaged entry is re-encoded, not trusted
+                        if item.mask is not None and "mask" not in entry:
+                            raise KeyError("mask")
                         reused += 1
                         bar.update()
                         continue
                     except Exception:  # noqa: BLE001 - any read failure means: encode again
                         path.unlink(missing_ok=True)
             latent = encode_pixels(self.vae, item_pixels(item, flipped, self.max_pixels)[None])[0]
+            mask = item_mask(item, flipped, latent.shape[-2:])
             encoded += 1
             if self.mode == "disk":
                 with atomic_path(path) as tmp:
-                    save_file({"latent": latent.contiguous()}, str(tmp))
+                    save_file({"latent": latent.contiguous()} | ({"mask": mask.contiguous()} if mask is not None else {}), str(tmp))
             else:
                 self.ram[(i, flipped)] = latent
+                if mask is not None:
+                    self.ram_masks[(i, flipped)] = mask
             bar.update()
             if on_progress:
                 on_progress(n + 1, len(todo))
@@ -165,14 +183,21 @@ class LatentCache:
         return self.items[index].flip if self.flip is None else self.flip
 
     def get(self, index: int, flipped: bool) -> torch.Tensor:
+        return self.get_with_mask(index, flipped)[0]
+
+    def get_with_mask(self, index: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latent (4, h, w) and the loss mask (1, h, w), or None when the item has no mask."""
         flipped = flipped and self._flips(index)
         if self.mode == "ram":
-            return self.ram[(index, flipped)]
+            return self.ram[(index, flipped)], self.ram_masks.get((index, flipped))
         if self.mode == "disk":
             from safetensors.torch import load_file
 
-            return load_file(str(self._file(self.items[index], flipped)))["latent"]
-        return encode_pixels(self.vae, item_pixels(self.items[index], flipped, self.max_pixels)[None])[0]
+            entry = load_file(str(self._file(self.items[index], flipped)))
+            return entry["latent"], entry.get("mask")
+        item = self.items[index]
+        latent = encode_pixels(self.vae, item_pixels(item, flipped, self.max_pixels)[None])[0]
+        return latent, item_mask(item, flipped, latent.shape[-2:])
 
 
 class TextCache:

@@ -35,6 +35,7 @@ from ..config import IMAGE_EXTENSIONS, DataConfig
 from .buckets import Placement, make_buckets, place
 from .captions import caption_extensions, fixed_caption, read_caption
 from .images import ImageProblem, open_image
+from .masks import Mask, has_alpha, mask_for
 from .subsets import REPEATS_FOLDER, Subset, dataset_subsets
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Item:
     placement: Placement
     file_hash: str  # sha256 of the file bytes (part of the cache key)
     subset: Subset | None = None  # its options: caption shuffling and dropout, flip, resolution
+    mask: Mask | None = None  # its loss mask (masked loss), when its subset has a mask source
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -90,7 +92,8 @@ class DatasetReport:
         for s in self.subsets:  # the step arithmetic of each subset: its share of an epoch
             out.append(f"  {s['name']}: {s['images']} image(s) x {s['repeats']} repeats = {s['samples']} samples per epoch "
                        f"({100 * s['samples'] / total:.0f}%), {s['resolution']} px" + (", regularization" if s["is_reg"] else "")
-                       + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else ""))
+                       + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else "")
+                       + (f", masked loss ({s['masks']})" if s.get("masks") else ""))
         out.append(f"captions: {caps}; {fallback}")
         if len(self.buckets_by_resolution) > 1:
             for res, counts in sorted(self.buckets_by_resolution.items()):
@@ -292,7 +295,13 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         else:
             paths = _images_in(folder, outputs, recursive=sub.recursive) if folder.is_dir() else []
         report.folders[sub.name] = sub.repeats
-        usable = empty = 0
+        usable = empty = no_alpha = 0
+        # masked loss (#19): kohya applies alpha masks whenever alpha_mask is set, mask images only with masked_loss
+        mask_dir = Path(sub.mask_path) if sub.mask_path and cfg.masked_loss else None
+        if mask_dir is not None and not mask_dir.is_dir():
+            report.problems.append(f"{sub.source}: mask_path {mask_dir} is not a folder; set it to the folder of the mask images")
+            mask_dir = None
+        mask_problems: list[str] = []
         for path in paths:
             try:
                 img = open_image(path, cfg.max_image_pixels)
@@ -313,8 +322,15 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                     empty += 1
             else:
                 report.captions_by_extension[ext] += 1
+            try:
+                mask = mask_for(path, img.size, folder, bool(sub.alpha_mask), mask_dir)
+            except ImageProblem as e:
+                mask_problems.append(str(e))
+                mask = None
+            if mask is not None and mask.alpha and not has_alpha(path):
+                no_alpha += 1
             p = place(img.size, sub.resolution, sub.bucket_step, buckets, upscale=sub.upscale, square=not sub.buckets)
-            items.append(Item(path, caption, sub.repeats, sub.is_reg, sub.name, p, hashlib.sha256(data).hexdigest(), sub))
+            items.append(Item(path, caption, sub.repeats, sub.is_reg, sub.name, p, hashlib.sha256(data).hexdigest(), sub, mask))
             usable += 1
             report.buckets[p.bucket] += 1
             report.buckets_by_resolution.setdefault(sub.resolution, Counter())[p.bucket] += 1
@@ -325,7 +341,17 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         report.empty_captions += empty
         report.subsets.append({"name": sub.name, "path": sub.path, "images": usable, "repeats": sub.repeats,
                                "samples": usable * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
-                               "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source})
+                               "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source,
+                               "masks": "mask images" if mask_dir is not None else "alpha" if sub.alpha_mask else None})
+        if mask_problems:
+            report.problems.append(f"{sub.source}: {len(mask_problems)} image(s) without a usable mask: "
+                                   + "; ".join(mask_problems[:3]) + (f"; and {len(mask_problems) - 3} more" if len(mask_problems) > 3 else ""))
+        if no_alpha:
+            report.warnings.append(f"{sub.source}: {no_alpha} image(s) in {folder} have no alpha channel: with alpha_mask they "
+                                   "train everywhere (mask of ones); save them as PNG with transparency to mask them")
+        unused = f"{sub.source}: mask_path {sub.mask_path} is NOT used: set data.masked_loss = true to weight the loss by its masks"
+        if sub.mask_path and not cfg.masked_loss and unused not in report.warnings:
+            report.warnings.append(unused)
         where = folder if folder is not None else sub.metadata_path
         if not usable:
             why = f"all {len(paths)} skipped (see the list above)" if paths else "it holds no images"
@@ -335,6 +361,9 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             report.warnings.append(
                 f"{sub.source}: {empty} image(s) in {where} have an EMPTY caption (no caption file, and no prompt to fall back "
                 f"on): they train on \"\"; put a caption file ({sub.caption_extension}) beside each image, or {_empty_caption_fix(sub)}")
+    if cfg.masked_loss and not any(s.alpha_mask or s.mask_path for s in subsets):
+        report.problems.append("data.masked_loss = true but no mask source: set data.mask_path = \"<folder of masks named "
+                               "as the images>\" or data.alpha_mask = true (per subset: mask_path / alpha_mask)")
     for key, (root, outputs) in outputs_by_key.items():
         if outputs:
             report.warnings.append(

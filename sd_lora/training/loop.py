@@ -462,7 +462,11 @@ class _Trainer:
         items = [self.dataset.items[i] for i in idxs]
         flips = [it.flip and rng.random() < 0.5 for it in items]
         captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
-        latents = torch.stack([self.caches.latents.get(i, f) for i, f in zip(idxs, flips)]).to(device, torch.float32)
+        entries = [self.caches.latents.get_with_mask(i, f) for i, f in zip(idxs, flips)]
+        latents = torch.stack([lat for lat, _ in entries]).to(device, torch.float32)
+        masks = None
+        if any(m is not None for _, m in entries):  # masked loss: an item without a mask trains everywhere (kohya: ones)
+            masks = torch.stack([m if m is not None else torch.ones_like(lat[:1]) for lat, m in entries]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
         placements = []
         for it, f in zip(items, flips):
@@ -472,7 +476,7 @@ class _Trainer:
 
                 p = replace(p, crop=(p.crop[0], p.resized[0] - p.crop[1] - p.bucket[0]))
             placements.append(p)
-        return latents, captions, weights, placements
+        return latents, captions, weights, placements, masks
 
     def _loss(self, idxs: list[int], step: int, micro: int) -> torch.Tensor:
         cfg = self.cfg
@@ -480,7 +484,7 @@ class _Trainer:
         rng = random.Random(_seed_for("aug", *key))
         generator = torch.Generator().manual_seed(_seed_for("noise", *key))
         torch.manual_seed(_seed_for("torch", *key))  # adapter dropout draws from the global RNG
-        latents, captions, weights, placements = self._batch(idxs, rng, step // self.plan.steps_per_epoch)
+        latents, captions, weights, placements, masks = self._batch(idxs, rng, step // self.plan.steps_per_epoch)
         device, model, text_cache = self.acc.device, self.model, self.caches.text
         with self.acc.autocast():
             if text_cache is not None:
@@ -492,7 +496,8 @@ class _Trainer:
             else:
                 with torch.no_grad():
                     hidden, pooled = model.conditioner.encode(captions, device)
-        loss = compute_loss(cfg, model, self.opt.unet, latents, hidden, pooled, placements, weights, generator, self.acc.autocast)
+        loss = compute_loss(cfg, model, self.opt.unet, latents, hidden, pooled, placements, weights, generator, self.acc.autocast,
+                            masks=masks)
         reg = model.network.regularization_loss()
         return loss + reg if isinstance(reg, torch.Tensor) else loss
 
@@ -734,7 +739,8 @@ class _Trainer:
 
 
 def compute_loss(cfg: TrainConfig, model: Model, unet, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
-                 placements: list, weights: torch.Tensor, generator: torch.Generator, autocast=contextlib.nullcontext) -> torch.Tensor:
+                 placements: list, weights: torch.Tensor, generator: torch.Generator, autocast=contextlib.nullcontext,
+                 masks: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-batch's diffusion loss from its latents and text conditioning (training/loss.py has
     the formulas): noise, timesteps and perturbations drawn from `generator`, the UNet's prediction,
     the target, the weighted loss. tests/test_reference_math.py checks it against the reference scripts."""
@@ -751,7 +757,8 @@ def compute_loss(cfg: TrainConfig, model: Model, unet, latents: torch.Tensor, hi
         pred = unet(noisy.to(model.weight_dtype), timesteps, hidden, **extra).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
     return diffusion_loss(pred, target, timesteps, noise_scheduler, weights, cfg.min_snr_gamma, loss_type=cfg.loss_type,
-                          huber_c=huber_threshold(timesteps, noise_scheduler, cfg), debiased_estimation=cfg.debiased_estimation_loss)
+                          huber_c=huber_threshold(timesteps, noise_scheduler, cfg), debiased_estimation=cfg.debiased_estimation_loss,
+                          mask=masks)
 
 
 def follow_schedule(scheduler) -> None:

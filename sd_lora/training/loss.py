@@ -6,6 +6,7 @@
     target = noise                                  (epsilon models: SD1, SD2-base, SDXL)
            = sqrt(a_t) * noise - sqrt(1 - a_t) * x0 (v-prediction models: SD2 768-v)
     loss   = mean over pixels of l(pred - target)   (l2, l1, pseudo-Huber or smooth-L1 with threshold c_t)
+             [x the mask at latent size, per pixel: masked loss; the mean stays over all pixels]
              x prior_loss_weight (regularization images) x min-SNR weight x debiased-estimation weight,
              averaged over the batch.
 
@@ -177,12 +178,18 @@ def diffusion_loss(
     loss_type: str = "l2",
     huber_c: torch.Tensor | None = None,
     debiased_estimation: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The batch's loss (a scalar): the per-pixel loss averaged per sample, then weighted per sample by
     sample_weights (prior_loss_weight), min-SNR (Hang et al. 2023: min(SNR, gamma) / SNR, or / (SNR + 1)
     for v) and debiased estimation (Yu et al. 2024, arXiv:2310.08442: 1 / sqrt(SNR), or 1 / (SNR + 1)
-    for v, SNR capped at 1000), and averaged over the batch."""
-    per_sample = elementwise_loss(pred, target, loss_type, huber_c).mean(dim=tuple(range(1, pred.ndim)))
+    for v, SNR capped at 1000), and averaged over the batch. mask (b, 1, h, w): per-pixel weights in [0, 1]
+    (data/masks.py), multiplied in before the per-sample mean, which stays over all pixels (kohya's
+    apply_masked_loss + mean: a half-masked image weighs half)."""
+    loss = elementwise_loss(pred, target, loss_type, huber_c)
+    if mask is not None:
+        loss = loss * mask.to(loss.device, loss.dtype)
+    per_sample = loss.mean(dim=tuple(range(1, pred.ndim)))
     v = noise_scheduler.config.prediction_type == "v_prediction"
     if min_snr_gamma or debiased_estimation:
         from diffusers.training_utils import compute_snr
