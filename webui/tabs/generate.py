@@ -112,9 +112,12 @@ def build(ctx, tab=None) -> None:
             return gr.update(), gr.update(), gr.update(value=error_html(e.message), visible=True)
         return gallery, info_md, gr.update(value="", visible=False)
 
-    def refresh():
-        choices = list_loras(ws)
-        return [gr.update(choices=list_models(ws))] + [gr.update(choices=[""] + choices) for _ in range(LORA_ROWS)]
+    def refresh(current_model: str | None):
+        """The lists as the workspace is now; the first model is chosen while none is (the lists start
+        empty: webui/tabs/common.py says why)."""
+        choices, models = list_loras(ws), list_models(ws)
+        model_value = current_model or (models[0] if models else None)
+        return [gr.update(choices=models, value=model_value)] + [gr.update(choices=[""] + choices) for _ in range(LORA_ROWS)]
 
     with gr.Row():
         with gr.Column(scale=2):
@@ -169,7 +172,7 @@ def build(ctx, tab=None) -> None:
     go.click(lambda: gr.update(value="", visible=False), None, error, api_name=False, queue=False).then(
         generate_on_page, inputs, [images, info, error], api_name=False, concurrency_limit=1, concurrency_id="generate")
     api_go.click(generate, inputs, [images, info], api_name="generate", concurrency_limit=1, concurrency_id="generate")
-    refresh_btn.click(refresh, None, [model, *names], api_name=False)
-    gr.context.Context.root_block.load(refresh, None, [model, *names], api_name=False)
+    refresh_btn.click(refresh, model, [model, *names], api_name=False)
+    gr.context.Context.root_block.load(refresh, model, [model, *names], api_name=False)
     if tab is not None:
-        tab.select(refresh, None, [model, *names], api_name=False)
+        tab.select(refresh, model, [model, *names], api_name=False)
