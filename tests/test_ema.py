@@ -4,7 +4,6 @@ off by default."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -12,8 +11,10 @@ import torch
 from sd_lora import artifacts
 from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
-from sd_lora.training import TrainingStopped, train
+from sd_lora.training import train
 from sd_lora.training.ema import EMA_METADATA_KEY, AdapterEMA
+
+from test_resume import stop_at_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,10 +142,7 @@ def test_warmup_decay_formula():
 def test_resume_is_exact(full_run, tiny_training_root, tmp_path):
     ref, _ = full_run
     out = tmp_path / "lora.safetensors"
-    stop = threading.Event()
-    with pytest.raises(TrainingStopped):
-        train(_config(tiny_training_root, out, ema_decay=0.5),
-              on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
+    stop_at_step(_config(tiny_training_root, out, ema_decay=0.5), 2)
     train(_config(tiny_training_root, out, ema_decay=0.5, resume="latest"))
     for a_path, b_path in ((ref, out), (artifacts.ema_lora(ref), artifacts.ema_lora(out))):
         a, b = _tensors(a_path), _tensors(b_path)

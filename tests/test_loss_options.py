@@ -4,7 +4,6 @@ sd_lora/training/loss.py), their config rules, and exact resume with several of 
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
@@ -218,7 +217,8 @@ def test_kohya_flags_reach_the_config():
 def test_options_reach_the_loss_and_resume_exactly(tiny_models, tmp_path, monkeypatch, one_torch_thread):
     from sd_lora.io import load_safetensors
     from sd_lora.testing import write_noise_images
-    from sd_lora.training import TrainingStopped, loop, train
+    from sd_lora.training import loop, train
+    from test_resume import stop_at_step
     from sd_lora.training.events import read_events
 
     seen = []
@@ -247,9 +247,7 @@ def test_options_reach_the_loss_and_resume_exactly(tiny_models, tmp_path, monkey
         assert huber_c.shape == (2,) and (huber_c > 0.1).all()
 
     out = tmp_path / "parts" / "lora.safetensors"
-    stop = threading.Event()
-    with pytest.raises(TrainingStopped):
-        train(config(out), on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
+    stop_at_step(config(out), 2)
     train(config(out, resume="latest"))
     a, metadata = load_safetensors(full)
     b, _ = load_safetensors(out)

@@ -27,6 +27,15 @@ def setup(tmp_path_factory):
     return root
 
 
+def stop_at_step(cfg: TrainConfig, step: int) -> TrainingStopped:
+    """Train `cfg` and stop it after `step` as the web UI's Stop button does (from another thread);
+    returns the TrainingStopped it ended with."""
+    stop = threading.Event()
+    with pytest.raises(TrainingStopped) as err:
+        train(cfg, on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == step else None, stop_event=stop)
+    return err.value
+
+
 def _config(root, out, **kw):
     # Everything random is on: flips, caption shuffle + dropout, adapter dropout, TE training,
     # an 8-bit optimizer, accumulation and a decaying LR schedule.
@@ -43,15 +52,8 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
     train(_config(setup, full))
 
     out = tmp_path / "parts" / "lora.safetensors"
-    stop = threading.Event()
-
-    def stop_at_3(event):
-        if event["event"] == "step" and event["step"] == 3:
-            stop.set()  # as the web UI's Stop button does, from another thread
-
-    with pytest.raises(TrainingStopped) as err:
-        train(_config(setup, out), on_event=stop_at_3, stop_event=stop)
-    assert err.value.step == 3 and err.value.checkpoint.name == "step-00000003"
+    stopped = stop_at_step(_config(setup, out), 3)
+    assert stopped.step == 3 and stopped.checkpoint.name == "step-00000003"
     assert not out.exists()
 
     # second stretch: stopped by the STOP file, resumed from the newest checkpoint ("--resume")
@@ -202,9 +204,7 @@ def test_schedule_free_saves_the_averaged_weights_and_resumes_exactly(setup, tmp
     full = tmp_path / "full" / "lora.safetensors"
     train(config(full, save_every=2))
     out = tmp_path / "parts" / "lora.safetensors"
-    stop = threading.Event()
-    with pytest.raises(TrainingStopped):
-        train(config(out), on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == 2 else None, stop_event=stop)
+    stop_at_step(config(out), 2)
     train(config(out, resume="latest"))
     a, meta = load_safetensors(full)
     b, _ = load_safetensors(out)

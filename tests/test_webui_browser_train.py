@@ -79,6 +79,14 @@ class Page(Browser):
         time.sleep(0.3)
         return found
 
+    def options_become(self, dropdown: str, expected: list[str], timeout: float = 20) -> list[str]:
+        """The dropdown's choices once they equal `expected` (a tab's select or load event fills its lists
+        a moment later), or the last ones seen after `timeout` seconds."""
+        end = time.time() + timeout
+        while (found := self.options(dropdown)) != expected and time.time() < end:
+            time.sleep(0.5)
+        return found
+
     def choose(self, dropdown: str, option: str) -> None:
         self.open_dropdown(dropdown)
         self.click_at(f"[...document.querySelectorAll('{dropdown} [role=option]')].find(li => li.getAttribute('aria-label') === {json.dumps(option)})")
@@ -119,20 +127,14 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         assert colours[0] == colours[1], colours
 
         # a dataset uploaded while the page is open is offered once the tab is opened again
-        assert page.options("#train-data") == ["datasets/shapes"]
+        assert page.options_become("#train-data", ["datasets/shapes"]) == ["datasets/shapes"]  # filled on load
         image = tmp_path / "fresh.png"
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
         Client(url, verbose=False).predict("", "fresh", [handle_file(str(image))], api_name="/upload_images")
         page.tab("Dataset")  # opening the Dataset tab reads its list again too
-        end = time.time() + 20
-        while "datasets/fresh" not in page.options("#dataset-folder") and time.time() < end:
-            time.sleep(0.5)
-        assert page.options("#dataset-folder") == ["datasets/fresh", "datasets/shapes"]
+        assert page.options_become("#dataset-folder", ["datasets/fresh", "datasets/shapes"]) == ["datasets/fresh", "datasets/shapes"]
         page.tab("Train")
-        end = time.time() + 20  # the tab's select event reads the list again; its answer may take a moment
-        while page.options("#train-data") != ["datasets/fresh", "datasets/shapes"] and time.time() < end:
-            time.sleep(0.5)
-        assert page.options("#train-data") == ["datasets/fresh", "datasets/shapes"]
+        assert page.options_become("#train-data", ["datasets/fresh", "datasets/shapes"]) == ["datasets/fresh", "datasets/shapes"]
 
         # the form as typed survives a reload (repeats is in the form now)
         page.choose("#train-data", "datasets/fresh")
