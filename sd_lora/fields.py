@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import PurePath
 from typing import Any
 
 PATH_KINDS = ("dir", "file", "path")  # what a path key names: a folder, a file, or either
@@ -343,8 +344,6 @@ def settings_metadata(cfg, keys: tuple[Key, ...]) -> dict[str, str]:
     """The metadata entries a config's settings give a trained file: each key's kohya `ss_` entry where
     it declares one, and all recorded keys in CONFIG_METADATA_KEY. Paths are written as their last part
     only (a file must not carry the trainer's folders). Unset values (None, "") get no `ss_` entry."""
-    from pathlib import PurePath
-
     md, recorded = {}, {}
     for key in keys:
         if key.ss is False:

@@ -512,12 +512,13 @@ def render_batch(pipe, calls: list[tuple[GenerationResult, int]], *, strict: boo
     seeds = [(r, r.settings["seed"] + i) for r, n in calls for i in range(n)]
     with _threads(generation_threads(pipe)):
         apply_loras(pipe, results[0].stack, strict=strict)
-        # each prompt encoded as `generate` encodes it (emphasis, long prompts, clip skip), with the stack fused
-        encoded = [pipeline_prompt_kwargs(pipe, r.settings["encoded_prompt"], r.settings["negative_prompt"],
-                                          r.settings["clip_skip"]) for r, _ in seeds]
-        if len({e["prompt_embeds"].shape for e in encoded}) > 1:
+        # each result's prompt encoded once, as `generate` encodes it (emphasis, long prompts, clip skip),
+        # with the stack fused; then repeated for its images
+        per_result = [pipeline_prompt_kwargs(pipe, r.settings["encoded_prompt"], r.settings["negative_prompt"],
+                                             r.settings["clip_skip"]) for r in results]
+        if len({e["prompt_embeds"].shape for e in per_result}) > 1:
             raise ValueError("render_batch: the prompts encode to different numbers of 75-token chunks; render them apart")
-        embeds = {k: torch.cat([e[k] for e in encoded]) for k in encoded[0]}
+        embeds = {k: torch.cat([e[k] for e, (_, n) in zip(per_result, calls) for _ in range(n)]) for k in per_result[0]}
         images = pipe(
             **embeds, num_inference_steps=first["steps"], guidance_scale=first["guidance"],
             guidance_rescale=first["guidance_rescale"], width=first["width"], height=first["height"],
