@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compare_optimizers_style.py [--steps 300] [--optimizers adamw prodigy] [--out out/compare]
         [--variant "prodigy use_bias_correction=True safeguard_warmup=True"]   (an optimizer with optimizer_args)
+        [--variant "prodigy d0=1e-5 lr_scheduler=cosine"]   (words naming a TrainConfig key set that key instead)
 
 Every run is the demo's stripe training (sd_lora/demo.py train_style_loras: tiny base, 64 px, batch
 4, rank 8 on the kohya preset, seed 0, UNet only) with only the optimizer and its rate changed:
@@ -28,8 +29,27 @@ sys.path.insert(0, str(REPO))
 RATES = {"adamw": 1e-3, "prodigy": 1.0, "dadapt_adam": 1.0, "adamw_schedulefree": 1e-3, "came": 1e-3, "adamw8bit": 1e-3}
 
 
+def split_words(words: list[str]) -> tuple[list[str], dict]:
+    """A variant's KEY=VALUE words: those naming a TrainConfig key (lr_scheduler, lr_warmup_steps, ...) set
+    it; the rest are optimizer_args."""
+    from dataclasses import fields
+
+    from sd_lora.config import TrainConfig
+    from sd_lora.optimizers import parse_value
+
+    keys = {f.name for f in fields(TrainConfig)}
+    opt_args, overrides = [], {}
+    for word in words:
+        key, _, value = word.partition("=")
+        if key in keys:
+            overrides[key] = parse_value(value)
+        else:
+            opt_args.append(word)
+    return opt_args, overrides
+
+
 def train_stripes(out: Path, data: Path, optimizer: str, lr: float, steps: int, args: list[str] | None = None,
-                  tag: str = "") -> Path:
+                  tag: str = "", overrides: dict | None = None) -> Path:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.demo import DEFAULT_BASE
     from sd_lora.training.loop import train
@@ -39,7 +59,7 @@ def train_stripes(out: Path, data: Path, optimizer: str, lr: float, steps: int, 
         model=str(DEFAULT_BASE), output=str(out / f"stripes-{optimizer}{tag}.safetensors"), optimizer_args=args or None,
         data=DataConfig(path=str(data), resolution=64, cache_latents="ram"), steps=steps, batch_size=4, lr=lr,
         optimizer=optimizer, seed=0, cpu_threads=1, log_every=50,
-        network={"preset": "kohya", "rank": 8, "alpha": 8, "train_text_encoder": False},
+        network={"preset": "kohya", "rank": 8, "alpha": 8, "train_text_encoder": False}, **(overrides or {}),
     ))
 
 
@@ -85,10 +105,12 @@ def main() -> int:
     print(json.dumps({"optimizer": "base (no LoRA)", "stripe_energy": round(base, 4)}), flush=True)
     results = {"adamw": args.baseline} if args.baseline is not None else {}
     runs = [(name, []) for name in args.optimizers] + [(v.split()[0], v.split()[1:]) for v in args.variant]
-    for i, (name, opt_args) in enumerate(runs):
+    for i, (name, words) in enumerate(runs):
         t0 = time.perf_counter()
-        label = name + (f" ({' '.join(opt_args)})" if opt_args else "")
-        lora = train_stripes(out, data, name, RATES.get(name, 1e-3), args.steps, opt_args, f"-{i}" if opt_args else "")
+        label = name + (f" ({' '.join(words)})" if words else "")
+        opt_args, overrides = split_words(words)
+        lora = train_stripes(out, data, name, RATES.get(name, 1e-3), args.steps, opt_args, f"-{i}" if words else "",
+                             overrides)
         seconds = time.perf_counter() - t0
         with single_thread():
             score = stripe_score(pipe, lora)
