@@ -15,6 +15,7 @@ For `--output out/style.safetensors`:
     out/style-loss.png                     loss curve
     out/style.events.jsonl                 the run's events (JSON lines)
     out/style-tensorboard/                 TensorBoard logs
+    out/style-wandb/                       Weights & Biases run files (offline runs: upload with wandb sync)
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 _INTERMEDIATE_RE = re.compile(r"^(?P<stem>.+)-step(?P<step>\d{6,})$")
 _SAMPLE_RE = re.compile(r"^step-(?P<step>\d{6,})-(?P<index>\d+)$")
 # what follows the output's stem in the names of the files and folders beside it
-_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, _EMA = (
-    "-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard", "-ema")
+_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, _EMA, _WANDB = (
+    "-checkpoints", "-samples", "-samples.png", "-loss.png", ".events.jsonl", "-tensorboard", "-ema", "-wandb")
 
 
 def _beside(output: str | Path, tail: str) -> Path:
@@ -103,10 +104,15 @@ def tensorboard_dir(output: str | Path) -> Path:
     return _beside(output, _TENSORBOARD)
 
 
+def wandb_dir(output: str | Path) -> Path:
+    """Where a run's Weights & Biases files go (wandb writes its own wandb/ folder inside)."""
+    return _beside(output, _WANDB)
+
+
 def is_run_output(path: str | Path) -> bool:
     """True for files and folders that a training run writes besides its final LoRA (intermediate
-    LoRAs, EMA files, checkpoints, samples, grids, loss curves, events, TensorBoard logs)."""
+    LoRAs, EMA files, checkpoints, samples, grids, loss curves, events, TensorBoard and W&B logs)."""
     p = Path(path)
     name = p.name
     return (intermediate_step(p) is not None or sample_step(p) is not None or name.endswith(
-        (_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, f"{_EMA}.safetensors")))
+        (_CHECKPOINTS, _SAMPLES, _GRID, _LOSS, _EVENTS, _TENSORBOARD, _WANDB, f"{_EMA}.safetensors")))

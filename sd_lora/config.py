@@ -42,6 +42,7 @@ LATENT_CACHE = ("ram", "disk", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # training/loss.py implements each
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+TRACKERS = ("tensorboard", "wandb", "all")  # log_with; "all" is both, as kohya's
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's --max_token_length choices (75: one chunk, the encoders' own length)
 
 
@@ -184,10 +185,13 @@ class TrainConfig:
     epochs: int | None = setting(None, "epochs to train (or set steps)", minimum=1, excludes="steps", kohya=("max_train_epochs",))
     batch_size: int = setting(1, "images per batch per process", minimum=1, kohya=("train_batch_size",), ss="ss_batch_size_per_device")
     gradient_accumulation: int = setting(1, "micro-batches per optimizer step", minimum=1, kohya=("gradient_accumulation_steps",), ss="ss_gradient_accumulation_steps")
-    lr: float = setting(1e-4, "UNet LoRA learning rate", metavar="LR", kohya=("learning_rate",), ss="ss_learning_rate")
+    # unset: the optimizer's own default (optimizers.py's table), so `optimizer = "prodigy"` alone runs at 1.0;
+    # the rate used (unet_lr) is what ss_learning_rate records (the trainer writes it)
+    lr: float | None = setting(None, "UNet LoRA learning rate (unset: the optimizer's default)", metavar="LR",
+                               kohya=("learning_rate",), ss="ss_learning_rate", default_text=optimizers.default_lr_text())
     text_encoder_lr: float | None = setting(None, "text-encoder LoRA learning rate", metavar="LR", default_text="lr")
     # optimizers and schedules (#18)
-    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes; prodigy / dadapt_adam adapt their step size: lr = 1.0; "
+    optimizer: str = setting("adamw", "optimizer (8bit: bitsandbytes; prodigy / dadapt_adam adapt their step size: lr = 1.0, their default; "
                              "adamw_schedulefree needs lr_scheduler = \"constant\"; docs/training.md compares them)",
                              choices=OPTIMIZERS, kohya=("optimizer_type",),
                              ss="ss_optimizer")  # the trainer writes kohya's "module.Class(args)" of what ran
@@ -299,7 +303,14 @@ class TrainConfig:
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
                                       minimum=1, default_text="torch's choice", ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
-    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)", ss=False)
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package); the same as "
+                                "log_with = \"tensorboard\"", ss=False)
+    # logging (#18): kohya's --log_with / --log_tracker_name / --wandb_run_name (library/train_util.py)
+    log_with: str | None = setting(None, "trackers to log to besides the events file: tensorboard, wandb (Weights & "
+                                   "Biases: offline unless you are logged in or set WANDB_MODE) or all (both)",
+                                   choices=TRACKERS, default_text="none", ss=False)
+    log_tracker_name: str | None = setting(None, "with log_with wandb: the W&B project", default_text="sd-lora", ss=False)
+    wandb_run_name: str | None = setting(None, "with log_with wandb: the W&B run name", default_text="the output name", ss=False)
     comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",), ss="ss_training_comment")
 
     def __post_init__(self):
@@ -327,8 +338,19 @@ class TrainConfig:
         return artifacts.stop_file(self.checkpoint_root)
 
     @property
+    def trackers(self) -> set[str]:
+        """The trackers a run logs to: "tensorboard", "wandb" (log_with, and tensorboard = true)."""
+        chosen = {"tensorboard", "wandb"} if self.log_with == "all" else {self.log_with} if self.log_with else set()
+        return chosen | ({"tensorboard"} if self.tensorboard else set())
+
+    @property
+    def unet_lr(self) -> float:
+        """The UNet rate the run uses: `lr`, or when unset the optimizer's default (sd_lora/optimizers.py)."""
+        return self.lr if self.lr is not None else optimizers.default_lr(self.optimizer)
+
+    @property
     def te_lr(self) -> float:
-        return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
+        return self.unet_lr if self.text_encoder_lr is None else self.text_encoder_lr
 
     @property
     def guidance_rescale(self) -> float:
@@ -394,11 +416,11 @@ class TrainConfig:
             e.append("steps/epochs: set one of them, e.g. steps = 1000 or epochs = 10")
         if self.steps is not None and self.epochs is not None:
             e.append("steps/epochs: set only one of them (both are set)")
-        if not _positive(self.lr):
+        if self.lr is not None and not _positive(self.lr):
             e.append(f"lr: must be a number > 0 (got {self.lr!r}); 1e-4 is a usual LoRA value")
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             e.append(f"text_encoder_lr: must be a number >= 0 (got {self.text_encoder_lr!r}); 5e-5 is usual")
-        e += optimizers.problems(self.optimizer, self.optimizer_args, self.lr, self.lr_scheduler, self.lr_warmup_steps)
+        e += optimizers.problems(self.optimizer, self.optimizer_args, self.unet_lr, self.lr_scheduler, self.lr_warmup_steps)
         e += _schedule_problems(self)
         if self.mixed_precision == "fp16" and not _cuda_available():
             e.append("mixed_precision: fp16 needs a CUDA GPU; on the CPU use bf16 or no")
@@ -417,6 +439,11 @@ class TrainConfig:
         e += self._loss_rules()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             e.append("tensorboard: the tensorboard package is not installed (pip install tensorboard), or set tensorboard = false")
+        elif "tensorboard" in self.trackers and importlib.util.find_spec("tensorboard") is None:
+            e.append(f"log_with: {self.log_with} needs the tensorboard package (pip install tensorboard), or unset log_with")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            e.append(f"log_with: {self.log_with} needs the wandb package (pip install \"sd-lora[wandb]\" or pip install wandb), "
+                     "or set log_with = \"tensorboard\" (or unset it)")
         # blocks: the LoRA file a run continues from (what it must fit is checked when the network is built)
         init_lora = getattr(self.network, "init_lora", None)
         if init_lora and check_paths and not Path(init_lora).is_file():

@@ -9,6 +9,9 @@ is, which package installs it, and how it must be driven:
                     schedule stays constant, its warm-up is the optimizer's own `warmup_steps`, and the
                     weights to sample and save are the averaged ("eval") ones
     cuda_only       paged optimizer state needs CUDA; elsewhere the entry named by `cpu_fallback` runs
+    default_lr      the rate a run uses when the config leaves `lr` unset: our usual LoRA rate 1e-4, and
+                    for the adaptive ones the multiplier of their own estimate, 1.0 (their documented
+                    default: prodigyopt's and dadaptation's `lr=1.0`, kohya's advice for both)
 
 CAME comes from `pytorch-optimizer` (kozistr), not `came-pytorch`: the former is released every few
 weeks and tested against current torch, the latter has had one release (0.1.3, 2023).
@@ -38,6 +41,7 @@ class OptimizerSpec:
     schedule_free: bool = False
     cuda_only: bool = False
     cpu_fallback: str | None = None
+    default_lr: float = 1e-4
 
     def load(self):
         """The optimizer class (imports its library)."""
@@ -61,8 +65,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     _bnb("paged_adamw8bit", "PagedAdamW8bit", "adamw8bit"),
     _bnb("paged_lion8bit", "PagedLion8bit", "lion8bit"),
     _bnb("paged_ademamix8bit", "PagedAdEMAMix8bit", "ademamix8bit"),
-    OptimizerSpec("prodigy", "prodigyopt", "Prodigy", "prodigyopt", adaptive=True),
-    OptimizerSpec("dadapt_adam", "dadaptation", "DAdaptAdam", "dadaptation", adaptive=True),
+    OptimizerSpec("prodigy", "prodigyopt", "Prodigy", "prodigyopt", adaptive=True, default_lr=1.0),
+    OptimizerSpec("dadapt_adam", "dadaptation", "DAdaptAdam", "dadaptation", adaptive=True, default_lr=1.0),
     OptimizerSpec("adamw_schedulefree", "schedulefree", "AdamWScheduleFree", "schedulefree", schedule_free=True),
     OptimizerSpec("adafactor", "transformers.optimization", "Adafactor", "transformers"),
     OptimizerSpec("came", "pytorch_optimizer", "CAME", "pytorch-optimizer"),
@@ -76,6 +80,24 @@ _NOT_ARGS = ("self", "params", "lr")
 
 def spec(name: str) -> OptimizerSpec:
     return OPTIMIZERS[name]
+
+
+def default_lr(name: str) -> float:
+    """The rate of a run that sets no `lr` (an unknown name: AdamW's, the config check reports the name)."""
+    return OPTIMIZERS[name].default_lr if name in OPTIMIZERS else OPTIMIZERS["adamw"].default_lr
+
+
+def default_lr_text() -> str:
+    """default_lr in words, for the `lr` key's help: '1e-4; 1.0 for prodigy, dadapt_adam'."""
+    other = {}
+    for s in OPTIMIZERS.values():
+        if s.default_lr != OPTIMIZERS["adamw"].default_lr:
+            other.setdefault(s.default_lr, []).append(s.name)
+    return _rate(OPTIMIZERS["adamw"].default_lr) + "".join(f"; {_rate(lr)} for {', '.join(n)}" for lr, n in other.items())
+
+
+def _rate(v: float) -> str:
+    return f"{v:.0e}".replace("e-0", "e-") if v < 0.01 else repr(v)  # 1e-4, 1.0 (as the docs write them)
 
 
 @lru_cache(maxsize=None)

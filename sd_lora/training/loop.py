@@ -48,7 +48,7 @@ from .conditioning import TextConditioner, sdxl_time_ids
 from .events import EventLog, rate_text
 from .loss import (diffusion_loss, huber_threshold, noise_scheduler_for_training, noisy_latents, sample_noise,
                    sample_timesteps, training_target)
-from .optim import applied_lr, averaged_weights, choose_optimizer, network_param_groups, run_scheduler
+from .optim import applied_lr, applied_lrs, averaged_weights, choose_optimizer, network_param_groups, run_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
             find_unused_parameters=config.network.train_text_encoder or config.network.module_dropout > 0)],
     )
     main = accelerator.is_main_process
-    events = EventLog(
-        config.events_path if main else None,
-        on_event if main else None,
-        tensorboard_dir=artifacts.tensorboard_dir(config.output_path) if (config.tensorboard and main) else None,
-    )
+    events = EventLog(config.events_path if main else None, on_event if main else None, sinks=_trackers(config) if main else None)
     threads = torch.get_num_threads()
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
@@ -190,6 +186,19 @@ def train(config: TrainConfig, on_event=None, stop_event: threading.Event | None
     finally:
         events.close()
         torch.set_num_threads(threads)
+
+
+def _trackers(config: TrainConfig) -> list:
+    """The event sinks of config.trackers (log_with / tensorboard): TensorBoard and W&B logs beside the output."""
+    from .events import TensorBoardSink, WandbSink
+
+    sinks = []
+    if "tensorboard" in config.trackers:
+        sinks.append(TensorBoardSink(artifacts.tensorboard_dir(config.output_path)))
+    if "wandb" in config.trackers:
+        sinks.append(WandbSink(artifacts.wandb_dir(config.output_path), config.log_tracker_name or "sd-lora",
+                               config.wandb_run_name or config.output_path.stem, config=config.to_dict()))
+    return sinks
 
 
 class _Trainer:
@@ -514,7 +523,12 @@ class _Trainer:
         epoch_cache: tuple[int, list] = (-1, [])
         t_start, n_done, nan_streak = time.time(), 0, 0
         step = start
+
+        def logged(n: int) -> bool:  # a step event follows step n (counted from 1)
+            return n % cfg.log_every == 0 or n == plan.total_steps
+
         while step < plan.total_steps:
+            grad_norm = None
             if self._should_stop():
                 path = self._save_checkpoint(step)
                 bar.close()
@@ -553,8 +567,10 @@ class _Trainer:
                     )
             else:
                 nan_streak = 0
-                if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(self.opt.params, cfg.max_grad_norm)
+                if cfg.max_grad_norm or logged(step + 1):
+                    # the norm before clipping, for the step event; infinity as the bound only measures it
+                    # (accelerate unscales fp16 gradients first either way)
+                    grad_norm = float(acc.clip_grad_norm_(self.opt.params, cfg.max_grad_norm or math.inf))
                 self.opt.optimizer.step()
                 self.model.network.update_ranks(step)
                 if self.opt.ema is not None:
@@ -573,9 +589,11 @@ class _Trainer:
             eta = (plan.total_steps - step) / it_s if it_s > 0 else None
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             bar.update()
-            if step % cfg.log_every == 0 or step == plan.total_steps:
+            if logged(step):
                 self.events.emit("step", step=step, total_steps=plan.total_steps, epoch=epoch + 1, loss=mean_loss,
-                                 lr=applied_lr(self.opt.optimizer, self.opt.scheduler), it_per_s=round(it_s, 4),
+                                 lr=applied_lr(self.opt.optimizer, self.opt.scheduler),
+                                 lrs=applied_lrs(self.opt.optimizer, self.opt.scheduler),
+                                 grad_norm=grad_norm if math.isfinite(mean_loss) else None, it_per_s=round(it_s, 4),
                                  eta_s=None if eta is None else round(eta, 1))
                 if not self.bars:
                     self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {rate_text(it_s)}"
@@ -638,7 +656,8 @@ class _Trainer:
             num_train_images=rep.images,
             num_reg_images=rep.reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
-            unet_lr=cfg.lr if self.model.train_unet else 0.0,
+            learning_rate=cfg.unet_lr,  # the rate used: lr, or the optimizer's default when lr is unset
+            unet_lr=cfg.unet_lr if self.model.train_unet else 0.0,
             text_encoder_lr=cfg.te_lr if self.model.train_te else 0.0,
             cache_latents=cfg.data.cache_latents != "none",  # kohya writes a bool
             clip_skip=cfg.clip_skip,  # also modelspec.encoder_layer, as kohya's sai_model_spec writes it

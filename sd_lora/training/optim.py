@@ -64,7 +64,7 @@ def network_param_groups(network, train_te: bool, cfg) -> list[dict]:
     if (unet_ratio or te_ratio) and not up:
         raise ValueError(f"loraplus_lr_ratio: network.method {cfg.network.method!r} has no LoRA up (B) matrices to give the "
                          "higher rate; use method lora or dora, or leave the LoRA+ ratios unset")
-    return param_groups(network.unet_parameters(), network.text_encoder_parameters() if train_te else [], cfg.lr, cfg.te_lr,
+    return param_groups(network.unet_parameters(), network.text_encoder_parameters() if train_te else [], cfg.unet_lr, cfg.te_lr,
                         up, unet_ratio, te_ratio, lr_weights=network.lr_weights())
 
 
@@ -118,7 +118,7 @@ def choose_optimizer(cfg, total_steps: int, device_type: str = "cpu") -> Optimiz
         raise ValueError(f"optimizer {cfg.optimizer} needs {spec.package}: pip install {spec.package} (or use adamw)") from e
     # weight_decay is a key of its own; kohya users give it in optimizer_args, which then wins
     kwargs = {"weight_decay": cfg.weight_decay, **parse_optimizer_args(cfg.optimizer_args)}
-    lr = cfg.lr
+    lr = cfg.unet_lr  # the config's lr, or this optimizer's default when unset
     if spec.adaptive and lr <= ADAPTIVE_LOW_LR:
         warnings.append(f"{spec.name} adapts its own step size and lr multiplies it: lr = {lr} is an AdamW-sized rate that "
                         "makes it learn almost nothing; set lr = 1.0 (and text_encoder_lr = 1.0 or unset)")
@@ -129,8 +129,9 @@ def choose_optimizer(cfg, total_steps: int, device_type: str = "cpu") -> Optimiz
         kwargs = {"relative_step": adafactor_relative_step(kwargs), **{k: v for k, v in kwargs.items() if k != "relative_step"}}
         if kwargs["relative_step"]:
             lr = None
-            warnings.append("adafactor with relative_step: lr and text_encoder_lr are not used (it sets its own step size, "
-                            "1e-2 / sqrt(step) at most); optimizer_args relative_step=False follows lr instead")
+            if cfg.lr is not None or cfg.text_encoder_lr is not None:  # unset rates: nothing to say
+                warnings.append("adafactor with relative_step: lr and text_encoder_lr are not used (it sets its own step size, "
+                                "1e-2 / sqrt(step) at most); optimizer_args relative_step=False follows lr instead")
     return OptimizerChoice(spec, cls, kwargs, lr, warnings)
 
 
@@ -190,7 +191,7 @@ def run_scheduler(cfg, optimizer, choice: OptimizerChoice, total_steps: int):
     """make_scheduler with the config's schedule keys."""
     warmup = 0 if choice.spec.schedule_free else warmup_steps(cfg.lr_warmup_steps, total_steps)
     return make_scheduler(cfg.lr_scheduler, optimizer, warmup, total_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power,
-                          cfg.lr_scheduler_min_lr_ratio or 0.0, adafactor_lr=cfg.lr if choice.own_schedule else None)
+                          cfg.lr_scheduler_min_lr_ratio or 0.0, adafactor_lr=cfg.unet_lr if choice.own_schedule else None)
 
 
 def applied_lr(optimizer, scheduler) -> float:
@@ -203,6 +204,17 @@ def applied_lr(optimizer, scheduler) -> float:
         lr = lr / first["lr_weight"]
     d = first.get("d")
     return lr * float(d) if d is not None else lr
+
+
+def applied_lrs(optimizer, scheduler) -> dict[str, float]:
+    """Each parameter group's rate as the optimizer applies it ({"unet": .., "text_encoder": ..}, LoRA+'s
+    "_plus" and block groups by their names), x the adaptive estimate `d` where there is one, for the
+    step events' `lrs`. Unlike applied_lr a block group keeps its LR weight: this is the rate it gets."""
+    out = {}
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr())):
+        d = group.get("d")
+        out[group.get("name", f"group{i}")] = lr * float(d) if d is not None else lr
+    return out
 
 
 @contextlib.contextmanager
