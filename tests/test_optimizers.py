@@ -257,3 +257,55 @@ def test_optimizer_args_from_toml_and_kohya_flags():
     assert flags.optimizer == "prodigy" and flags.lr_warmup_steps == 0.1
     for cfg in (table, words, flags):
         assert optimizers.parse_optimizer_args(cfg.optimizer_args) == {"betas": (0.9, 0.99), "d_coef": 2}
+
+
+def test_an_unset_lr_is_the_optimizers_default():
+    """lr unset: the rate of the optimizer's table entry (1.0 for the adaptive ones), without the low-lr
+    warning; a rate that is set is kept, and the warning for an AdamW-sized one stays."""
+    from sd_lora.config import config_from_dict
+
+    assert TrainConfig().lr is None and TrainConfig().unet_lr == optimizers.OPTIMIZERS["adamw"].default_lr == 1e-4
+    for name in ("prodigy", "dadapt_adam"):
+        cfg = config_from_dict({"optimizer": name})
+        assert cfg.lr is None and cfg.unet_lr == cfg.te_lr == 1.0
+        choice = choose_optimizer(cfg, 10)
+        assert choice.lr == 1.0 and not choice.warnings
+    assert TrainConfig(optimizer="prodigy", lr=0.5, text_encoder_lr=0.25).unet_lr == 0.5
+    assert TrainConfig(optimizer="prodigy", lr=0.5, text_encoder_lr=0.25).te_lr == 0.25
+    assert "set lr = 1.0" in choose_optimizer(TrainConfig(optimizer="prodigy", lr=1e-4), 10).warnings[0]
+    # adafactor's relative_step sets its own step size: said only when a rate was set that it ignores
+    assert not choose_optimizer(TrainConfig(optimizer="adafactor"), 10).warnings
+    assert "not used" in choose_optimizer(TrainConfig(optimizer="adafactor", lr=1e-3), 10).warnings[0]
+    assert TrainConfig(optimizer="adafactor", optimizer_args=["relative_step=False"]).unet_lr == 1e-4
+    assert "lr: must be a number > 0" in " ".join(TrainConfig(lr=0.0).validate(check_paths=False))
+
+
+def test_an_unset_lr_from_the_cli():
+    from sd_lora.cli import build_parser
+    from sd_lora.commands.train import config_from_args
+
+    assert config_from_args(build_parser().parse_args(["train", "--optimizer", "prodigy"])).unet_lr == 1.0
+    assert config_from_args(build_parser().parse_args(["train", "--optimizer", "prodigy", "--lr", "0.5"])).lr == 0.5
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_without_lr_records_the_rate_it_used(tiny_training_root, tmp_path):
+    import json
+
+    from sd_lora.config import DataConfig
+    from sd_lora.io import load_safetensors
+    from sd_lora.training import train
+    from sd_lora.training.events import read_events
+
+    out = tmp_path / "p.safetensors"
+    cfg = TrainConfig(model=str(tiny_training_root / "model"), output=str(out), optimizer="prodigy", steps=2, seed=1,
+                      data=DataConfig(path=str(tiny_training_root / "data"), resolution=64),
+                      network={"rank": 2, "alpha": 1, "preset": "attention", "train_text_encoder": False})
+    train(cfg)
+    md = load_safetensors(out)[1]
+    assert md["ss_learning_rate"] == md["ss_unet_lr"] == "1.0"
+    assert json.loads(md["sd_lora.config"])["lr"] is None  # the setting as given: unset
+    last = [e for e in read_events(cfg.events_path) if e["event"] == "step"][-1]
+    # 1.0 x Prodigy's estimate d (>= d0 = 1e-6); at AdamW's 1e-4 it would be 1e-10
+    assert last["lrs"]["unet"] == pytest.approx(last["lr"]) and last["lr"] >= 1e-6
+    assert not [e for e in read_events(cfg.events_path) if e["event"] == "warning" and "lr" in e["message"]]

@@ -86,6 +86,18 @@ def test_form_has_a_repeats_field():
     assert cfg.data.repeats == 10 and isinstance(cfg.data.repeats, int)
 
 
+def test_an_empty_learning_rate_box_is_the_optimizers_default():
+    from sd_lora.config import TrainConfig
+    from webui.tabs.train import FORM_KEYS, apply_form, form_values
+
+    values = dict(zip(FORM_KEYS, form_values(TrainConfig(optimizer="prodigy"))))
+    assert values["lr"] is None  # lr unset: the box starts empty
+    for empty in (None, ""):  # what an emptied number box sends
+        cfg = apply_form(TrainConfig(optimizer="prodigy"), [empty if k == "lr" else values[k] for k in FORM_KEYS])
+        assert cfg.lr is None and cfg.unet_lr == 1.0
+    assert apply_form(TrainConfig(optimizer="prodigy"), [0.5 if k == "lr" else values[k] for k in FORM_KEYS]).lr == 0.5
+
+
 def test_speed_is_shown_as_the_trainer_prints_it():
     from tqdm import tqdm
 
