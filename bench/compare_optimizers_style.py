@@ -6,9 +6,10 @@
 
 Every run is the demo's stripe training (sd_lora/demo.py train_style_loras: tiny base, 64 px, batch
 4, rank 8 on the kohya preset, seed 0, UNet only) with only the optimizer and its rate changed:
-AdamW at the demo's tuned lr 1e-3; the adaptive ones (Prodigy, D-Adaptation) at their default
-lr 1.0; the others at the rate given in RATES below. Each LoRA then renders the demo's six prompts
-with the trigger word at weight 1 (12 steps, guidance 7.5, seed 0, as the demo's grid), and the
+AdamW at the demo's tuned lr 1e-3; the adaptive ones (Prodigy, D-Adaptation) with lr unset, i.e.
+their default 1.0 (sd_lora/optimizers.py); the others at the rate given in RATES below. Each LoRA
+then renders the demo's six prompts with the trigger word at weight 1 (12 steps, guidance 7.5, seed
+0, as the demo's grid), and the
 demo's style measure (sd_lora.examples.measures.stripe_energy) is averaged over them; the base
 model's images give the floor. Prints one JSON line per optimizer and each one's share of AdamW's gain
 over the base (the issue's goal for Prodigy: >= 0.9).
@@ -25,8 +26,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# lr per optimizer: adamw is the demo's; adaptive optimizers use 1.0, their documented default
-RATES = {"adamw": 1e-3, "prodigy": 1.0, "dadapt_adam": 1.0, "adamw_schedulefree": 1e-3, "came": 1e-3, "adamw8bit": 1e-3}
+# lr per optimizer: adamw is the demo's, the other non-adaptive ones get the same; the adaptive ones
+# (prodigy, dadapt_adam) run with lr unset, i.e. their default from sd_lora/optimizers.py (1.0)
+RATES = {"adamw": 1e-3, "adamw_schedulefree": 1e-3, "came": 1e-3, "adamw8bit": 1e-3}
+
+
+def rate(name: str) -> float | None:
+    from sd_lora.optimizers import spec
+
+    return None if spec(name).adaptive else RATES.get(name, 1e-3)
 
 
 def split_words(words: list[str]) -> tuple[list[str], dict]:
@@ -48,7 +56,7 @@ def split_words(words: list[str]) -> tuple[list[str], dict]:
     return opt_args, overrides
 
 
-def train_stripes(out: Path, data: Path, optimizer: str, lr: float, steps: int, args: list[str] | None = None,
+def train_stripes(out: Path, data: Path, optimizer: str, lr: float | None, steps: int, args: list[str] | None = None,
                   tag: str = "", overrides: dict | None = None) -> Path:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.demo import DEFAULT_BASE
@@ -93,6 +101,7 @@ def main() -> int:
     from sd_lora.demo import DEFAULT_BASE
     from sd_lora.examples.shapes import make_datasets
     from sd_lora.models import load_base
+    from sd_lora.optimizers import default_lr
     from sd_lora.tools.svd import single_thread
 
     out = Path(args.out)
@@ -109,13 +118,12 @@ def main() -> int:
         t0 = time.perf_counter()
         label = name + (f" ({' '.join(words)})" if words else "")
         opt_args, overrides = split_words(words)
-        lora = train_stripes(out, data, name, RATES.get(name, 1e-3), args.steps, opt_args, f"-{i}" if words else "",
-                             overrides)
+        lora = train_stripes(out, data, name, rate(name), args.steps, opt_args, f"-{i}" if words else "", overrides)
         seconds = time.perf_counter() - t0
         with single_thread():
             score = stripe_score(pipe, lora)
         results[label] = score
-        print(json.dumps({"optimizer": label, "lr": RATES.get(name, 1e-3), "steps": args.steps, "stripe_energy": round(score, 4),
+        print(json.dumps({"optimizer": label, "lr": rate(name) or default_lr(name), "steps": args.steps, "stripe_energy": round(score, 4),
                           "train_s": round(seconds, 1)}), flush=True)
     if "adamw" in results:
         gain = results["adamw"] - base
