@@ -632,8 +632,8 @@ def _augment_rules(cfg: TrainConfig, tables: list[tuple[str, SubsetConfig]]) -> 
         if per_step:
             default = " (the default)" if d.cache_latents == "ram" else ""
             e.append(f"data.cache_latents/random_crop/color_aug: the latent cache (data.cache_latents = \"{d.cache_latents}\""
-                     f"{default}) holds one crop of each image in its own colours, but {', '.join(per_step)} change them every "
-                     "step; set data.cache_latents = \"none\" (each step then encodes its images with the VAE: slower), or "
+                     f"{default}) holds one crop of each image in its own colours, but {', '.join(per_step)} "
+                     f"{'changes' if len(per_step) == 1 else 'change'} them every step; set data.cache_latents = \"none\" (each step then encodes its images with the VAE: slower), or "
                      "turn random_crop / color_aug off to keep the cache (kohya refuses the two together too)")
     return e
 
