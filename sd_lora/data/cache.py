@@ -10,6 +10,8 @@ where it stopped.
 
 We cache the mean of the VAE's latent distribution (deterministic; the SD VAE's std is ~1e-3).
 Flipped images are encoded too when random flip is on (a flipped latent is not the flip of a latent).
+Random crops and colour shifts (data/augment.py) change every step, so they cannot be cached: the config
+check refuses them with a cache, and with cache_latents = "none" each step encodes the View it drew.
 
 Text-encoder outputs are cached per distinct caption, in RAM or (data.cache_text_to_disk) also on
 disk, keyed by the caption + a fingerprint of everything that shapes the output: the encoders'
