@@ -34,11 +34,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
+if TYPE_CHECKING:  # the caption functions (imported by the caption tools) need neither NumPy nor Pillow
+    import numpy as np
+    from PIL import Image
 
-from .buckets import Placement
+    from .buckets import Placement
 
 COLOR_AUG_PROBABILITY = 0.33  # kohya: `if random.random() <= 0.33`
 HUE_SHIFT_LIMIT = 8  # OpenCV hue units (half degrees of the 0-180 range): 16 degrees
@@ -76,6 +78,8 @@ def draw_color(rng: random.Random) -> ColorShift | None:
 
 def _rgb_to_hsv(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Float RGB in [0, 255] -> hue in degrees [0, 360), saturation in [0, 1], value in [0, 255]."""
+    import numpy as np
+
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     v = a.max(axis=-1)
     c = v - a.min(axis=-1)
@@ -87,6 +91,8 @@ def _rgb_to_hsv(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     c = v * s
     hp = h / 60.0
     x = c * (1 - np.abs(hp % 2 - 1))
@@ -101,6 +107,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def apply_color(img: Image.Image, shift: ColorShift) -> Image.Image:
     """An RGB image with one colour draw applied (see the module docstring for how it matches kohya)."""
+    import numpy as np
+    from PIL import Image
+
     a = np.asarray(img, dtype=np.float64)
     if shift.kind == "hue":
         h, s, v = _rgb_to_hsv(a)
