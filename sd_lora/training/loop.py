@@ -16,8 +16,8 @@ kinds and fields from events.EVENTS.
 
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, random crops, colours, caption wildcards and dropouts, adapter
-dropout) from (seed, step, micro batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
-(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+dropout) from (seed, step, micro batch, process). A checkpoint therefore needs only the step, the
+weights and the optimizer state (and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
-from ..data.cache import LatentCache, TextCache, cache_folder
 from ..data.augment import draw_view
+from ..data.cache import LatentCache, TextCache, cache_folder
 from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
 from ..models import ArchInfo
