@@ -315,8 +315,9 @@ class TrainConfig:
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
 
-    cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
-                                      minimum=1, default_text="torch's choice", ss=False)
+    cpu_threads: int | None = setting(None, "torch CPU threads for this run (tiny models on a busy machine are much faster on 1)",
+                                      minimum=1, default_text="1 for a UNet under 100M parameters on the CPU, else torch's",
+                                      ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
     tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)", ss=False)
     comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",), ss="ss_training_comment")
