@@ -148,3 +148,24 @@ def test_training_renders_them_first_with_cache_events(model, tmp_path):
     dataset = next(e for e in events if e["event"] == "dataset")
     assert dataset["reg_images"] == 2 and dataset["empty_captions"] == 0
     shutil.rmtree(reg)
+
+
+def test_a_kohya_reg_subset_is_the_folder_and_a_broken_kohya_file_is_a_problem_not_a_crash(model, tmp_path):
+    write_noise_images(tmp_path / "dog", 1)
+    (tmp_path / "ds.toml").write_text(f"""[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'dog'}"
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'reg'}"
+  class_tokens = "dog"
+  is_reg = true
+""")
+    (tmp_path / "reg").mkdir()
+    cfg = TrainConfig(model=model, output=str(tmp_path / "o.safetensors"), steps=1,
+                      data=DataConfig(dataset_config_path=str(tmp_path / "ds.toml"), num_class_images=2))
+    p = plan(cfg)
+    assert (p.folder, p.prompt, p.missing) == (tmp_path / "reg", "dog", 2)
+    (tmp_path / "ds.toml").write_text("[[datasets]\n")
+    problems = cfg.validate()
+    assert any("not a valid TOML" in m for m in problems) and any(m.startswith("data.num_class_images:") for m in problems)

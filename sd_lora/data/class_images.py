@@ -77,7 +77,10 @@ class ClassImagePlan:
 def _reg_target(cfg: TrainConfig) -> tuple[Subset | None, str | None]:
     """(the subset class images go into, None) or (None, why there is none / which to choose)."""
     d = cfg.data
-    regs = [s for s in dataset_subsets(d) if s.is_reg and s.path]
+    try:
+        regs = [s for s in dataset_subsets(d) if s.is_reg and s.path]
+    except (ValueError, OSError) as e:  # an unreadable kohya dataset config: its own check reports it
+        return None, f"data.num_class_images: the regularization folder is not known ({str(e).splitlines()[0]})"
     if not regs:
         return None, ("data.num_class_images: class images are rendered into the regularization folder, but there is "
                       "none; set data.reg_path = \"reg\" (created if missing), or set data.num_class_images = 0")
