@@ -4,9 +4,12 @@ DreamBooth's prior preservation trains on images of the subject's class ("a dog"
 ("sks dog") so the model does not forget what the class looks like. When the regularization folder
 holds fewer than `data.num_class_images` images, the missing ones are rendered with the base model
 (no LoRA) and the class prompt before the dataset is scanned, as diffusers' DreamBooth script does
-(huggingface/diffusers examples/dreambooth/train_dreambooth_lora.py at 58eb52c080, lines 302-308
---num_class_images, 344 --sample_batch_size, 482-488 --prior_generation_precision, 814-858 the
-generation: count the folder's files, render num_class_images minus that with class_prompt into it).
+(huggingface/diffusers examples/dreambooth/train_dreambooth_lora.py at 58eb52c0, lines 302-308
+--num_class_images, 344 --sample_batch_size, 482-489 --prior_generation_precision, 814-856 the
+generation: count the folder's files, render num_class_images minus that with class_prompt into it,
+in batches of sample_batch_size, fp16 on a GPU unless told). What differs: diffusers counts every
+file (a caption counts as an image) and draws unseeded noise, so a stopped run cannot be repeated;
+here only images count and each is seeded by its index.
 
 Where they go: into the regularization folder itself (data.reg_path, its one `N_name` folder, or the
 one is_reg subset), not into a hidden cache. That is where diffusers and A1111's Dreambooth extension
