@@ -611,7 +611,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                     # be an absolute path inside the workspace (checked on validate / start, webui/security.py)
                     f_kohya = gr.Dropdown([], label="kohya dataset config (instead of the dataset folder)",
                                           info=config_key("data.dataset_config_path").help, allow_custom_value=True,
-                                          value=start_values["data.dataset_config_path"] or None, scale=3,
+                                          value=start_values["data.dataset_config_path"], scale=3,
                                           elem_id="train-dataset-config")
                     kohya_upload = gr.UploadButton("Upload kohya config", file_types=[".toml", ".json"], scale=1,
                                                    elem_id="upload-dataset-config")
