@@ -131,3 +131,4 @@ def test_the_train_tab_lists_and_saves_uploaded_configs(ws, tmp_path):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(PathError, match="not a .toml or .json"):
         save_dataset_config(ws, str(tmp_path / "x.txt"))
+
