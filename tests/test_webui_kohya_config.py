@@ -132,3 +132,25 @@ def test_the_train_tab_lists_and_saves_uploaded_configs(ws, tmp_path):
     with pytest.raises(PathError, match="not a .toml or .json"):
         save_dataset_config(ws, str(tmp_path / "x.txt"))
 
+
+
+def test_images_named_by_a_metadata_file_must_be_inside_too(ws):
+    import json
+
+    meta = ws.root / "datasets" / "dog" / "meta.json"
+    outside = ws.root.parent / "outside" / "b.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(outside)
+    meta.write_text(json.dumps({"a.png": {"caption": "a dog"}}))
+    rel = _write(ws, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{ws}/datasets/dog"\n'
+                     'metadata_file = "{ws}/datasets/dog/meta.json"\n')
+    assert confine_dataset_config(ws, rel, snapshot=False)
+    for key in (str(outside), "../../../outside/b.png"):
+        meta.write_text(json.dumps({"a.png": {"caption": "a dog"}, key: {"caption": "secret"}}))
+        with pytest.raises(PathError, match=r"datasets\[1\].subsets\[1\].metadata_file: meta.json names an image: .* is outside"):
+            confine_dataset_config(ws, rel, snapshot=False)
+        # the same file named by a [[data.subsets]] table
+        from sd_lora.config import SubsetConfig
+
+        cfg = TrainConfig(data=DataConfig(subsets=[SubsetConfig(path="datasets/dog", metadata_path="datasets/dog/meta.json")]))
+        with pytest.raises(PathError, match=r"^data.subsets\[1\].metadata_path: meta.json names an image"):
+            confine_config(ws, cfg)

@@ -110,7 +110,24 @@ def confine_config(ws: Workspace, cfg, snapshot: bool = True):
     (`confine_dataset_config`); with `snapshot` the config then points at the checked copy."""
     if cfg.data.dataset_config_path:
         cfg.data.dataset_config_path = str(confine_dataset_config(ws, cfg.data.dataset_config_path, snapshot))
-    return map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
+    cfg = map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
+    for i, table in enumerate(cfg.data.subsets):
+        if table.metadata_path:
+            confine_metadata_images(ws, table.metadata_path, table.path or None, f"data.subsets[{i + 1}].metadata_path")
+    return cfg
+
+
+def confine_metadata_images(ws: Workspace, metadata_path: str, image_dir: str | None, where: str) -> None:
+    """PathError when a fine-tuning metadata file (JSON of image -> caption) names an image outside the
+    workspace: its keys are paths too (absolute, or relative to the subset's folder), read by the scan."""
+    from sd_lora.data.kohya_config import read_metadata
+
+    try:
+        pairs, _missing = read_metadata(metadata_path, image_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not readable as metadata: the dataset scan refuses it with its own message
+    for image, _caption in pairs:
+        ws.path(Path(image).absolute(), kind=f"{where}: {Path(metadata_path).name} names an image")  # as the reader sees it
 
 
 SNAPSHOTS = "configs/.kohya-snapshots"  # checked copies of kohya dataset configs (no browser call writes a dot folder)
@@ -163,6 +180,19 @@ def confine_dataset_config(ws: Workspace, user_path: str, snapshot: bool = True)
             ws.path(value, kind=f"{shown}: {where}")
         except PathError as e:
             problems.append(str(e))
+    if not problems:  # the metadata files' image entries (fine-tuning subsets), once their folders are known good
+        from sd_lora.data.kohya_config import read_dataset_config
+
+        try:
+            subsets = read_dataset_config(checked).subsets
+        except ValueError:
+            subsets = []  # validate() lists the file's problems, and a config with problems does not start
+        for where, table in subsets:
+            if table.metadata_path:
+                try:
+                    confine_metadata_images(ws, table.metadata_path, table.path or None, f"{shown}: {where}.metadata_file")
+                except PathError as e:
+                    problems.append(str(e))
     if problems:
         raise PathError("\n".join(problems))
     return checked
