@@ -218,7 +218,9 @@ class _Trainer:
         cfg = self.cfg
         if self.main:
             cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
-        # 1. data (before the model: a bad dataset fails in seconds)
+        # 1. data (before the model: a bad dataset fails in seconds), after rendering the class images it lacks
+        if cfg.data.num_class_images:
+            self._class_images()
         self.dataset = scan_dataset(cfg.data)
         for line in self.dataset.report.lines():
             self.log(line)
@@ -253,6 +255,15 @@ class _Trainer:
                 raise
             # 7. finish (Ctrl-C here skips what is left of the final samples; the files are saved first)
             return self._finish()
+
+    def _class_images(self) -> None:
+        """Prior preservation's missing class images (data/class_images.py), rendered by the main process."""
+        from ..data.class_images import ensure_class_images
+
+        if self.main:
+            progress = lambda done, total: self.events.emit("cache", stage="class_images", done=done, total=total)  # noqa: E731
+            ensure_class_images(self.cfg, on_progress=progress, show_progress=self.bars, warn=self.warn)
+        self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> Model:
