@@ -182,15 +182,15 @@ def test_kohya_unknown_and_unsupported_keys_are_refused_with_their_line(tmp_path
         "batch_size = 4\n"                 # 5
         "  [[datasets.subsets]]\n"         # 6
         f"  image_dir = '{tmp_path.as_posix()}/img'\n"  # 7
-        "  random_crop = true\n"           # 8
+        "  token_warmup_step = 10\n"       # 8
         "  resolution = 512\n"             # 9
         "  color_aug = false\n"            # 10: kohya's off value: fine
         "  num_repeats = 'ten'\n")         # 11
     cfg = TrainConfig(model="m", output="o.safetensors", steps=1, data=DataConfig(dataset_config_path=str(path)))
     errors = cfg.validate(check_paths=False)
     assert f"{path} line 2: [general] flipaug: unknown key (did you mean 'flip_aug'?)" in errors
-    assert (f"{path} line 8: datasets[1].subsets[1].random_crop = true: sd-lora has no such option yet; remove it or set it "
-            "to false") in errors
+    assert (f"{path} line 8: datasets[1].subsets[1].token_warmup_step = 10: sd-lora has no such option yet; remove it or set "
+            "it to 0") in errors
     assert f"{path} line 9: datasets[1].subsets[1].resolution: kohya sets it per dataset, not per subset; move it to its " \
            "[[datasets]] table" in errors
     assert f"{path} line 11: datasets[1].subsets[1].num_repeats: must be a whole number (got 'ten')" in errors
@@ -326,7 +326,7 @@ def test_import_kohya_gui_config_round_trips(tmp_path, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
 
 
-def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
+def test_web_ui_confines_subset_paths_and_kohya_configs(tmp_path):
     from sd_lora.config import SubsetConfig
     from webui.security import PathError, Workspace, confine_config
 
@@ -336,7 +336,8 @@ def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
         confine_config(ws, cfg)
     cfg.data.subsets.pop()
     assert confine_config(ws, cfg).data.subsets[0].path == str(ws.root / "datasets" / "a")
-    with pytest.raises(PathError, match="not read in the web UI"):
+    # a kohya dataset config is read now, once it and every folder it names are checked (tests/test_webui_kohya_config.py)
+    with pytest.raises(PathError, match="^data.dataset_config_path: 'configs/ds.toml' does not exist in the workspace"):
         confine_config(ws, TrainConfig(data=DataConfig(dataset_config_path="configs/ds.toml")))
 
 

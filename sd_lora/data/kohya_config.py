@@ -12,7 +12,7 @@ library/config_util.py at commit 48d368fa: ConfigSanitizer's schemas, BlueprintG
 A value set lower wins (subset > dataset > general). What the file leaves out takes sd-lora's [data]
 value (flags included), as kohya falls back to its command line. Every key is either mapped or refused
 with its line: unknown keys, keys in a table kohya does not allow them in, and kohya features sd-lora
-does not have (colour augmentation, random crop, wildcards ...) set to anything but their off value.
+does not have (face crops, token warm-up ...) set to anything but their off value.
 
 The kohya spellings come from the fields (`kohya=` on each setting of config.SubsetConfig); this module
 holds only what is kohya's own: which table a key may sit in, and the keys we accept but do not use.
@@ -36,8 +36,7 @@ DATASET_KEYS = ("batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir")
 # kohya options sd-lora does not have, with the value that means "off" (BaseSubsetParams' defaults): accepted
 # at that value, refused at any other. cache_info only speeds up kohya's own scan: any value is fine.
-NOT_SUPPORTED = {"color_aug": False, "random_crop": False, "face_crop_aug_range": None, "caption_separator": ",",
-                 "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0, "caption_tag_dropout_rate": 0,
+NOT_SUPPORTED = {"face_crop_aug_range": None, "token_warmup_min": 1, "token_warmup_step": 0,
                  "custom_attributes": None, "network_multiplier": 1.0, "validation_split": 0.0,
                  "resize_interpolation": None}
 # accepted at any value: they change nothing that is trained here
@@ -97,18 +96,52 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(base / p)
 
 
-def read_dataset_config(path: str | Path) -> KohyaDataset:
-    """The subsets a kohya dataset config describes, in sd-lora's keys. Raises KohyaConfigError listing every problem."""
+def _read_file(path: Path) -> tuple[str, object]:
+    """(text, parsed values) of a dataset config: JSON by its suffix, else TOML."""
     import tomllib
 
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        return text, json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except OSError as e:
         raise KohyaConfigError([f"{path}: cannot read the dataset config ({e.strerror or e})"]) from e
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KohyaConfigError([f"{path}: not a valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} file ({e})"]) from e
+
+
+def dataset_config_paths(path: str | Path) -> list[tuple[str, object]]:
+    """Every file or folder a dataset config names: (where, value as written), e.g.
+    ("datasets[1].subsets[2].image_dir", "/data/dog"), for the keys that are paths (image_dir, metadata_file,
+    conditioning_data_dir, ...: the path fields of config.SubsetConfig, by their kohya names). Every table
+    is searched, also where kohya does not allow the key and unknown tables, so a checker (the web UI's
+    workspace confinement) sees every path the reader could open. A value that is not a string is listed as
+    it is. Raises KohyaConfigError when the file is not TOML / JSON."""
+    path = Path(path)
+    _text, values = _read_file(path)
+    item_keys = {k.attr: k for k in config_key("data.subsets").item_keys()}
+    names = {name for name, (attr, _const) in _kohya_names().items() if item_keys[attr].path}
+    found: list[tuple[str, object]] = []
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in names:
+                    found.append((here, value))
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i + 1}]")
+
+    walk(values, "")
+    return found
+
+
+def read_dataset_config(path: str | Path) -> KohyaDataset:
+    """The subsets a kohya dataset config describes, in sd-lora's keys. Raises KohyaConfigError listing every problem."""
+    path = Path(path)
+    text, values = _read_file(path)
     if not isinstance(values, dict):
         raise KohyaConfigError([f"{path}: not a kohya dataset config (expected [general] and [[datasets]] tables)"])
     lines = _lines(text) if path.suffix.lower() != ".json" else {}
@@ -231,13 +264,16 @@ def read_dataset_config(path: str | Path) -> KohyaDataset:
     return KohyaDataset(subsets, batch_sizes[0][0] if batch_sizes else None, notes)
 
 
-def read_metadata(metadata_file: str | Path, image_dir: str | Path | None) -> tuple[list[tuple[Path, str]], list[str]]:
+def read_metadata(metadata_file: str | Path, image_dir: str | Path | None,
+                  lines: bool = False) -> tuple[list[tuple[Path, str]], list[str]]:
     """The (image, caption) pairs of a kohya fine-tuning metadata file, and the entries whose image is missing.
 
     JSON {image key: {"caption": ..., "tags": ...}} (library/train_util.py FineTuningDataset), or JSON lines
     {"image_path", "caption", "tags"}. A relative key is under image_dir; a key without an extension (as
     kohya's finetune/merge_captions_to_metadata.py writes them without --full_path) is looked up with each
-    image extension. The caption is the caption and the tags joined by a comma.
+    image extension. The caption is the caption and the tags joined by a comma; with `lines` (enable_wildcard)
+    every line of the caption is kept, each followed by the tags (library/train_util.py L2322-2330), for one line
+    to be picked per use.
     """
     metadata_file = Path(metadata_file)
     text = metadata_file.read_text(encoding="utf-8")
@@ -259,8 +295,14 @@ def read_metadata(metadata_file: str | Path, image_dir: str | Path | None) -> tu
         if not p.is_file():
             missing.append(key)
             continue
-        caption = " ".join(str(entry.get("caption") or "").splitlines()[:1]).strip()  # kohya: the first line
+        caption = str(entry.get("caption") or "")
         tags = str(entry.get("tags") or "").strip()
+        several = [" ".join(line.split()) for line in caption.splitlines() if line.strip()]
+        if lines and len(several) > 1:  # kohya: the tags are one line, their newlines become separators
+            tags = ", ".join(t.strip() for t in tags.splitlines() if t.strip())
+            found.append((p, "\n".join(f"{line}, {tags}" if tags else line for line in several)))
+            continue
+        caption = " ".join(caption.splitlines()[:1]).strip()  # kohya: the first line
         found.append((p, ", ".join(x for x in (caption, tags) if x)))
     return found, missing
 

@@ -31,7 +31,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # a resumed run: the checkpoint it continues and the loss per step before it ([[step, loss], ...]),
     # so a reader of this run's events alone (a resumed web UI job) has the whole curve
     "resumed": ("step", "checkpoint", "losses"),
-    "cache": ("stage", "done", "total"),  # stage: "latents" or "text"
+    "cache": ("stage", "done", "total"),  # stage: "class_images" (data/class_images.py), "latents" or "text"
     # every log_every steps and the last. lr: the run's rate as applied (x Prodigy's d); lrs: each parameter
     # group's ({"unet": .., "text_encoder": .., "unet_plus": ..}); grad_norm: the adapters' gradient norm
     # before clipping (null for a skipped NaN step)

@@ -15,9 +15,9 @@ them, so where a value comes from is in its type. File names come from sd_lora.a
 kinds and fields from events.EVENTS.
 
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
-random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
-batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
-(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+random draws (noise, timesteps, flips, random crops, colours, caption wildcards and dropouts, adapter
+dropout) from (seed, step, micro batch, process). A checkpoint therefore needs only the step, the
+weights and the optimizer state (and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
+from ..data.augment import draw_view
 from ..data.cache import LatentCache, TextCache, cache_folder
 from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
@@ -226,7 +227,9 @@ class _Trainer:
         cfg = self.cfg
         if self.main:
             cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
-        # 1. data (before the model: a bad dataset fails in seconds)
+        # 1. data (before the model: a bad dataset fails in seconds), after rendering the class images it lacks
+        if cfg.data.num_class_images:
+            self._class_images()
         self.dataset = scan_dataset(cfg.data)
         for line in self.dataset.report.lines():
             self.log(line)
@@ -262,9 +265,19 @@ class _Trainer:
             # 7. finish (Ctrl-C here skips what is left of the final samples; the files are saved first)
             return self._finish()
 
+    def _class_images(self) -> None:
+        """Prior preservation's missing class images (data/class_images.py), rendered by the main process."""
+        from ..data.class_images import ensure_class_images
+
+        if self.main:
+            progress = lambda done, total: self.events.emit("cache", stage="class_images", done=done, total=total)  # noqa: E731
+            ensure_class_images(self.cfg, on_progress=progress, show_progress=self.bars, warn=self.warn)
+        self.acc.wait_for_everyone()
+
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> Model:
-        from ..models import WeightReader, architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
+        from ..models import (WeightReader, architecture_of, default_cpu_threads, load_base, load_vae, reload_in_dtype,
+                              zero_terminal_snr_scheduler)
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
@@ -272,6 +285,9 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         arch = architecture_of(pipe)
         self.log(f"model: {arch.description}, {arch.prediction_type}")
+        if not cfg.cpu_threads and (threads := default_cpu_threads(pipe.unet, acc.device)):
+            torch.set_num_threads(threads)  # train() puts torch's count back when the run ends
+            self.log(f"cpu threads: {threads} (a small UNet on the CPU; set cpu_threads to choose)")
         if cfg.clip_skip and cfg.clip_skip > 1 and arch.is_sdxl:
             self.warn(f"clip_skip {cfg.clip_skip}: SDXL ignores clip skip (it reads both text encoders' penultimate layers, "
                       "as kohya and A1111 do); leave clip_skip unset for SDXL")
@@ -355,7 +371,7 @@ class _Trainer:
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
         if self.main:  # long captions: one warning per caption cut, with its file (conditioning.py)
-            model.conditioner.check_captions((i.caption, str(i.path)) for i in items)
+            model.conditioner.check_captions((line, str(i.path)) for i in items for line in i.caption.split("\n"))
         text = None
         captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
         if not model.train_te and d.cache_text and captions is not None:
@@ -471,20 +487,14 @@ class _Trainer:
         items = [self.dataset.items[i] for i in idxs]
         flips = [it.flip and rng.random() < 0.5 for it in items]
         captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
-        entries = [self.caches.latents.get_with_mask(i, f) for i, f in zip(idxs, flips)]
+        views = [draw_view(it.placement, it.subset, f, rng) for it, f in zip(items, flips)]  # random crop, colour (#19)
+        entries = [self.caches.latents.get_with_mask(i, v.flipped, v) for i, v in zip(idxs, views)]
         latents = torch.stack([lat for lat, _ in entries]).to(device, torch.float32)
         masks = None
         if any(m is not None for _, m in entries):  # masked loss: an item without a mask trains everywhere (kohya: ones)
             masks = torch.stack([m if m is not None else torch.ones_like(lat[:1]) for lat, m in entries]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
-        placements = []
-        for it, f in zip(items, flips):
-            p = it.placement
-            if f:  # the crop of a mirrored image starts from the other side
-                from dataclasses import replace
-
-                p = replace(p, crop=(p.crop[0], p.resized[0] - p.crop[1] - p.bucket[0]))
-            placements.append(p)
+        placements = [v.conditioned for v in views]  # SDXL's time ids: the crop really used, mirrored with the image
         return latents, captions, weights, placements, masks
 
     def _loss(self, idxs: list[int], step: int, micro: int) -> torch.Tensor:
@@ -800,8 +810,8 @@ def follow_schedule(scheduler) -> None:
 # 64 px, batch 1, rank 4 (2026-12-01): the tiny base (UNet 2.6M parameters) trained at 2.98 it/s in
 # fp32 and 0.45 it/s in bf16 (0.15x; 1.04 vs 0.16 it/s, 0.15x, with another run beside it): on small
 # layers the casts cost more than the bf16 math saves. Full-size SD1.5 is the other way round on the
-# same VM (bench/README.md: 2.49 s/step fp32, 1.58 s/step bf16), so only small UNets get the warning.
-BF16_CPU_SMALL_UNET = 100_000_000  # parameters
+# same VM (bench/README.md: 2.49 s/step fp32, 1.58 s/step bf16), so only small UNets
+# (models.SMALL_UNET_PARAMS) get the warning.
 def cpu_warnings(cfg: TrainConfig, device_type: str, unet_parameters: int) -> list[str]:
     """Settings that make a CPU run much slower than it needs to be, said before training starts."""
     if device_type != "cpu":
@@ -819,7 +829,9 @@ def cpu_warnings(cfg: TrainConfig, device_type: str, unet_parameters: int) -> li
                 f"sample images of {w}x{h} on the CPU: each sampler step costs about {ratio:.0f}x a training step at "
                 f"{cfg.data.resolution} px (x {cfg.sample_steps} steps x {len(sizes)} prompts, twice with guidance). "
                 "Set --w/--h in the prompt lines near the training resolution, or sample less often")
-    if cfg.mixed_precision == "bf16" and unet_parameters < BF16_CPU_SMALL_UNET:
+    from ..models import SMALL_UNET_PARAMS
+
+    if cfg.mixed_precision == "bf16" and unet_parameters < SMALL_UNET_PARAMS:
         out.append(
             f"mixed_precision = \"bf16\" on the CPU with a small UNet ({unet_parameters / 1e6:.1f}M parameters) is slower "
             "than fp32 (the tiny base trained at 0.15x of fp32's speed): use mixed_precision = \"no\" for this model")
@@ -841,7 +853,8 @@ def oom_advice(cfg: TrainConfig, train_te: bool) -> str:
     if cfg.optimizer == "adamw":
         tips.append("optimizer = \"adamw8bit\" (optimizer state in 8 bits)")
     if cfg.data.cache_latents == "none":
-        tips.append("data.cache_latents = \"ram\" or \"disk\" (no VAE encoding during training)")
+        tips.append("data.cache_latents = \"ram\" or \"disk\" (no VAE encoding during training; without random_crop / "
+                    "color_aug, which need it off)")
     if train_te:
         tips.append("network.train_text_encoder = false (frees the text-encoder activations; its outputs are then cached)")
     if cfg.data.resolution > 512:
