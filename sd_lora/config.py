@@ -31,6 +31,8 @@ from . import artifacts, optimizers
 from .fields import Key, describe, keys_of, problems, setting, settings_metadata, suggest
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
+from .samplers import check_sampler, sampler_names
+from .samplers import resolve as resolve_sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
@@ -296,6 +298,12 @@ class TrainConfig:
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
 
+    # samples (#21): the sampler of the sample images (kohya's --sample_sampler; a prompt line's --ss wins)
+    sample_sampler: str | None = setting(
+        None, "sampler of the sample images: an A1111 name (Euler a, DPM++ 2M Karras, ...) or kohya's (euler_a, "
+        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",),
+        default_text="the model's own scheduler")
+
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
                                       minimum=1, default_text="torch's choice", ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
@@ -441,9 +449,13 @@ class TrainConfig:
             e.append(f"sample_prompts: file {self.sample_prompts} not found; set a list of prompts or an existing file")
         elif self.sample_prompts:
             try:
-                load_prompts(self.sample_prompts)
+                line_samplers = {sp.sampler for sp in load_prompts(self.sample_prompts)} - {None}
             except (ValueError, OSError) as err:
                 e.append(f"sample_prompts: {err}")
+            else:  # a sampler whose package is missing is found now, not at the first sample
+                e += [f"sample_prompts: --ss {p}" for name in sorted(line_samplers) for p in check_sampler(name)]
+        if self.sample_sampler in sampler_names():
+            e += [f"sample_sampler: {p}" for p in check_sampler(resolve_sampler(self.sample_sampler))]
 
         # data
         if d.resolution < 64 or d.resolution % 64:
