@@ -650,10 +650,10 @@ def _parts(spec: LoraSpec) -> list[str]:
 def model_settings(base, pipe) -> dict[str, str | None]:
     """The "model" and "model_hash" settings (the infotext's Model and Model hash) of a base given as a
     path, or of a pipeline that says where it came from (base None or a pipeline)."""
-    return {"model": _model_name(base, pipe), "model_hash": _model_hash(base, pipe)}
+    return {"model": model_name(base, pipe), "model_hash": _model_hash(base, pipe)}
 
 
-def _model_name(base, pipe) -> str:
+def model_name(base, pipe=None) -> str:
     """A1111's "Model": the checkpoint's file name without its extension (a folder: its name)."""
     source = base if isinstance(base, (str, os.PathLike)) else pipe.name_or_path
     if not source:
