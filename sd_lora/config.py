@@ -282,7 +282,7 @@ class TrainConfig:
     sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
                                        kohya=("sample_every_n_steps",))
     sample_prompts: list[str] | str | None = setting(
-        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l", path="file", lines=True,
+        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l --ss", path="file", lines=True,
         metavar="PROMPT_OR_FILE")
     sample_steps: int = setting(20, "default sampler steps for sample prompts", minimum=1)
     sample_guidance_rescale: float | None = setting(
