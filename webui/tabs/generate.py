@@ -1,6 +1,8 @@
 """Generate tab: a base model, a prompt (with `<lora:NAME:W>` tags if you like), and a stack of LoRAs
 from the library with a weight and optional block weights (LoRA Block Weight's `lbw=` text: a preset
-such as OUTD or a vector) each; optionally a compare grid (base, each LoRA alone, the stack).
+such as OUTD or a vector) each; optionally a compare grid (base, each LoRA alone, the stack). A sampler
+and A1111's clip skip; "load from PNG" fills every field from a PNG's `parameters` text (ours, A1111's,
+Forge's) so that Generate remakes the image.
 
 The tab only collects the inputs (confining paths to the workspace) and calls sd_lora.generate, the
 function behind `sd-lora generate` too, so both follow the same rules and write the same PNG text.
@@ -135,11 +137,11 @@ def build(ctx, tab=None) -> None:
         library = list_loras(ws)
         rows = []
         for (name, weight, te_weight), blocks in zip(png["loras"], png["lora_block_weights"]):
-            found = [x for x in library if x.rsplit("/", 1)[-1] == name]
-            recorded = png["lora_hashes"].get(lora_hash_name(name))
-            same = [x for x in found if not recorded or lora_hash(lora_file(x)) == recorded]
+            found = [x for x in library if x.rsplit("/", 1)[-1] == name]  # the PNG names a file by its stem
             if not found:
                 raise ValueError(f"load from PNG: the image used the LoRA {name!r}, which is not in loras/ of the workspace")
+            recorded = png["lora_hashes"].get(lora_hash_name(name))
+            same = [x for x in found if not recorded or lora_hash(lora_file(x)) == recorded]
             if not same:
                 notes.append(f"LoRA {found[0]} has another hash than the PNG's ({recorded}): the image will differ")
             rows.append(((same or found)[0], weight, None if te_weight == weight else te_weight, blocks or ""))
