@@ -301,7 +301,7 @@ class TrainConfig:
     # samples (#21): the sampler of the sample images (kohya's --sample_sampler; a prompt line's --ss wins)
     sample_sampler: str | None = setting(
         None, "sampler of the sample images: an A1111 name (Euler a, DPM++ 2M Karras, ...) or kohya's (euler_a, "
-        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",),
+        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",), metavar="NAME",
         default_text="the model's own scheduler")
 
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
