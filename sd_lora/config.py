@@ -118,6 +118,17 @@ class DataConfig:
     mask_path: str | None = setting(None, "with masked_loss: folder of mask images named as the training images (any image "
                                     "extension), each the size of its image; the red channel is the weight", path="dir",
                                     kohya=("conditioning_data_dir",))
+    # validation loss (#18): held-out images (data/dataset.py holds them out, training/validation.py scores them);
+    # kohya sd-scripts' names (train_network.py / library/config_util.py, kohya-ss/sd-scripts 48d368fa)
+    validation_split: float = setting(
+        0.0, "fraction of each subset's images held out for the validation loss: chosen by validation_seed, never "
+        "trained on, not counted in the steps (regularization images are never held out)", minimum=0, zero="none",
+        ss="ss_validation_split")
+    validation_seed: int | None = setting(None, "seed that chooses the validation_split images (the same ones every run "
+                                          "and on resume)", default_text="seed", ss="ss_validation_seed")
+    validation_path: str | None = setting(
+        None, "folder of validation images (never trained on; captions as for data.path, `N_name` folders give their "
+        "prompt), used with or instead of validation_split", path="dir", flag="--validation-data")
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them
@@ -165,6 +176,9 @@ class SubsetConfig:
     max_bucket_side: int | None = _per_subset("max_bucket_side")
     alpha_mask: bool | None = _per_subset("alpha_mask", kohya=("alpha_mask",))
     mask_path: str | None = _per_subset("mask_path", kohya=("conditioning_data_dir",))
+    # validation loss (#18): kohya's dataset-config keys; 1.0 holds out the whole subset (kohya's validation folder)
+    validation_split: float | None = _per_subset("validation_split", kohya=("validation_split",))
+    validation_seed: int | None = _per_subset("validation_seed", kohya=("validation_seed",))
 
 
 
@@ -295,6 +309,17 @@ class TrainConfig:
     ema_warmup: bool = setting(False, "with ema_decay: warm the decay up as diffusers' EMAModel does "
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
+
+    # validation loss (#18): training/validation.py; kohya sd-scripts' names (train_network.py, 48d368fa)
+    validate_every_n_steps: int | None = setting(
+        None, "compute the validation loss (data.validation_split / data.validation_path) every N steps", minimum=1,
+        default_text="never (per epoch instead)", ss="ss_validate_every_n_steps")
+    validate_every_n_epochs: int | None = setting(
+        None, "compute the validation loss at the end of every N-th epoch (and always at the last step)", minimum=1,
+        default_text="every epoch when validate_every_n_steps is unset", ss="ss_validate_every_n_epochs")
+    max_validation_steps: int | None = setting(
+        None, "score at most this many validation images each time (the first ones; each image is one batch)", minimum=1,
+        default_text="all", ss="ss_max_validation_steps")
 
     cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
                                       minimum=1, default_text="torch's choice", ss=False)
@@ -455,6 +480,7 @@ class TrainConfig:
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         e += _subset_rules(self, check_paths)
+        e += _validation_rules(self, check_paths)
         return e
 
     def _loss_rules(self) -> list[str]:
@@ -590,6 +616,27 @@ def _subset_rules(cfg: TrainConfig, check_paths: bool) -> list[str]:
             v = getattr(d, side)
             if isinstance(v, int) and (v < d.bucket_step or v % d.bucket_step):
                 e.append(f"data.{side}: must be a multiple of data.bucket_step ({d.bucket_step}) (got {v!r})")
+    return e
+
+
+def _validation_rules(cfg: TrainConfig, check_paths: bool) -> list[str]:
+    """The validation-loss settings (#18): a split that leaves images to train on, and validation data for the intervals."""
+    d, e = cfg.data, []
+    if not 0 <= d.validation_split < 1:
+        e.append(f"data.validation_split: must be in [0, 1) (got {d.validation_split!r}); 0.1 holds out 10 % of each "
+                 "subset (to hold out a whole folder, set data.validation_path to it)")
+    for i, t in enumerate(d.subsets):
+        if t.validation_split is not None and not 0 <= t.validation_split <= 1:
+            e.append(f"data.subsets[{i + 1}].validation_split: must be between 0 and 1 (got {t.validation_split!r}); "
+                     "1.0 holds out the whole subset")
+    if d.validation_path and check_paths:
+        e += _check_image_folder("data.validation_path", d.validation_path)
+    # listed subsets (or a kohya dataset config) may hold out images of their own: then the intervals apply
+    held = d.validation_split or d.validation_path or d.dataset_config_path or any(t.validation_split for t in d.subsets)
+    if not held:
+        used = [k for k in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps") if getattr(cfg, k)]
+        e += [f"{k}: has no validation images to score; set data.validation_split (e.g. 0.1) or data.validation_path, "
+              f"or leave {k} unset" for k in used]
     return e
 
 
