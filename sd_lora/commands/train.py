@@ -206,7 +206,7 @@ def run(args) -> int:
         from ..data.dataset import scan_dataset
         from ..training.loop import make_plan
 
-        dataset = scan_dataset(cfg.data)
+        dataset = scan_dataset(cfg.data, seed=cfg.seed)  # the seed chooses the validation_split images
         print("\n".join(dataset.report.lines()))
         dataset.check()  # a refused layout fails the dry run as it would fail the run
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))
