@@ -178,3 +178,12 @@ def test_the_web_ui_plot_has_a_validation_line():
     assert len(re.findall(r'class="sd-val" points="([^"]+)"', svg)[0].split()) == 2
     assert "validation</span> 0.5500" in svg
     assert 'class="sd-val"' not in loss_svg([(1, 1.0)], 0.5)
+
+
+def test_a_validation_folder_inside_the_data_folder_is_not_trained(tmp_path):
+    from sd_lora.testing import write_noise_images
+
+    write_noise_images(tmp_path / "data", 2, "thing")
+    write_noise_images(tmp_path / "data" / "val", 1, "thing", seed=4)
+    ds = scan_dataset(DataConfig(path=str(tmp_path / "data"), resolution=64, validation_path=str(tmp_path / "data" / "val")))
+    assert [i.path.parent.name for i in ds.items] == ["data", "data"] and len(ds.validation) == 1

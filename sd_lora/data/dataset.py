@@ -301,8 +301,8 @@ def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
         roots = [(Path(cfg.path), "data.path")] + ([(Path(cfg.reg_path), "data.reg_path")] if cfg.reg_path else [])
         for root, key in roots:
             outputs_by_key[key] = (root, [])
-            _layout_findings(root, key, [s for s in subsets if s.source == key], [r for r, _ in roots if r != root], report,
-                             outputs_by_key[key][1])
+            others = [r for r, _ in roots if r != root] + ([Path(cfg.validation_path)] if cfg.validation_path else [])
+            _layout_findings(root, key, [s for s in subsets if s.source == key], others, report, outputs_by_key[key][1])
     bucket_lists: dict[tuple, list[tuple[int, int]]] = {}
     for sub in subsets:
         exts = caption_extensions(sub.caption_extension)
@@ -320,6 +320,9 @@ def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
                 report.skipped.append((name, f"listed in {sub.metadata_path} but no such image"))
         else:
             paths = _images_in(folder, outputs, recursive=sub.recursive) if folder.is_dir() else []
+        if cfg.validation_path and sub.source != "data.validation_path":  # a validation folder inside a training one
+            val_root = Path(cfg.validation_path).resolve()
+            paths = [p for p in paths if not Path(p).resolve().is_relative_to(val_root)]
         split = 0.0 if sub.is_reg else (sub.validation_split or 0.0)  # regularization images are never held out
         if split < 1:  # a subset held out whole is not a dataset dir of the trained file
             report.folders[sub.name] = sub.repeats

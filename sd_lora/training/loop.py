@@ -6,7 +6,7 @@
     load_base + inject        base model frozen, LoRA adapters trainable (fp32)
     caches                    latents (VAE once per image) and text-encoder outputs (if frozen)
     loop                      noise -> UNet -> loss -> backward -> clip -> step, with events,
-                              samples, saves and checkpoints every N steps
+                              samples, saves, checkpoints and the validation loss every N steps
     finish                    the LoRA file and a last checkpoint (so a finished run can be
                               extended), then the final samples, a loss-curve PNG and a sample grid
 
@@ -17,7 +17,7 @@ kinds and fields from events.EVENTS.
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
 batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
-(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+(and the EMA weights, training/ema.py, when ema_decay is set; the loss and validation-loss history), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
