@@ -140,6 +140,11 @@ def test_val_events_at_the_interval_and_on_the_loss_curve(full_run):
     val = _events(full_run, "val")
     assert [(e["step"], e["images"]) for e in val] == [(2, 2), (4, 2)]
     assert all(e["loss"] > 0 for e in val) and val[0]["loss"] != val[1]["loss"]  # the weights changed in between
+    from sd_lora.io import load_safetensors
+
+    _, metadata = load_safetensors(full_run.output)
+    assert metadata["ss_validate_every_n_steps"] == "2"  # kohya's metadata key (train_network.py)
+    assert metadata["ss_num_train_images"] == "4"  # the validation folder is not counted
     curve = _events(full_run, "done")[0]["loss_curve"]
     with Image.open(curve) as im:
         assert VALIDATION_COLOUR in {c for _, c in im.convert("RGB").getcolors(1 << 20)}
