@@ -98,6 +98,7 @@ class DatasetReport:
             out.append(f"  {s['name']}: {s['images']} image(s) x {s['repeats']} repeats = {s['samples']} samples per epoch "
                        f"({100 * s['samples'] / total:.0f}%), {s['resolution']} px" + (", regularization" if s["is_reg"] else "")
                        + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else "")
+                       + "".join(f", {name}" for name in s.get("augment", ()))
                        + (f", masked loss ({s['masks']})" if s.get("masks") else "")
                        + (f"; {s['validation']} more held out for the validation loss" if s.get("validation") else ""))
         held = sum(s.get("validation") or 0 for s in self.subsets)
@@ -313,7 +314,7 @@ def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
         root, outputs = outputs_by_key.setdefault(sub.key, (folder or Path("."), []))
         captions: dict[Path, str] = {}
         if sub.metadata_path:
-            pairs, missing = read_metadata(sub.metadata_path, folder)
+            pairs, missing = read_metadata(sub.metadata_path, folder, lines=bool(sub.wildcards))
             paths = [p for p, _ in pairs]
             captions = dict(pairs)
             for name in missing:
@@ -345,7 +346,7 @@ def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
             if path in captions:
                 caption, ext = captions[path] or None, "metadata"
             else:
-                caption, ext = read_caption(path, exts)
+                caption, ext = read_caption(path, exts, lines=bool(sub.wildcards))
             if caption is None:
                 caption = sub.prompt or ""
                 if caption:
@@ -386,6 +387,9 @@ def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
                                "samples": trained * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
                                "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source,
                                "masks": "mask images" if mask_dir is not None else "alpha" if sub.alpha_mask else None,
+                               "augment": [name for name, on in (("random crop", sub.random_crop), ("colour aug", sub.color_aug),
+                                           (f"tag dropout {sub.caption_tag_dropout:g}", sub.caption_tag_dropout),
+                                           ("wildcards", sub.wildcards)) if on],
                                "validation": held})
         if mask_problems:
             report.problems.append(f"{sub.source}: {len(mask_problems)} image(s) without a usable mask: "

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..data.cache import LatentCache, TextCache
-from ..data.captions import fixed_caption
+from ..data.captions import step_caption
 from .loss import timestep_range
 
 NUM_TIMESTEPS = 4  # kohya's NUM_VALIDATION_TIMESTEPS
@@ -56,11 +57,14 @@ def image_seed(seed: int, index: int, timestep: int) -> int:
     return int(hashlib.sha256(f"validation:{seed}:{index}:{timestep}".encode()).hexdigest()[:15], 16)
 
 
-def validation_caption(item) -> str:
-    """The caption an image is scored with: its subset's prefix/suffix and separators, never shuffled or dropped."""
+def validation_caption(item, index: int) -> str:
+    """The caption an image is scored with, the same every time: its subset's prefix/suffix and separators, never
+    shuffled or dropped (whole or by tag); a wildcard caption's choices are drawn once, seeded by the image's index."""
     if item.subset is None:
         return item.caption
-    return fixed_caption(item.caption, replace(item.subset, shuffle_captions=False))
+    fixed = replace(item.subset, shuffle_captions=False, caption_tag_dropout=0.0, caption_dropout=0.0,
+                    caption_dropout_every_n_epochs=0)
+    return step_caption(item.caption, fixed, random.Random(f"validation caption:{index}"), 0)
 
 
 @contextlib.contextmanager
@@ -93,7 +97,7 @@ class ValidationSet:
         captions are cached too (a frozen text encoder)."""
         latents = LatentCache(items, vae, data.cache_latents, cache_dir, False, data.max_image_pixels)  # never flipped
         latents.build(show_progress=show_progress)
-        captions = [validation_caption(it) for it in items]
+        captions = [validation_caption(it, i) for i, it in enumerate(items)]
         text = None
         if text_cache is not None:
             text = TextCache(text_cache.cache_dir)
