@@ -192,3 +192,20 @@ def test_a_validation_folder_inside_the_data_folder_is_not_trained(tmp_path):
     write_noise_images(tmp_path / "data" / "val", 1, "thing", seed=4)
     ds = scan_dataset(DataConfig(path=str(tmp_path / "data"), resolution=64, validation_path=str(tmp_path / "data" / "val")))
     assert [i.path.parent.name for i in ds.items] == ["data", "data"] and len(ds.validation) == 1
+
+
+def test_validation_captions_are_the_same_every_time():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sd_lora.config import SubsetConfig
+    from sd_lora.data.subsets import resolve
+    from sd_lora.training.validation import validation_caption
+
+    sub = resolve(SubsetConfig(path="x"), DataConfig(path="x", caption_prefix="style", shuffle_captions=True,
+                                                   caption_dropout=0.5, caption_tag_dropout=0.5, wildcards=True), "x", "x", "x")
+    item = SimpleNamespace(caption="a {red|blue} dog, b, c", subset=sub)
+    captions = [validation_caption(item, i) for i in range(20)]
+    assert captions == [validation_caption(item, i) for i in range(20)]  # one wildcard choice per image, kept
+    assert {c.replace("blue", "red") for c in captions} == {"style a red dog, b, c"}  # unshuffled, nothing dropped
+    assert validation_caption(SimpleNamespace(caption="x", subset=replace(sub, caption_prefix="")), 0) == "x"
