@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import artifacts, optimizers
 from .fields import Key, describe, keys_of, problems, setting, settings_metadata, suggest
+from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
 
@@ -131,6 +132,20 @@ class DataConfig:
                                      "shuffled tags are joined with \", \"")
     wildcards: bool = setting(False, "captions: each {a|b|c} picks one choice per step, and a caption file of several "
                               "lines one line per step", kohya={"enable_wildcard": True})
+    # class images (#19): prior preservation's class images, rendered before training (sd_lora/data/class_images.py);
+    # diffusers' DreamBooth names (examples/dreambooth/train_dreambooth_lora.py); kohya has no such option
+    num_class_images: int = setting(
+        0, "prior preservation: when the regularization folder holds fewer images than this, render the missing ones "
+        "into it with the base model (no LoRA) and the class prompt before training (diffusers' --num_class_images); "
+        "a stopped run keeps the finished ones", minimum=0, zero="off")
+    class_image_steps: int = setting(DEFAULT_STEPS, "sampler steps of each class image", minimum=1, unit="steps")
+    class_image_guidance: float = setting(DEFAULT_GUIDANCE, "guidance (CFG scale) of the class images", minimum=0)
+    class_image_negative_prompt: str = setting("", "negative prompt of the class images")
+    class_image_batch_size: int = setting(4, "class images per pipeline call (diffusers' --sample_batch_size)", minimum=1,
+                                          ss=False)
+    prior_generation_precision: str | None = setting(
+        None, "dtype the class images are rendered in (diffusers' --prior_generation_precision)", choices=("fp32", "fp16", "bf16"),
+        default_text="fp16 on CUDA, else fp32", ss=False)
     # validation loss (#18): held-out images (data/dataset.py holds them out, training/validation.py scores them);
     # kohya sd-scripts' names (train_network.py / library/config_util.py, kohya-ss/sd-scripts 48d368fa)
     validation_split: float = setting(
@@ -340,8 +355,9 @@ class TrainConfig:
         None, "score at most this many validation images each time (the first ones; each image is one batch)", minimum=1,
         default_text="all", ss="ss_max_validation_steps")
 
-    cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
-                                      minimum=1, default_text="torch's choice", ss=False)
+    cpu_threads: int | None = setting(None, "torch CPU threads for this run (tiny models on a busy machine are much faster on 1)",
+                                      minimum=1, default_text="1 for a UNet under 100M parameters on the CPU, else torch's",
+                                      ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
     tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)", ss=False)
     comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",), ss="ss_training_comment")
@@ -431,7 +447,7 @@ class TrainConfig:
                      "data.dataset_config_path to a kohya dataset config)")
         elif d.path and check_paths:
             e += _check_image_folder("data.path", d.path)
-        if d.reg_path and check_paths:
+        if d.reg_path and check_paths and not d.num_class_images:  # with class images it may start empty
             e += _check_image_folder("data.reg_path", d.reg_path)
 
         if self.steps is None and self.epochs is None:
@@ -500,6 +516,10 @@ class TrainConfig:
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         e += _subset_rules(self, check_paths)
         e += _validation_rules(self, check_paths)
+        if d.num_class_images:
+            from .data.class_images import class_image_problems  # torch-free; the rules of the folder it fills
+
+            e += class_image_problems(self, check_paths)
         return e
 
     def _loss_rules(self) -> list[str]:

@@ -82,7 +82,6 @@ MIN_SIZE = 64
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 DTYPES = ("fp32", "fp16", "bf16")
-SMALL_UNET_PARAMS = 100_000_000  # below this a CPU generation runs on one thread (module docstring)
 
 
 @dataclass
@@ -529,12 +528,12 @@ def render_batch(pipe, calls: list[tuple[GenerationResult, int]], *, strict: boo
 
 
 def generation_threads(pipe) -> int | None:
-    """The CPU thread count `generate` uses for `pipe` when not told: 1 for a UNet under
-    SMALL_UNET_PARAMS that runs on the CPU, None (torch's own count) otherwise."""
+    """The CPU thread count `generate` uses for `pipe` when not told (models.default_cpu_threads:
+    1 for a small UNet on the CPU, None otherwise)."""
+    from .models import default_cpu_threads
+
     device = getattr(pipe, "_execution_device", None) or pipe.device  # offloaded pipelines run on their GPU
-    if str(device).startswith("cpu") and sum(p.numel() for p in pipe.unet.parameters()) < SMALL_UNET_PARAMS:
-        return 1
-    return None
+    return default_cpu_threads(pipe.unet, device)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # so a reader of this run's events alone (a resumed web UI job) has the whole curve
     # (and the validation loss per validated step before it, [[step, loss], ...])
     "resumed": ("step", "checkpoint", "losses", "val_losses"),
-    "cache": ("stage", "done", "total"),  # stage: "latents" or "text"
+    "cache": ("stage", "done", "total"),  # stage: "class_images" (data/class_images.py), "latents" or "text"
     "step": ("step", "total_steps", "epoch", "loss", "lr", "it_per_s", "eta_s"),  # every log_every steps and the last
     # the validation loss (training/validation.py) after `step`: the mean over `images` held-out images x 4 timesteps
     "val": ("step", "loss", "images"),
