@@ -32,6 +32,8 @@ from .fields import Key, describe, keys_of, problems, setting, settings_metadata
 from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
+from .samplers import check_sampler, sampler_names
+from .samplers import resolve as resolve_sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
@@ -328,7 +330,7 @@ class TrainConfig:
     sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
                                        kohya=("sample_every_n_steps",))
     sample_prompts: list[str] | str | None = setting(
-        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l", path="file", lines=True,
+        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l --ss", path="file", lines=True,
         metavar="PROMPT_OR_FILE")
     sample_steps: int = setting(20, "default sampler steps for sample prompts", minimum=1)
     sample_guidance_rescale: float | None = setting(
@@ -343,6 +345,12 @@ class TrainConfig:
     ema_warmup: bool = setting(False, "with ema_decay: warm the decay up as diffusers' EMAModel does "
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
+
+    # samples (#21): the sampler of the sample images (kohya's --sample_sampler; a prompt line's --ss wins)
+    sample_sampler: str | None = setting(
+        None, "sampler of the sample images: an A1111 name (Euler a, DPM++ 2M Karras, ...) or kohya's (euler_a, "
+        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",), metavar="NAME",
+        default_text="the model's own scheduler")
 
     # validation loss (#18): training/validation.py; kohya sd-scripts' names (train_network.py, 48d368fa)
     validate_every_n_steps: int | None = setting(
@@ -501,9 +509,13 @@ class TrainConfig:
             e.append(f"sample_prompts: file {self.sample_prompts} not found; set a list of prompts or an existing file")
         elif self.sample_prompts:
             try:
-                load_prompts(self.sample_prompts)
+                line_samplers = {sp.sampler for sp in load_prompts(self.sample_prompts)} - {None}
             except (ValueError, OSError) as err:
                 e.append(f"sample_prompts: {err}")
+            else:  # a sampler whose package is missing is found now, not at the first sample
+                e += [f"sample_prompts: --ss {p}" for name in sorted(line_samplers) for p in check_sampler(name)]
+        if self.sample_sampler in sampler_names():
+            e += [f"sample_sampler: {p}" for p in check_sampler(resolve_sampler(self.sample_sampler))]
 
         # data
         if d.resolution < 64 or d.resolution % 64:

@@ -753,7 +753,8 @@ class _Trainer:
                                            self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                            guidance_rescale=self.cfg.guidance_rescale,
                                            zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
+                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip,
+                                           sampler=self.cfg.sample_sampler, model=self.cfg.model, vae=self.cfg.vae)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
