@@ -149,7 +149,8 @@ class Method:
         raise ValueError(f"{self.name} files can be read and applied but not trained.")
 
     def hooks(self, layer, adapter: str, config) -> list:
-        """Forward hooks this method adds to one PEFT layer (kohya's rank / module dropout)."""
+        """Forward hooks this method adds to one PEFT layer (kohya's rank / module dropout; DoRA's
+        input-axis scale, with the magnitude parameter it puts on the layer)."""
         return []
 
     def export(self, layer, adapter: str) -> dict:

@@ -2,38 +2,90 @@
 
   W' = m * (W + delta) / ||W + delta||    ->   delta_dora = W' - W  (needs the base W)
 
-The norm is per output row when `dora_scale` has one value per output channel (PEFT, kohya, LyCORIS
-with wd_on_out=True: shape (out, 1[, 1, 1])), otherwise per input column (older LyCORIS: (1, in)).
-See DESIGN.md section 8 for how A1111 / ComfyUI differ on the output-axis form.
-PEFT keeps the magnitude as `lora_magnitude_vector`, shaped (out,) for Linear, (1, out, 1, 1) for conv.
+Two conventions exist for the axis of m and of the norm (DESIGN.md section 8):
+
+  input axis   one magnitude per input column, the norm over the output dimension(s): `dora_scale`
+               (1, in) for a Linear, (1, in, 1, 1) for a conv. The DoRA paper's ||.||_c; older LyCORIS,
+               LyCORIS with wd_on_output=False. What sd-lora trains and writes.
+  output axis  one magnitude per output row: `dora_scale` (out, 1[, 1, 1]). PEFT / diffusers
+               (`lora_magnitude_vector`, (out,) or (1, out, 1, 1) for conv), LyCORIS's default since
+               057df54 (2025-04, `wd_on_output=True`). Read and fused here; written only where the
+               target format knows nothing else (PEFT / diffusers), with a warning (OUTPUT_AXIS_NOTE).
+
+Why the input axis: it is the one form A1111 1.10 and ComfyUI both apply as we do. A1111's
+`extensions-builtin/Lora/network.py` (v1.10.x) `apply_weight_decompose` (L175-194) always takes the
+norm over the output dimension (transpose(0, 1) ... transpose(0, 1)) and so broadcasts an (out, 1)
+scale into an (out, in) product; `finalize_updown` (L196-216) scales the delta by alpha/rank before
+the decomposition and multiplies the result by the strength after it. ComfyUI
+(Comfy-Org/ComfyUI a125cd84, comfy/weight_adapter/base.py:weight_decompose L62-90) picks the axis from
+the scale's shape but its output-axis branch divides by ||W|| instead of ||W + delta|| (L68-73; open
+upstream: PR #15458, issue #12938, LyCORIS #216); its input-axis branch (L74-81) is the same formula.
+
+Training: PEFT's DoRA (peft/tuners/lora/dora.py) has no axis setting (it norms every output row and
+scales the output), so this method injects PEFT's plain LoRA layer and adds the input-axis magnitude
+itself, as a parameter on that layer and a forward pre-hook. For W' = (W + s B A) diag(c) with
+c = m / ||W + s B A||_col, W' x = (W + s B A)(c * x): scaling the layer's input per channel by c is
+exact for a Linear and for a conv (zero padding commutes with a per-channel scale). The norm is
+detached, as the DoRA paper suggests (sec. 4.3) and PEFT does, so m gets the only extra gradient.
+Not the LyCORIS package: it would be a second injection mechanism beside PEFT for one method, and
+LyCORIS computes the whole merged weight in every forward without detaching the norm.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 from .base import LYCORIS_NETWORK, Method
 from .lora import LoraMethod, copy_into
 
+logger = logging.getLogger(__name__)
+
 SCALE = "dora_scale"
+MAGNITUDE = "dora_magnitude"  # the ParameterDict this method adds to a PEFT LoRA layer (adapter -> (in,))
+
+OUTPUT_AXIS_NOTE = (
+    "per-output-row DoRA magnitudes (PEFT/diffusers form, dora_scale (out, 1)) are applied differently "
+    "elsewhere: A1111/Forge 1.10 broadcast them wrongly (they only know the per-input-column form) and "
+    "ComfyUI divides by ||W|| instead of ||W + dW||; diffusers, PEFT and sd-lora apply them as written"
+)
+
+
+def is_output_axis(magnitude, out_features: int) -> bool:
+    """The magnitude has one value per output row (ComfyUI's test: dora_scale.shape[0] == weight.shape[0])."""
+    return magnitude.dim() >= 1 and magnitude.shape[0] == out_features and magnitude.numel() == out_features
+
+
+def column_norm(weight):
+    """||weight|| per input column, over the output dimension and any kernel: shape (in,)."""
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
 
 
 def weight_decompose(weight, delta, magnitude):
-    """delta_dora: W + delta renormalised to the stored magnitude, minus W (all fp32)."""
+    """delta_dora: W + delta renormalised to the stored magnitude, minus W (all fp32). Either axis."""
     merged = weight + delta
-    if magnitude.shape[0] == merged.shape[0] and magnitude.numel() == merged.shape[0]:
+    if is_output_axis(magnitude, merged.shape[0]):
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * (merged.dim() - 1))
     else:
-        norm = (
-            merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-            .reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
-        )
+        norm = column_norm(merged).reshape(1, merged.shape[1], *[1] * (merged.dim() - 2))
     return merged * (magnitude.reshape(norm.shape) / norm) - weight
 
 
-def fits(magnitude, delta_shape) -> bool:
-    """A magnitude has one value per output row or per input column of the delta."""
-    return magnitude.numel() in tuple(delta_shape)[:2]
+def fits(magnitude, weight_shape) -> bool:
+    """A magnitude has one value per output row or per input column of a weight of `weight_shape`."""
+    return magnitude.numel() in tuple(weight_shape)[:2]
+
+
+def output_axis_modules(lora) -> list[str]:
+    """Names of a LoraFile's modules whose dora_scale is per output row."""
+    return [name for name, m in lora.modules.items()
+            if SCALE in m.tensors and is_output_axis(m.tensors[SCALE], int(m.method.delta_shape(m.tensors)[0]))]
+
+
+def warn_output_axis(what: str, count: int) -> None:
+    """Say, once per written file, which programs apply its output-axis DoRA modules differently."""
+    if count:
+        logger.warning("%s: %d DoRA modules hold %s.", what, count, OUTPUT_AXIS_NOTE)
 
 
 def from_peft(magnitude, up):
@@ -46,9 +98,37 @@ def from_peft(magnitude, up):
 def to_peft(magnitude, up):
     """kohya's dora_scale as PEFT's magnitude ((out,) for Linear, (1, out, 1, 1) for conv)."""
     out = up.shape[0]
-    if magnitude.numel() != out:
-        raise ValueError("per-input-channel dora_scale (old LyCORIS DoRA) has no PEFT equivalent.")
+    if not is_output_axis(magnitude, out):
+        raise ValueError("its DoRA magnitude is per input column (the form sd-lora trains and A1111 / ComfyUI "
+                         "apply); PEFT and diffusers only know the per-output-row form, so it has no equivalent "
+                         "there. Keep this file in kohya format.")
     return magnitude.reshape(1, out, 1, 1) if up.dim() == 4 else magnitude.reshape(out)
+
+
+def _input_scale(layer, adapter: str):
+    """c = m / ||W + s B A|| per input column (the norm detached: DoRA paper sec. 4.3, as PEFT does)."""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    with torch.no_grad():
+        weight = dequantize_module_weight(layer.get_base_layer()).float()  # (bitsandbytes / fp8 bases too)
+        down, up = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+        merged = weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * layer.scaling[adapter]
+        norm = column_norm(merged)
+    return getattr(layer, MAGNITUDE)[adapter] / norm
+
+
+def _scale_input_hook(adapter: str):
+    def hook(layer, args):
+        if layer.disable_adapters or layer.merged or adapter not in layer.active_adapters:
+            return None
+        x = args[0]
+        c = _input_scale(layer, adapter).to(x.dtype)
+        # Linear: (..., in); conv: (batch, in, h, w)
+        c = c.view(1, -1, *[1] * (x.dim() - 2)) if layer.lora_A[adapter].weight.dim() == 4 else c
+        return (x * c, *args[1:])
+
+    return hook
 
 
 class DoraMethod(LoraMethod):
@@ -59,24 +139,41 @@ class DoraMethod(LoraMethod):
     network_module = LYCORIS_NETWORK
     use_dora = True
 
+    def hooks(self, layer, adapter, config):
+        import torch
+        from peft.utils.integrations import dequantize_module_weight
+
+        # m starts at ||W||_col, so c = 1 while B is zero: the network starts as the base model.
+        weight = dequantize_module_weight(layer.get_base_layer()).detach().float()
+        magnitude = torch.nn.Parameter(column_norm(weight), requires_grad=True)
+        setattr(layer, MAGNITUDE, torch.nn.ParameterDict({adapter: magnitude}))
+        return super().hooks(layer, adapter, config) + [layer.register_forward_pre_hook(_scale_input_hook(adapter))]
+
     def export(self, layer, adapter):
         t = super().export(layer, adapter)
-        base = layer.get_base_layer().weight
-        # PEFT keeps (out,) for Linear and (1, out, 1, 1) for conv; LyCORIS/kohya store (out, 1[, 1, 1]).
-        t[SCALE] = layer.lora_magnitude_vector[adapter].weight.reshape(base.shape[0], *[1] * (base.dim() - 1))
+        down = layer.lora_A[adapter].weight
+        t[SCALE] = getattr(layer, MAGNITUDE)[adapter].reshape(1, -1, *[1] * (down.dim() - 2))  # (1, in[, 1, 1])
         return t
 
     def load(self, layer, adapter, t):
+        own = getattr(layer, MAGNITUDE)[adapter]
+        out = layer.lora_B[adapter].weight.shape[0]
+        scale = t[SCALE]
+        if scale.numel() != own.numel() or is_output_axis(scale, out) and scale.shape[0] != 1:
+            raise ValueError(f"its dora_scale {tuple(scale.shape)} is not per input column ({own.numel()} values, "
+                             "shape (1, in)): a per-output-row (PEFT-form) DoRA file cannot be continued here, since "
+                             "sd-lora trains DoRA per input column; start a new DoRA, or train method \"lora\"")
         super().load(layer, adapter, t)
-        copy_into(layer.lora_magnitude_vector[adapter].weight, t[SCALE])
+        copy_into(own, scale)
 
     def file_params(self, target, rank):
-        return super().file_params(target, rank) + target.out_features
+        return super().file_params(target, rank) + target.in_features
 
     def network_args(self, alpha, conv_rank, conv_alpha):
-        # LyCORIS's form (algo=lora + dora_wd), not kohya's networks.lora (which has no DoRA).
+        # LyCORIS's form (algo=lora + dora_wd), not kohya's networks.lora (which has no DoRA); the axis
+        # as LyCORIS's kohya.py names it (`wd_on_output`, default True since 057df54).
         module, args = Method.network_args(self, alpha, conv_rank, conv_alpha)
-        return module, {"algo": args.pop("algo"), "dora_wd": "True", **args}
+        return module, {"algo": args.pop("algo"), "dora_wd": "True", "wd_on_output": "False", **args}
 
 
 METHOD = DoraMethod()

@@ -141,6 +141,9 @@ def load_init_lora(network, path) -> int:
             raise InitLoraError(f"{what}: {target.kohya_name} has alpha {file_alpha:g} in the file and {own_alpha:g} in "
                                 f"this network; set {_what_sets_alpha(target, network)} to {file_alpha:g}")
     for target in network.targets:
-        method.load(network._layer(target), ADAPTER_NAME, matched[target.kohya_name].tensors)
+        try:
+            method.load(network._layer(target), ADAPTER_NAME, matched[target.kohya_name].tensors)
+        except ValueError as e:  # (a method's own misfit, e.g. a DoRA magnitude on the other axis)
+            raise InitLoraError(f"{what}: {target.kohya_name}: {e}") from None
     logger.info("init_lora: %d modules loaded from %s", len(network.targets), path)
     return len(network.targets)
