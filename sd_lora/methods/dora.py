@@ -76,16 +76,24 @@ def fits(magnitude, weight_shape) -> bool:
     return magnitude.numel() in tuple(weight_shape)[:2]
 
 
-def output_axis_modules(lora) -> list[str]:
-    """Names of a LoraFile's modules whose dora_scale is per output row."""
-    return [name for name, m in lora.modules.items()
-            if SCALE in m.tensors and is_output_axis(m.tensors[SCALE], int(m.method.delta_shape(m.tensors)[0]))]
+def output_axis_modules(state_dict: dict) -> list[str]:
+    """Module names of a flat kohya state dict (`<module>.<suffix>` keys) whose dora_scale is per output row."""
+    from . import for_keys
+
+    names = [k[: -len(SCALE) - 1] for k in state_dict if k.endswith("." + SCALE)]
+    out = []
+    for name in names:
+        t = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+        if is_output_axis(t[SCALE], int(for_keys(t).delta_shape(t)[0])):
+            out.append(name)
+    return out
 
 
-def warn_output_axis(what: str, count: int) -> None:
-    """Say, once per written file, which programs apply its output-axis DoRA modules differently."""
-    if count:
-        logger.warning("%s: %d DoRA modules hold %s.", what, count, OUTPUT_AXIS_NOTE)
+def warn_output_axis(what, state_dict: dict) -> None:
+    """Say, for a file being written, which programs apply its output-axis DoRA modules differently."""
+    names = output_axis_modules(state_dict)
+    if names:
+        logger.warning("%s: %d DoRA modules (first: %s) hold %s.", what, len(names), names[0], OUTPUT_AXIS_NOTE)
 
 
 def from_peft(magnitude, up):
@@ -139,7 +147,18 @@ class DoraMethod(LoraMethod):
     network_module = LYCORIS_NETWORK
     use_dora = True
 
+    # network.dora_axis "input" (default): PEFT's LoRA layer + the magnitude and pre-hook here;
+    # "output": PEFT's own DoRA layer (`lora_magnitude_vector`), for files diffusers / PEFT load.
+    def peft_config(self, config, common, total_steps):
+        from dataclasses import replace
+
+        cfg = super().peft_config(config, common, total_steps)
+        return replace(cfg, use_dora=True) if config.dora_axis == "output" else cfg
+
     def hooks(self, layer, adapter, config):
+        out = super().hooks(layer, adapter, config)
+        if config.dora_axis == "output":
+            return out
         import torch
         from peft.utils.integrations import dequantize_module_weight
 
@@ -147,33 +166,44 @@ class DoraMethod(LoraMethod):
         weight = dequantize_module_weight(layer.get_base_layer()).detach().float()
         magnitude = torch.nn.Parameter(column_norm(weight), requires_grad=True)
         setattr(layer, MAGNITUDE, torch.nn.ParameterDict({adapter: magnitude}))
-        return super().hooks(layer, adapter, config) + [layer.register_forward_pre_hook(_scale_input_hook(adapter))]
+        return out + [layer.register_forward_pre_hook(_scale_input_hook(adapter))]
 
     def export(self, layer, adapter):
         t = super().export(layer, adapter)
         down = layer.lora_A[adapter].weight
-        t[SCALE] = getattr(layer, MAGNITUDE)[adapter].reshape(1, -1, *[1] * (down.dim() - 2))  # (1, in[, 1, 1])
+        if hasattr(layer, MAGNITUDE):  # (1, in[, 1, 1])
+            t[SCALE] = getattr(layer, MAGNITUDE)[adapter].reshape(1, -1, *[1] * (down.dim() - 2))
+        else:  # PEFT keeps (out,) for Linear and (1, out, 1, 1) for conv; LyCORIS/kohya store (out, 1[, 1, 1])
+            up = layer.lora_B[adapter].weight
+            t[SCALE] = layer.lora_magnitude_vector[adapter].weight.reshape(up.shape[0], *[1] * (down.dim() - 1))
         return t
 
     def load(self, layer, adapter, t):
-        own = getattr(layer, MAGNITUDE)[adapter]
-        out = layer.lora_B[adapter].weight.shape[0]
+        input_axis = hasattr(layer, MAGNITUDE)
+        own = getattr(layer, MAGNITUDE)[adapter] if input_axis else layer.lora_magnitude_vector[adapter].weight
         scale = t[SCALE]
-        if scale.numel() != own.numel() or is_output_axis(scale, out) and scale.shape[0] != 1:
-            raise ValueError(f"its dora_scale {tuple(scale.shape)} is not per input column ({own.numel()} values, "
-                             "shape (1, in)): a per-output-row (PEFT-form) DoRA file cannot be continued here, since "
-                             "sd-lora trains DoRA per input column; start a new DoRA, or train method \"lora\"")
+        out = layer.lora_B[adapter].weight.shape[0]
+        file_output_axis = is_output_axis(scale, out) and scale.shape[0] != 1  # ((1, 1) fits both)
+        if scale.numel() != own.numel() or file_output_axis == input_axis:
+            have, want = ("per output row", "per input column") if input_axis else ("per input column", "per output row")
+            raise ValueError(f"its dora_scale {tuple(scale.shape)} is {have} and this network's DoRA magnitude is {want} "
+                             f"({own.numel()} values); set network.dora_axis = \"{'output' if input_axis else 'input'}\" "
+                             "to continue it")
         super().load(layer, adapter, t)
         copy_into(own, scale)
 
-    def file_params(self, target, rank):
-        return super().file_params(target, rank) + target.in_features
+    def file_params(self, target, rank, config=None):
+        axis = getattr(config, "dora_axis", "input")
+        return super().file_params(target, rank) + (target.out_features if axis == "output" else target.in_features)
 
     def network_args(self, alpha, conv_rank, conv_alpha):
-        # LyCORIS's form (algo=lora + dora_wd), not kohya's networks.lora (which has no DoRA); the axis
-        # as LyCORIS's kohya.py names it (`wd_on_output`, default True since 057df54).
+        # LyCORIS's form (algo=lora + dora_wd), not kohya's networks.lora (which has no DoRA).
         module, args = Method.network_args(self, alpha, conv_rank, conv_alpha)
-        return module, {"algo": args.pop("algo"), "dora_wd": "True", "wd_on_output": "False", **args}
+        return module, {"algo": args.pop("algo"), "dora_wd": "True", **args}
+
+    def config_network_args(self, config):
+        # the axis as LyCORIS's kohya.py names it (`wd_on_output`, default True since 057df54)
+        return {"wd_on_output": str(config.dora_axis == "output")}
 
 
 METHOD = DoraMethod()

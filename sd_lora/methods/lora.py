@@ -141,7 +141,7 @@ class LoraMethod(Method):
         copy_into(layer.lora_A[adapter].weight, t[DOWN])
         copy_into(layer.lora_B[adapter].weight, t[UP])
 
-    def file_params(self, target, rank):
+    def file_params(self, target, rank, config=None):
         # down: rank x in x k x k, up: out x rank, alpha: one value.
         return rank * (target.in_features * target.kernel_numel + target.out_features) + 1
 

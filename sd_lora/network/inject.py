@@ -156,7 +156,7 @@ class LoraNetwork:
                     conv_rank=cfg.effective_conv_rank if convs else None,
                     conv_alpha=cfg.effective_conv_alpha if convs else None,
                     # kohya writes its block settings inside ss_network_args (train_network.py: json.dumps(net_kwargs))
-                    network_args=block_network_args(cfg, self.plan, convs) or None)
+                    network_args={**block_network_args(cfg, self.plan, convs), **self.method.config_network_args(cfg)} or None)
 
     def kohya_shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> shape of the kohya state dict (works on meta-device pipelines: no data needed)."""
