@@ -291,7 +291,7 @@ def test_metadata_names_each_trained_method():
     expected = {
         "lora": ("networks.lora", {"conv_dim": "2", "conv_alpha": "1.0"}),
         "adalora": ("networks.lora", {"conv_dim": "2", "conv_alpha": "1.0"}),
-        "dora": ("lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "False", "conv_dim": "2", "conv_alpha": "1.0"}),
+        "dora": ("lycoris.kohya", {"algo": "lora", "dora_wd": "True", "conv_dim": "2", "conv_alpha": "1.0"}),
         "loha": ("lycoris.kohya", {"algo": "loha", "conv_dim": "2", "conv_alpha": "1.0"}),
         "lokr": ("lycoris.kohya", {"algo": "lokr", "conv_dim": "2", "conv_alpha": "1.0"}),
     }

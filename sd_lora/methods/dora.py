@@ -27,6 +27,9 @@ itself, as a parameter on that layer and a forward pre-hook. For W' = (W + s B A
 c = m / ||W + s B A||_col, W' x = (W + s B A)(c * x): scaling the layer's input per channel by c is
 exact for a Linear and for a conv (zero padding commutes with a per-channel scale). The norm is
 detached, as the DoRA paper suggests (sec. 4.3) and PEFT does, so m gets the only extra gradient.
+PEFT's own merge() does not know the magnitude; nothing here merges a training network (files are
+fused by sd_lora.stack). `network.dora_axis = "output"` trains PEFT's DoRA layer instead, for files
+diffusers / PEFT load (PEFT form: A1111 and ComfyUI apply those differently, see above).
 Not the LyCORIS package: it would be a second injection mechanism beside PEFT for one method, and
 LyCORIS computes the whole merged weight in every forward without detaching the norm.
 """
