@@ -118,6 +118,19 @@ class DataConfig:
     mask_path: str | None = setting(None, "with masked_loss: folder of mask images named as the training images (any image "
                                     "extension), each the size of its image; the red channel is the weight", path="dir",
                                     kohya=("conditioning_data_dir",))
+    # augmentation (#19): kohya's names and rules, drawn anew each step (sd_lora/data/augment.py)
+    random_crop: bool = setting(False, "crop at a random offset instead of the centre when a resized image overhangs its "
+                                "bucket (SDXL: the offset is its crop time id); needs cache_latents = \"none\"",
+                                ss="ss_random_crop")
+    color_aug: bool = setting(False, "kohya's weak colour augmentation: a third of the steps turn an image's hue by up to "
+                              "16 degrees or apply a gamma of 0.95-1.05; needs cache_latents = \"none\"", ss="ss_color_aug")
+    caption_tag_dropout: float = setting(0.0, "probability of dropping each caption tag per step (not the keep_tokens ones "
+                                         "nor those outside keep_tokens_separator)", kohya=("caption_tag_dropout_rate",),
+                                         ss="ss_caption_tag_dropout_rate")
+    caption_separator: str = setting(",", "what separates caption tags (shuffling, keep_tokens, tag dropout); the "
+                                     "shuffled tags are joined with \", \"")
+    wildcards: bool = setting(False, "captions: each {a|b|c} picks one choice per step, and a caption file of several "
+                              "lines one line per step", kohya={"enable_wildcard": True})
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them
@@ -165,6 +178,12 @@ class SubsetConfig:
     max_bucket_side: int | None = _per_subset("max_bucket_side")
     alpha_mask: bool | None = _per_subset("alpha_mask", kohya=("alpha_mask",))
     mask_path: str | None = _per_subset("mask_path", kohya=("conditioning_data_dir",))
+    # augmentation (#19)
+    random_crop: bool | None = _per_subset("random_crop")
+    color_aug: bool | None = _per_subset("color_aug")
+    caption_tag_dropout: float | None = _per_subset("caption_tag_dropout")
+    caption_separator: str | None = _per_subset("caption_separator")
+    wildcards: bool | None = _per_subset("wildcards")
 
 
 
@@ -590,6 +609,32 @@ def _subset_rules(cfg: TrainConfig, check_paths: bool) -> list[str]:
             v = getattr(d, side)
             if isinstance(v, int) and (v < d.bucket_step or v % d.bucket_step):
                 e.append(f"data.{side}: must be a multiple of data.bucket_step ({d.bucket_step}) (got {v!r})")
+    return e + _augment_rules(cfg, tables)
+
+
+def _augment_rules(cfg: TrainConfig, tables: list[tuple[str, SubsetConfig]]) -> list[str]:
+    """The checks of the augmentation settings (#19), on [data] and on each subset table."""
+    d, e = cfg.data, []
+    for where, t in [("data", d)] + tables:
+        rate, sep = t.caption_tag_dropout, t.caption_separator
+        if isinstance(rate, (int, float)) and not 0 <= rate < 1:
+            e.append(f"{where}.caption_tag_dropout: must be in [0, 1) (got {rate!r}); 0.1 drops one tag in ten")
+        if sep is not None and not sep.strip():
+            e.append(f"{where}.caption_separator: must not be empty or blank (got {sep!r}); \",\" is usual")
+    # kohya refuses --cache_latents with color_aug / random_crop (train_network.py L581-584, 48d368fa): a cached latent
+    # is one crop in one colour, these change every step. Our cache is on by default, so say that it is.
+    if d.cache_latents != "none":
+        per_step = []
+        for name in ("random_crop", "color_aug"):
+            if getattr(d, name) and (not tables or any(getattr(t, name) is None for _, t in tables)):
+                per_step.append(f"data.{name}")
+            per_step += [f"{where}.{name}" for where, t in tables if getattr(t, name)]
+        if per_step:
+            default = " (the default)" if d.cache_latents == "ram" else ""
+            e.append(f"data.cache_latents/random_crop/color_aug: the latent cache (data.cache_latents = \"{d.cache_latents}\""
+                     f"{default}) holds one crop of each image in its own colours, but {', '.join(per_step)} "
+                     f"{'changes' if len(per_step) == 1 else 'change'} them every step; set data.cache_latents = \"none\" (each step then encodes its images with the VAE: slower), or "
+                     "turn random_crop / color_aug off to keep the cache (kohya refuses the two together too)")
     return e
 
 

@@ -182,15 +182,15 @@ def test_kohya_unknown_and_unsupported_keys_are_refused_with_their_line(tmp_path
         "batch_size = 4\n"                 # 5
         "  [[datasets.subsets]]\n"         # 6
         f"  image_dir = '{tmp_path.as_posix()}/img'\n"  # 7
-        "  random_crop = true\n"           # 8
+        "  token_warmup_step = 10\n"       # 8
         "  resolution = 512\n"             # 9
         "  color_aug = false\n"            # 10: kohya's off value: fine
         "  num_repeats = 'ten'\n")         # 11
     cfg = TrainConfig(model="m", output="o.safetensors", steps=1, data=DataConfig(dataset_config_path=str(path)))
     errors = cfg.validate(check_paths=False)
     assert f"{path} line 2: [general] flipaug: unknown key (did you mean 'flip_aug'?)" in errors
-    assert (f"{path} line 8: datasets[1].subsets[1].random_crop = true: sd-lora has no such option yet; remove it or set it "
-            "to false") in errors
+    assert (f"{path} line 8: datasets[1].subsets[1].token_warmup_step = 10: sd-lora has no such option yet; remove it or set "
+            "it to 0") in errors
     assert f"{path} line 9: datasets[1].subsets[1].resolution: kohya sets it per dataset, not per subset; move it to its " \
            "[[datasets]] table" in errors
     assert f"{path} line 11: datasets[1].subsets[1].num_repeats: must be a whole number (got 'ten')" in errors

@@ -216,3 +216,71 @@ def test_schedule_free_saves_the_averaged_weights_and_resumes_exactly(setup, tmp
     up = next(k for k in a if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
     y = next(v for k, v in trained.items() if k.startswith("unet.") and "lora_B" in k and v.shape == a[up].shape)
     assert not any(torch.equal(y, v) for k, v in a.items() if v.shape == y.shape)
+
+
+def test_resume_is_exact_with_every_augmentation_on(setup, tmp_path, monkeypatch):
+    """Flip, random crop, colour, tag dropout, shuffle, caption dropout and wildcards (#19) each draw from the step's
+    seeded generator, never a global stream: stopping at step 2 and resuming to 4 gives the same losses and weights
+    as 4 straight steps. The images overhang their bucket (96x64 into 64x64), so the random crop has room."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_lora.data import cache
+    from sd_lora.training import loop
+
+    # what the steps really trained: the crops that reach the loss (SDXL's time ids), colours, captions
+    seen = {"crops": set(), "colours": 0, "captions": set()}
+
+    def crops(*args, **kw):
+        seen["crops"].update(p.crop for p in args[6])
+        return compute_loss(*args, **kw)
+
+    def colours(img, shift):
+        seen["colours"] += 1
+        return apply_color(img, shift)
+
+    def captions(*args, **kw):
+        text = step_caption(*args, **kw)
+        seen["captions"].add(text)
+        return text
+
+    compute_loss, apply_color, step_caption = loop.compute_loss, cache.apply_color, loop.step_caption
+    monkeypatch.setattr(loop, "compute_loss", crops)
+    monkeypatch.setattr(cache, "apply_color", colours)
+    monkeypatch.setattr(loop, "step_caption", captions)
+
+    folder = setup / "aug" / "1_thing"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(1)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(f"thing, red, {{circle|square}}, small, {i}\nthing, blue, big, {{left|right}}")
+
+    def config(out, **kw):
+        data = DataConfig(path=str(folder.parent), resolution=64, flip=True, random_crop=True, color_aug=True,
+                          caption_tag_dropout=0.3, shuffle_captions=True, keep_tokens=1, caption_dropout=0.2, wildcards=True,
+                          cache_latents="none")
+        return TrainConfig(model=str(setup / "model"), output=str(out), data=data, steps=4, batch_size=2, lr=1e-3, seed=4,
+                           network={"rank": 4, "alpha": 2, "preset": "attention"}, **kw)
+
+    full = tmp_path / "full" / "lora.safetensors"
+    train(config(full))
+    out = tmp_path / "parts" / "lora.safetensors"
+    stop_at_step(config(out), 2)
+    train(config(out, resume="latest"))
+    a, _ = load_safetensors(full)
+    b, _ = load_safetensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def losses(path):
+        return {e["step"]: e["loss"] for e in read_events(path) if e["event"] == "step"}
+
+    assert losses(full.parent / "lora.events.jsonl") == losses(out.parent / "lora.events.jsonl")
+    assert len(losses(full.parent / "lora.events.jsonl")) == 4
+    assert len(seen["crops"]) > 2 and seen["colours"] > 0  # not only the centre crop (0, 16), and its mirror
+    # one line of the two per use, its {a|b} chosen (seed 4 draws both lines; a line's tags may be dropped)
+    assert not any("{" in c or "\n" in c for c in seen["captions"])
+    assert any("blue" in c or "big" in c for c in seen["captions"]) and any("red" in c or "small" in c for c in seen["captions"])

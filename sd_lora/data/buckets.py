@@ -4,7 +4,8 @@ Each image goes to the bucket (width, height) whose aspect ratio is closest to i
 <= resolution^2 and both sides multiples of `step` (64 by default: the UNet downsamples by 8 and the
 latent by another 8 in its deepest block). Small images are not upscaled by default: they get their
 own smaller bucket that fits inside them. Images are resized to cover the bucket and center-cropped,
-and the crop offset is kept (SDXL conditions on it).
+and the crop offset is kept (SDXL conditions on it); with random_crop each step draws its own offset
+(data/augment.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ where it stopped.
 
 We cache the mean of the VAE's latent distribution (deterministic; the SD VAE's std is ~1e-3).
 Flipped images are encoded too when random flip is on (a flipped latent is not the flip of a latent).
+Random crops and colour shifts (data/augment.py) change every step, so they cannot be cached: the config
+check refuses them with a cache, and with cache_latents = "none" each step encodes the View it drew.
 
 Text-encoder outputs are cached per distinct caption, in RAM or (data.cache_text_to_disk) also on
 disk, keyed by the caption + a fingerprint of everything that shapes the output: the encoders'
@@ -30,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import atomic_path
+from .augment import View, apply_color
 from .buckets import apply_placement
 from .dataset import Item
 from .images import image_to_tensor, open_image
@@ -78,9 +81,12 @@ def conditioner_fingerprint(conditioner) -> str:
     return h.hexdigest()[:16]
 
 
-def item_pixels(item: Item, flipped: bool, max_pixels: int) -> torch.Tensor:
-    """The bucket-sized CHW tensor in [-1, 1] for one image (optionally mirrored)."""
-    img = apply_placement(open_image(item.path, max_pixels), item.placement)
+def item_pixels(item: Item, flipped: bool, max_pixels: int, view: View | None = None) -> torch.Tensor:
+    """The bucket-sized CHW tensor in [-1, 1] for one image (optionally mirrored); `view`: one step's random crop
+    and colour draw (data/augment.py), in kohya's order: crop, colour, flip."""
+    img = apply_placement(open_image(item.path, max_pixels), view.placement if view is not None else item.placement)
+    if view is not None and view.color is not None:
+        img = apply_color(img, view.color)
     if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image_to_tensor(img)
@@ -109,11 +115,11 @@ def cache_folder(data, items: list[Item]) -> Path:
     return first / ".sd-lora-cache"
 
 
-def item_mask(item: Item, flipped: bool, latent_size: tuple[int, int]) -> torch.Tensor | None:
-    """The (1, h, w) loss mask of one item at its latent's size (None: the item has no mask)."""
+def item_mask(item: Item, flipped: bool, latent_size: tuple[int, int], view: View | None = None) -> torch.Tensor | None:
+    """The (1, h, w) loss mask of one item at its latent's size (None: the item has no mask), cropped as `view`."""
     if item.mask is None:
         return None
-    return latent_mask(pixel_mask(item.mask, item.placement, flipped), latent_size)
+    return latent_mask(pixel_mask(item.mask, view.placement if view is not None else item.placement, flipped), latent_size)
 
 
 class LatentCache:
@@ -185,9 +191,13 @@ class LatentCache:
     def get(self, index: int, flipped: bool) -> torch.Tensor:
         return self.get_with_mask(index, flipped)[0]
 
-    def get_with_mask(self, index: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The latent (4, h, w) and the loss mask (1, h, w), or None when the item has no mask."""
+    def get_with_mask(self, index: int, flipped: bool, view: View | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latent (4, h, w) and the loss mask (1, h, w), or None when the item has no mask. `view`: a step's
+        random crop / colour draw, which only mode "none" can give (the config check refuses a cache with them)."""
         flipped = flipped and self._flips(index)
+        if view is not None and (view.color is not None or view.placement != self.items[index].placement) and self.mode != "none":
+            raise ValueError(f"data.cache_latents = \"{self.mode}\" holds one crop and colour per image: set "
+                             "data.cache_latents = \"none\" for random_crop / color_aug")
         if self.mode == "ram":
             return self.ram[(index, flipped)], self.ram_masks.get((index, flipped))
         if self.mode == "disk":
@@ -196,8 +206,8 @@ class LatentCache:
             entry = load_file(str(self._file(self.items[index], flipped)))
             return entry["latent"], entry.get("mask")
         item = self.items[index]
-        latent = encode_pixels(self.vae, item_pixels(item, flipped, self.max_pixels)[None])[0]
-        return latent, item_mask(item, flipped, latent.shape[-2:])
+        latent = encode_pixels(self.vae, item_pixels(item, flipped, self.max_pixels, view)[None])[0]
+        return latent, item_mask(item, flipped, latent.shape[-2:], view)
 
 
 class TextCache:

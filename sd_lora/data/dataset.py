@@ -93,6 +93,7 @@ class DatasetReport:
             out.append(f"  {s['name']}: {s['images']} image(s) x {s['repeats']} repeats = {s['samples']} samples per epoch "
                        f"({100 * s['samples'] / total:.0f}%), {s['resolution']} px" + (", regularization" if s["is_reg"] else "")
                        + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else "")
+                       + "".join(f", {name}" for name in s.get("augment", ()))
                        + (f", masked loss ({s['masks']})" if s.get("masks") else ""))
         out.append(f"captions: {caps}; {fallback}")
         if len(self.buckets_by_resolution) > 1:
@@ -287,7 +288,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         root, outputs = outputs_by_key.setdefault(sub.key, (folder or Path("."), []))
         captions: dict[Path, str] = {}
         if sub.metadata_path:
-            pairs, missing = read_metadata(sub.metadata_path, folder)
+            pairs, missing = read_metadata(sub.metadata_path, folder, lines=bool(sub.wildcards))
             paths = [p for p, _ in pairs]
             captions = dict(pairs)
             for name in missing:
@@ -313,7 +314,7 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             if path in captions:
                 caption, ext = captions[path] or None, "metadata"
             else:
-                caption, ext = read_caption(path, exts)
+                caption, ext = read_caption(path, exts, lines=bool(sub.wildcards))
             if caption is None:
                 caption = sub.prompt or ""
                 if caption:
@@ -342,7 +343,10 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
         report.subsets.append({"name": sub.name, "path": sub.path, "images": usable, "repeats": sub.repeats,
                                "samples": usable * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
                                "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source,
-                               "masks": "mask images" if mask_dir is not None else "alpha" if sub.alpha_mask else None})
+                               "masks": "mask images" if mask_dir is not None else "alpha" if sub.alpha_mask else None,
+                               "augment": [name for name, on in (("random crop", sub.random_crop), ("colour aug", sub.color_aug),
+                                           (f"tag dropout {sub.caption_tag_dropout:g}", sub.caption_tag_dropout),
+                                           ("wildcards", sub.wildcards)) if on]})
         if mask_problems:
             report.problems.append(f"{sub.source}: {len(mask_problems)} image(s) without a usable mask: "
                                    + "; ".join(mask_problems[:3]) + (f"; and {len(mask_problems) - 3} more" if len(mask_problems) > 3 else ""))

@@ -12,7 +12,7 @@ library/config_util.py at commit 48d368fa: ConfigSanitizer's schemas, BlueprintG
 A value set lower wins (subset > dataset > general). What the file leaves out takes sd-lora's [data]
 value (flags included), as kohya falls back to its command line. Every key is either mapped or refused
 with its line: unknown keys, keys in a table kohya does not allow them in, and kohya features sd-lora
-does not have (colour augmentation, random crop, wildcards ...) set to anything but their off value.
+does not have (face crops, token warm-up ...) set to anything but their off value.
 
 The kohya spellings come from the fields (`kohya=` on each setting of config.SubsetConfig); this module
 holds only what is kohya's own: which table a key may sit in, and the keys we accept but do not use.
@@ -36,8 +36,7 @@ DATASET_KEYS = ("batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask", "conditioning_data_dir")
 # kohya options sd-lora does not have, with the value that means "off" (BaseSubsetParams' defaults): accepted
 # at that value, refused at any other. cache_info only speeds up kohya's own scan: any value is fine.
-NOT_SUPPORTED = {"color_aug": False, "random_crop": False, "face_crop_aug_range": None, "caption_separator": ",",
-                 "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0, "caption_tag_dropout_rate": 0,
+NOT_SUPPORTED = {"face_crop_aug_range": None, "token_warmup_min": 1, "token_warmup_step": 0,
                  "custom_attributes": None, "network_multiplier": 1.0, "validation_split": 0.0,
                  "resize_interpolation": None}
 # accepted at any value: they change nothing that is trained here
@@ -231,13 +230,16 @@ def read_dataset_config(path: str | Path) -> KohyaDataset:
     return KohyaDataset(subsets, batch_sizes[0][0] if batch_sizes else None, notes)
 
 
-def read_metadata(metadata_file: str | Path, image_dir: str | Path | None) -> tuple[list[tuple[Path, str]], list[str]]:
+def read_metadata(metadata_file: str | Path, image_dir: str | Path | None,
+                  lines: bool = False) -> tuple[list[tuple[Path, str]], list[str]]:
     """The (image, caption) pairs of a kohya fine-tuning metadata file, and the entries whose image is missing.
 
     JSON {image key: {"caption": ..., "tags": ...}} (library/train_util.py FineTuningDataset), or JSON lines
     {"image_path", "caption", "tags"}. A relative key is under image_dir; a key without an extension (as
     kohya's finetune/merge_captions_to_metadata.py writes them without --full_path) is looked up with each
-    image extension. The caption is the caption and the tags joined by a comma.
+    image extension. The caption is the caption and the tags joined by a comma; with `lines` (enable_wildcard)
+    every line of the caption is kept, each followed by the tags (library/train_util.py L2322-2330), for one line
+    to be picked per use.
     """
     metadata_file = Path(metadata_file)
     text = metadata_file.read_text(encoding="utf-8")
@@ -259,8 +261,14 @@ def read_metadata(metadata_file: str | Path, image_dir: str | Path | None) -> tu
         if not p.is_file():
             missing.append(key)
             continue
-        caption = " ".join(str(entry.get("caption") or "").splitlines()[:1]).strip()  # kohya: the first line
+        caption = str(entry.get("caption") or "")
         tags = str(entry.get("tags") or "").strip()
+        several = [" ".join(line.split()) for line in caption.splitlines() if line.strip()]
+        if lines and len(several) > 1:  # kohya: the tags are one line, their newlines become separators
+            tags = ", ".join(t.strip() for t in tags.splitlines() if t.strip())
+            found.append((p, "\n".join(f"{line}, {tags}" if tags else line for line in several)))
+            continue
+        caption = " ".join(caption.splitlines()[:1]).strip()  # kohya: the first line
         found.append((p, ", ".join(x for x in (caption, tags) if x)))
     return found, missing
 

@@ -15,9 +15,9 @@ them, so where a value comes from is in its type. File names come from sd_lora.a
 kinds and fields from events.EVENTS.
 
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
-random draws (noise, timesteps, flips, caption dropout, adapter dropout) from (seed, step, micro
-batch, process). A checkpoint therefore needs only the step, the weights and the optimizer state
-(and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+random draws (noise, timesteps, flips, random crops, colours, caption wildcards and dropouts, adapter
+dropout) from (seed, step, micro batch, process). A checkpoint therefore needs only the step, the
+weights and the optimizer state (and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from .. import artifacts
 from ..config import TrainConfig, dump_config
+from ..data.augment import draw_view
 from ..data.cache import LatentCache, TextCache, cache_folder
 from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
@@ -346,7 +347,7 @@ class _Trainer:
             self.log(f"latents: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir if d.cache_latents == 'disk' else 'RAM'} "
                      f"({time.time() - t0:.1f} s)")
         if self.main:  # long captions: one warning per caption cut, with its file (conditioning.py)
-            model.conditioner.check_captions((i.caption, str(i.path)) for i in items)
+            model.conditioner.check_captions((line, str(i.path)) for i in items for line in i.caption.split("\n"))
         text = None
         captions = self.dataset.cacheable_captions()  # None when a subset shuffles its captions
         if not model.train_te and d.cache_text and captions is not None:
@@ -462,20 +463,14 @@ class _Trainer:
         items = [self.dataset.items[i] for i in idxs]
         flips = [it.flip and rng.random() < 0.5 for it in items]
         captions = [step_caption(it.caption, it.subset, rng, epoch) for it in items]  # the subset's caption options
-        entries = [self.caches.latents.get_with_mask(i, f) for i, f in zip(idxs, flips)]
+        views = [draw_view(it.placement, it.subset, f, rng) for it, f in zip(items, flips)]  # random crop, colour (#19)
+        entries = [self.caches.latents.get_with_mask(i, v.flipped, v) for i, v in zip(idxs, views)]
         latents = torch.stack([lat for lat, _ in entries]).to(device, torch.float32)
         masks = None
         if any(m is not None for _, m in entries):  # masked loss: an item without a mask trains everywhere (kohya: ones)
             masks = torch.stack([m if m is not None else torch.ones_like(lat[:1]) for lat, m in entries]).to(device, torch.float32)
         weights = torch.tensor([d.prior_loss_weight if it.is_reg else 1.0 for it in items], device=device)
-        placements = []
-        for it, f in zip(items, flips):
-            p = it.placement
-            if f:  # the crop of a mirrored image starts from the other side
-                from dataclasses import replace
-
-                p = replace(p, crop=(p.crop[0], p.resized[0] - p.crop[1] - p.bucket[0]))
-            placements.append(p)
+        placements = [v.conditioned for v in views]  # SDXL's time ids: the crop really used, mirrored with the image
         return latents, captions, weights, placements, masks
 
     def _loss(self, idxs: list[int], step: int, micro: int) -> torch.Tensor:
@@ -822,7 +817,8 @@ def oom_advice(cfg: TrainConfig, train_te: bool) -> str:
     if cfg.optimizer == "adamw":
         tips.append("optimizer = \"adamw8bit\" (optimizer state in 8 bits)")
     if cfg.data.cache_latents == "none":
-        tips.append("data.cache_latents = \"ram\" or \"disk\" (no VAE encoding during training)")
+        tips.append("data.cache_latents = \"ram\" or \"disk\" (no VAE encoding during training; without random_crop / "
+                    "color_aug, which need it off)")
     if train_te:
         tips.append("network.train_text_encoder = false (frees the text-encoder activations; its outputs are then cached)")
     if cfg.data.resolution > 512:
