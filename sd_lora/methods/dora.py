@@ -9,8 +9,9 @@ Two conventions exist for the axis of m and of the norm (DESIGN.md section 8):
                LyCORIS with wd_on_output=False. What sd-lora trains and writes.
   output axis  one magnitude per output row: `dora_scale` (out, 1[, 1, 1]). PEFT / diffusers
                (`lora_magnitude_vector`, (out,) or (1, out, 1, 1) for conv), LyCORIS's default since
-               057df54 (2025-04, `wd_on_output=True`). Read and fused here; written only where the
-               target format knows nothing else (PEFT / diffusers), with a warning (OUTPUT_AXIS_NOTE).
+               057df54 (2025-04, `wd_on_output=True`). Read and fused here; written when trained with
+               network.dora_axis = "output", to PEFT / diffusers, or when such a file is converted
+               or edited; every such write logs OUTPUT_AXIS_NOTE (formats/kohya.py, diffusers_peft.py).
 
 Why the input axis: it is the one form A1111 1.10 and ComfyUI both apply as we do. A1111's
 `extensions-builtin/Lora/network.py` (v1.10.x) `apply_weight_decompose` (L175-194) always takes the
