@@ -29,8 +29,11 @@ from pathlib import Path
 
 from . import artifacts, optimizers
 from .fields import Key, describe, keys_of, problems, setting, settings_metadata, suggest
+from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
+from .samplers import check_sampler, sampler_names
+from .samplers import resolve as resolve_sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
@@ -131,6 +134,20 @@ class DataConfig:
                                      "shuffled tags are joined with \", \"")
     wildcards: bool = setting(False, "captions: each {a|b|c} picks one choice per step, and a caption file of several "
                               "lines one line per step", kohya={"enable_wildcard": True})
+    # class images (#19): prior preservation's class images, rendered before training (sd_lora/data/class_images.py);
+    # diffusers' DreamBooth names (examples/dreambooth/train_dreambooth_lora.py); kohya has no such option
+    num_class_images: int = setting(
+        0, "prior preservation: when the regularization folder holds fewer images than this, render the missing ones "
+        "into it with the base model (no LoRA) and the class prompt before training (diffusers' --num_class_images); "
+        "a stopped run keeps the finished ones", minimum=0, zero="off")
+    class_image_steps: int = setting(DEFAULT_STEPS, "sampler steps of each class image", minimum=1, unit="steps")
+    class_image_guidance: float = setting(DEFAULT_GUIDANCE, "guidance (CFG scale) of the class images", minimum=0)
+    class_image_negative_prompt: str = setting("", "negative prompt of the class images")
+    class_image_batch_size: int = setting(4, "class images per pipeline call (diffusers' --sample_batch_size)", minimum=1,
+                                          ss=False)
+    prior_generation_precision: str | None = setting(
+        None, "dtype the class images are rendered in (diffusers' --prior_generation_precision)", choices=("fp32", "fp16", "bf16"),
+        default_text="fp16 on CUDA, else fp32", ss=False)
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them
@@ -299,7 +316,7 @@ class TrainConfig:
     sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
                                        kohya=("sample_every_n_steps",))
     sample_prompts: list[str] | str | None = setting(
-        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l", path="file", lines=True,
+        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l --ss", path="file", lines=True,
         metavar="PROMPT_OR_FILE")
     sample_steps: int = setting(20, "default sampler steps for sample prompts", minimum=1)
     sample_guidance_rescale: float | None = setting(
@@ -315,8 +332,15 @@ class TrainConfig:
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
 
-    cpu_threads: int | None = setting(None, "torch CPU threads for this run; 1 is much faster for tiny models on a busy machine",
-                                      minimum=1, default_text="torch's choice", ss=False)
+    # samples (#21): the sampler of the sample images (kohya's --sample_sampler; a prompt line's --ss wins)
+    sample_sampler: str | None = setting(
+        None, "sampler of the sample images: an A1111 name (Euler a, DPM++ 2M Karras, ...) or kohya's (euler_a, "
+        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",), metavar="NAME",
+        default_text="the model's own scheduler")
+
+    cpu_threads: int | None = setting(None, "torch CPU threads for this run (tiny models on a busy machine are much faster on 1)",
+                                      minimum=1, default_text="1 for a UNet under 100M parameters on the CPU, else torch's",
+                                      ss=False)
     log_every: int = setting(1, "write a step event every N steps", minimum=1, ss=False)
     tensorboard: bool = setting(False, "also log to TensorBoard (needs the tensorboard package)", ss=False)
     comment: str = setting("", "ss_training_comment stored in the file", kohya=("training_comment",), ss="ss_training_comment")
@@ -406,7 +430,7 @@ class TrainConfig:
                      "data.dataset_config_path to a kohya dataset config)")
         elif d.path and check_paths:
             e += _check_image_folder("data.path", d.path)
-        if d.reg_path and check_paths:
+        if d.reg_path and check_paths and not d.num_class_images:  # with class images it may start empty
             e += _check_image_folder("data.reg_path", d.reg_path)
 
         if self.steps is None and self.epochs is None:
@@ -460,9 +484,13 @@ class TrainConfig:
             e.append(f"sample_prompts: file {self.sample_prompts} not found; set a list of prompts or an existing file")
         elif self.sample_prompts:
             try:
-                load_prompts(self.sample_prompts)
+                line_samplers = {sp.sampler for sp in load_prompts(self.sample_prompts)} - {None}
             except (ValueError, OSError) as err:
                 e.append(f"sample_prompts: {err}")
+            else:  # a sampler whose package is missing is found now, not at the first sample
+                e += [f"sample_prompts: --ss {p}" for name in sorted(line_samplers) for p in check_sampler(name)]
+        if self.sample_sampler in sampler_names():
+            e += [f"sample_sampler: {p}" for p in check_sampler(resolve_sampler(self.sample_sampler))]
 
         # data
         if d.resolution < 64 or d.resolution % 64:
@@ -474,6 +502,10 @@ class TrainConfig:
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         e += _subset_rules(self, check_paths)
+        if d.num_class_images:
+            from .data.class_images import class_image_problems  # torch-free; the rules of the folder it fills
+
+            e += class_image_problems(self, check_paths)
         return e
 
     def _loss_rules(self) -> list[str]:

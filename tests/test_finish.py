@@ -84,3 +84,19 @@ def test_cpu_warnings_name_big_samples_and_bf16_on_small_models(tmp_path):
     (w,) = cpu_warnings(cfg, "cpu", 2_600_000)
     assert "bf16" in w and "2.6M" in w and 'mixed_precision = "no"' in w
     assert cpu_warnings(cfg, "cpu", 860_000_000) == []  # full-size SD1.5: bf16 is faster there
+
+
+def test_a_small_unet_on_the_cpu_trains_on_one_thread_unless_told(tiny_training_root, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        on_step = lambda e: seen.append(torch.get_num_threads()) if e["event"] == "step" else None  # noqa: E731
+        train(_cfg(tiny_training_root, tmp_path / "a.safetensors", steps=1, sample_prompts=[]), on_event=on_step)
+        assert seen == [1] and torch.get_num_threads() == 2  # one thread while it ran, torch's count back after
+        train(_cfg(tiny_training_root, tmp_path / "b.safetensors", steps=1, sample_prompts=[], cpu_threads=2), on_event=on_step)
+        assert seen == [1, 2]  # an explicit count wins
+    finally:
+        torch.set_num_threads(before)

@@ -326,7 +326,7 @@ def test_import_kohya_gui_config_round_trips(tmp_path, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
 
 
-def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
+def test_web_ui_confines_subset_paths_and_kohya_configs(tmp_path):
     from sd_lora.config import SubsetConfig
     from webui.security import PathError, Workspace, confine_config
 
@@ -336,7 +336,8 @@ def test_web_ui_confines_subset_paths_and_refuses_kohya_configs(tmp_path):
         confine_config(ws, cfg)
     cfg.data.subsets.pop()
     assert confine_config(ws, cfg).data.subsets[0].path == str(ws.root / "datasets" / "a")
-    with pytest.raises(PathError, match="not read in the web UI"):
+    # a kohya dataset config is read now, once it and every folder it names are checked (tests/test_webui_kohya_config.py)
+    with pytest.raises(PathError, match="^data.dataset_config_path: 'configs/ds.toml' does not exist in the workspace"):
         confine_config(ws, TrainConfig(data=DataConfig(dataset_config_path="configs/ds.toml")))
 
 

@@ -127,3 +127,14 @@ def test_library_row_click_selects_that_lora(tmp_path):
     wired = [(ids[d["targets"][0][0]], [ids[o] for o in d["outputs"]]) for d in demo.config["dependencies"]
              if d["targets"] and d["targets"][0][1] == "select"]
     assert ("library-table", ["library-name"]) in wired
+
+
+def test_the_job_view_names_each_cache_stage():
+    from webui.jobs import Progress, fold_event
+
+    stages = []
+    for stage in ("latents", "text", "class_images"):
+        p = Progress()
+        fold_event(p, {"event": "cache", "stage": stage, "done": 3, "total": 10})
+        stages.append(p.stage)
+    assert stages == ["caching latents 3/10", "caching text embeddings 3/10", "rendering class images 3/10"]

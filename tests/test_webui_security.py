@@ -160,6 +160,25 @@ def test_every_entry_point_refuses_escapes(app):
         _, started = client.predict(toml, api_name="/start_job")
         assert "Not started" in started and "outside the workspace" in started
     assert not list((ws.root / "jobs").iterdir())
+    # a kohya dataset config: each folder it names is checked too, and refused by name
+    kohya = ws.root / "configs" / "kohya" / "ds.toml"
+    kohya.parent.mkdir(parents=True)
+    kohya.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{ws.root / "datasets" / "cats"}"\n'
+                     f'[[datasets.subsets]]\nimage_dir = "{outside}"\nis_reg = true\n')
+    toml = 'steps = 1\n[data]\ndataset_config_path = "configs/kohya/ds.toml"'
+    msg = client.predict(toml, api_name="/validate_config")
+    assert "datasets[1].subsets[2].image_dir" in msg and "outside the workspace" in msg and "subsets[1]" not in msg, msg
+    _, started = client.predict(toml, api_name="/start_job")
+    assert "Not started" in started and "outside the workspace" in started
+    assert not list((ws.root / "jobs").iterdir())
+    # an uploaded one lands in configs/kohya/ and is set in the TOML
+    from gradio_client import handle_file
+
+    up = ws.root.parent / "up.toml"
+    up.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{ws.root / "datasets" / "cats"}"\n')
+    _choice, text, note = client.predict("steps = 1", handle_file(str(up)), api_name="/upload_dataset_config")
+    assert 'dataset_config_path = "configs/kohya/up.toml"' in text and "Uploaded" in note
+    assert "outside" not in client.predict(text, api_name="/validate_config")
     # library and generation: LoRA names stay in loras/
     (ws.root / "models" / "x.safetensors").write_bytes(b"")
     for name in ("../models/x", "../../outside/secret", "/etc/passwd"):

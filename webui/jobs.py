@@ -103,6 +103,10 @@ class EventTail:
         return self.progress
 
 
+# how the job view names a "cache" event's stage (training/events.py)
+CACHE_STAGES = {"latents": "caching latents", "text": "caching text embeddings", "class_images": "rendering class images"}
+
+
 def fold_event(p: Progress, e: dict) -> None:
     kind = e.get("event")
     p.last_event = kind
@@ -114,7 +118,8 @@ def fold_event(p: Progress, e: dict) -> None:
     elif kind == "sampling":
         p.stage = sampling_stage(e)
     elif kind == "cache":
-        p.stage = f"caching {e.get('stage', '')} {e.get('done', '?')}/{e.get('total', '?')}"
+        what = CACHE_STAGES.get(e.get("stage"), f"caching {e.get('stage', '')}")
+        p.stage = f"{what} {e.get('done', '?')}/{e.get('total', '?')}"
     elif kind == "step":
         p.step = int(e.get("step", p.step))
         p.epoch = e.get("epoch", p.epoch)

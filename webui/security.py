@@ -103,13 +103,99 @@ def map_config_paths(cfg, fn):
     return cfg
 
 
-def confine_config(ws: Workspace, cfg):
-    """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError."""
+def confine_config(ws: Workspace, cfg, snapshot: bool = True):
+    """Every path in a browser-given training config resolved inside the workspace (absolute), or PathError.
+
+    A kohya dataset config (data.dataset_config_path) names folders of its own: each is checked too
+    (`confine_dataset_config`); with `snapshot` the config then points at the checked copy."""
     if cfg.data.dataset_config_path:
-        # the folders a kohya dataset config names are read from the file, past this check: refused here
-        raise PathError("data.dataset_config_path: kohya dataset configs are not read in the web UI (the folders they "
-                        "name could be outside the workspace); write [[data.subsets]] tables instead")
-    return map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
+        cfg.data.dataset_config_path = str(confine_dataset_config(ws, cfg.data.dataset_config_path, snapshot))
+    cfg = map_config_paths(cfg, lambda path, name: str(ws.path(path, kind=name)))
+    for i, table in enumerate(cfg.data.subsets):
+        if table.metadata_path:
+            confine_metadata_images(ws, table.metadata_path, table.path or None, f"data.subsets[{i + 1}].metadata_path")
+    return cfg
+
+
+def confine_metadata_images(ws: Workspace, metadata_path: str, image_dir: str | None, where: str) -> None:
+    """PathError when a fine-tuning metadata file (JSON of image -> caption) names an image outside the
+    workspace: its keys are paths too (absolute, or relative to the subset's folder), read by the scan."""
+    from sd_lora.data.kohya_config import read_metadata
+
+    try:
+        pairs, _missing = read_metadata(metadata_path, image_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # not readable as metadata: the dataset scan refuses it with its own message
+    for image, _caption in pairs:
+        ws.path(Path(image).absolute(), kind=f"{where}: {Path(metadata_path).name} names an image")  # as the reader sees it
+
+
+SNAPSHOTS = "configs/.kohya-snapshots"  # checked copies of kohya dataset configs (no browser call writes a dot folder)
+MAX_DATASET_CONFIG_BYTES = 1_000_000
+
+
+def confine_dataset_config(ws: Workspace, user_path: str, snapshot: bool = True) -> Path:
+    """A kohya dataset config inside the workspace whose every folder and file (image_dir, metadata_file,
+    conditioning_data_dir, ... as sd_lora.data.kohya_config.dataset_config_paths lists them, from every
+    table) is an absolute path inside it; PathError naming each one that is not.
+
+    Relative paths are refused: kohya reads them from the folder the trainer runs in first, which is not
+    the UI's (a job runs elsewhere), so what was checked could differ from what is read. With `snapshot`
+    the bytes that were checked are copied to SNAPSHOTS/<name>-<sha256>.<ext> and that copy is returned:
+    a job queued now reads them, not a file edited after the check."""
+    import hashlib
+
+    from sd_lora.data.kohya_config import KohyaConfigError, dataset_config_paths
+
+    kind = "data.dataset_config_path"
+    src = ws.path(user_path, must_exist=True, kind=kind)
+    if not src.is_file() or src.suffix.lower() not in (".toml", ".json"):
+        raise PathError(f"{kind}: {user_path!r} is not a kohya dataset config file (.toml or .json)")
+    data = src.read_bytes()
+    if len(data) > MAX_DATASET_CONFIG_BYTES:
+        raise PathError(f"{kind}: {user_path!r} is {len(data)} bytes; a dataset config is text of a few kB")
+    checked = src
+    if snapshot:
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        stem = re.sub(r"[^A-Za-z0-9_+-]", "_", src.stem)[:64]
+        checked = ws.root / SNAPSHOTS / f"{stem}-{digest}{src.suffix.lower()}"
+        if not checked.is_file():
+            from sd_lora.io import atomic_write
+
+            with atomic_write(checked) as f:
+                f.write(data)
+    try:
+        named = dataset_config_paths(checked)
+    except KohyaConfigError as e:
+        raise PathError(f"{kind}: {e}") from e
+    shown, problems = ws.relative(src), []
+    for where, value in named:
+        if not isinstance(value, str):
+            continue  # not a path: the reader refuses it with its line
+        if not Path(value).expanduser().is_absolute():
+            problems.append(f"{shown}: {where} = {value!r} is a relative path; write it as the absolute path of the "
+                            f"folder inside the workspace (e.g. {ws.root / 'datasets' / Path(value).name})")
+            continue
+        try:
+            ws.path(value, kind=f"{shown}: {where}")
+        except PathError as e:
+            problems.append(str(e))
+    if not problems:  # the metadata files' image entries (fine-tuning subsets), once their folders are known good
+        from sd_lora.data.kohya_config import read_dataset_config
+
+        try:
+            subsets = read_dataset_config(checked).subsets
+        except ValueError:
+            subsets = []  # validate() lists the file's problems, and a config with problems does not start
+        for where, table in subsets:
+            if table.metadata_path:
+                try:
+                    confine_metadata_images(ws, table.metadata_path, table.path or None, f"{shown}: {where}.metadata_file")
+                except PathError as e:
+                    problems.append(str(e))
+    if problems:
+        raise PathError("\n".join(problems))
+    return checked
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")

@@ -203,10 +203,22 @@ def run(args) -> int:
     if errors:
         raise ConfigError([with_flags(e) for e in errors])
     if args.dry_run:
+        import dataclasses
+
+        from ..data import class_images
         from ..data.dataset import scan_dataset
         from ..training.loop import make_plan
 
-        dataset = scan_dataset(cfg.data)
+        scanned = cfg.data
+        images = class_images.plan(cfg)  # how many class images a run would render first (none rendered here)
+        if images is not None:
+            print(images.describe())
+            if images.missing and class_images.reg_subset_is_empty(cfg):
+                print("(the regularization folder has no image yet: the scan and steps below leave it out)")
+                scanned = dataclasses.replace(cfg.data, reg_path=None)
+            elif images.missing:
+                print(f"(the scan and steps below count the {images.existing} regularization image(s) there now)")
+        dataset = scan_dataset(scanned)
         print("\n".join(dataset.report.lines()))
         dataset.check()  # a refused layout fails the dry run as it would fail the run
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))

@@ -96,18 +96,52 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(base / p)
 
 
-def read_dataset_config(path: str | Path) -> KohyaDataset:
-    """The subsets a kohya dataset config describes, in sd-lora's keys. Raises KohyaConfigError listing every problem."""
+def _read_file(path: Path) -> tuple[str, object]:
+    """(text, parsed values) of a dataset config: JSON by its suffix, else TOML."""
     import tomllib
 
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        return text, json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except OSError as e:
         raise KohyaConfigError([f"{path}: cannot read the dataset config ({e.strerror or e})"]) from e
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KohyaConfigError([f"{path}: not a valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} file ({e})"]) from e
+
+
+def dataset_config_paths(path: str | Path) -> list[tuple[str, object]]:
+    """Every file or folder a dataset config names: (where, value as written), e.g.
+    ("datasets[1].subsets[2].image_dir", "/data/dog"), for the keys that are paths (image_dir, metadata_file,
+    conditioning_data_dir, ...: the path fields of config.SubsetConfig, by their kohya names). Every table
+    is searched, also where kohya does not allow the key and unknown tables, so a checker (the web UI's
+    workspace confinement) sees every path the reader could open. A value that is not a string is listed as
+    it is. Raises KohyaConfigError when the file is not TOML / JSON."""
+    path = Path(path)
+    _text, values = _read_file(path)
+    item_keys = {k.attr: k for k in config_key("data.subsets").item_keys()}
+    names = {name for name, (attr, _const) in _kohya_names().items() if item_keys[attr].path}
+    found: list[tuple[str, object]] = []
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in names:
+                    found.append((here, value))
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i + 1}]")
+
+    walk(values, "")
+    return found
+
+
+def read_dataset_config(path: str | Path) -> KohyaDataset:
+    """The subsets a kohya dataset config describes, in sd-lora's keys. Raises KohyaConfigError listing every problem."""
+    path = Path(path)
+    text, values = _read_file(path)
     if not isinstance(values, dict):
         raise KohyaConfigError([f"{path}: not a kohya dataset config (expected [general] and [[datasets]] tables)"])
     lines = _lines(text) if path.suffix.lower() != ".json" else {}

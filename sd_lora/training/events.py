@@ -25,7 +25,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # a resumed run: the checkpoint it continues and the loss per step before it ([[step, loss], ...]),
     # so a reader of this run's events alone (a resumed web UI job) has the whole curve
     "resumed": ("step", "checkpoint", "losses"),
-    "cache": ("stage", "done", "total"),  # stage: "latents" or "text"
+    "cache": ("stage", "done", "total"),  # stage: "class_images" (data/class_images.py), "latents" or "text"
     "step": ("step", "total_steps", "epoch", "loss", "lr", "it_per_s", "eta_s"),  # every log_every steps and the last
     # sample images being rendered (after each sampler step, at most about once a second):
     # prompt i of prompts (1-based), sampler step of sampler_steps, the time left for the whole set

@@ -218,7 +218,9 @@ class _Trainer:
         cfg = self.cfg
         if self.main:
             cfg.stop_file.unlink(missing_ok=True)  # a STOP left from an earlier run must not end this one
-        # 1. data (before the model: a bad dataset fails in seconds)
+        # 1. data (before the model: a bad dataset fails in seconds), after rendering the class images it lacks
+        if cfg.data.num_class_images:
+            self._class_images()
         self.dataset = scan_dataset(cfg.data)
         for line in self.dataset.report.lines():
             self.log(line)
@@ -254,9 +256,19 @@ class _Trainer:
             # 7. finish (Ctrl-C here skips what is left of the final samples; the files are saved first)
             return self._finish()
 
+    def _class_images(self) -> None:
+        """Prior preservation's missing class images (data/class_images.py), rendered by the main process."""
+        from ..data.class_images import ensure_class_images
+
+        if self.main:
+            progress = lambda done, total: self.events.emit("cache", stage="class_images", done=done, total=total)  # noqa: E731
+            ensure_class_images(self.cfg, on_progress=progress, show_progress=self.bars, warn=self.warn)
+        self.acc.wait_for_everyone()
+
     # ------------------------------------------------------------------------------------------
     def _load_model(self) -> Model:
-        from ..models import WeightReader, architecture_of, load_base, load_vae, reload_in_dtype, zero_terminal_snr_scheduler
+        from ..models import (WeightReader, architecture_of, default_cpu_threads, load_base, load_vae, reload_in_dtype,
+                              zero_terminal_snr_scheduler)
         from ..network.inject import inject_network
 
         cfg, acc = self.cfg, self.acc
@@ -264,6 +276,9 @@ class _Trainer:
         pipe = load_base(cfg.model, prediction_type=cfg.prediction_type)
         arch = architecture_of(pipe)
         self.log(f"model: {arch.description}, {arch.prediction_type}")
+        if not cfg.cpu_threads and (threads := default_cpu_threads(pipe.unet, acc.device)):
+            torch.set_num_threads(threads)  # train() puts torch's count back when the run ends
+            self.log(f"cpu threads: {threads} (a small UNet on the CPU; set cpu_threads to choose)")
         if cfg.clip_skip and cfg.clip_skip > 1 and arch.is_sdxl:
             self.warn(f"clip_skip {cfg.clip_skip}: SDXL ignores clip skip (it reads both text encoders' penultimate layers, "
                       "as kohya and A1111 do); leave clip_skip unset for SDXL")
@@ -699,7 +714,8 @@ class _Trainer:
                                            self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                            guidance_rescale=self.cfg.guidance_rescale,
                                            zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
+                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip,
+                                           sampler=self.cfg.sample_sampler, model=self.cfg.model, vae=self.cfg.vae)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
@@ -776,8 +792,8 @@ def follow_schedule(scheduler) -> None:
 # 64 px, batch 1, rank 4 (2026-12-01): the tiny base (UNet 2.6M parameters) trained at 2.98 it/s in
 # fp32 and 0.45 it/s in bf16 (0.15x; 1.04 vs 0.16 it/s, 0.15x, with another run beside it): on small
 # layers the casts cost more than the bf16 math saves. Full-size SD1.5 is the other way round on the
-# same VM (bench/README.md: 2.49 s/step fp32, 1.58 s/step bf16), so only small UNets get the warning.
-BF16_CPU_SMALL_UNET = 100_000_000  # parameters
+# same VM (bench/README.md: 2.49 s/step fp32, 1.58 s/step bf16), so only small UNets
+# (models.SMALL_UNET_PARAMS) get the warning.
 def cpu_warnings(cfg: TrainConfig, device_type: str, unet_parameters: int) -> list[str]:
     """Settings that make a CPU run much slower than it needs to be, said before training starts."""
     if device_type != "cpu":
@@ -795,7 +811,9 @@ def cpu_warnings(cfg: TrainConfig, device_type: str, unet_parameters: int) -> li
                 f"sample images of {w}x{h} on the CPU: each sampler step costs about {ratio:.0f}x a training step at "
                 f"{cfg.data.resolution} px (x {cfg.sample_steps} steps x {len(sizes)} prompts, twice with guidance). "
                 "Set --w/--h in the prompt lines near the training resolution, or sample less often")
-    if cfg.mixed_precision == "bf16" and unet_parameters < BF16_CPU_SMALL_UNET:
+    from ..models import SMALL_UNET_PARAMS
+
+    if cfg.mixed_precision == "bf16" and unet_parameters < SMALL_UNET_PARAMS:
         out.append(
             f"mixed_precision = \"bf16\" on the CPU with a small UNet ({unet_parameters / 1e6:.1f}M parameters) is slower "
             "than fp32 (the tiny base trained at 0.15x of fp32's speed): use mixed_precision = \"no\" for this model")

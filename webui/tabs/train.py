@@ -27,7 +27,7 @@ from sd_lora.fields import assign
 from sd_lora.io import atomic_write
 
 from ..jobs import ACTIVE, STOPPED, FAILED
-from ..security import PathError, Workspace, confine_config, map_config_paths, safe_name
+from ..security import MAX_DATASET_CONFIG_BYTES, PathError, Workspace, confine_config, map_config_paths, safe_name
 from .common import guard, list_dirs, list_models
 
 # Presets by GPU memory. Each sets only memory-relevant keys; the comment says why.
@@ -62,16 +62,17 @@ BASIC_KEYS = [
     "model", "data.path", "output", "steps", "batch_size", "lr", "network.method", "network.preset", "network.rank",
     "network.alpha", "data.resolution", "optimizer", "mixed_precision", "gradient_checkpointing",
     "network.train_text_encoder", "save_every", "sample_every", "sample_prompts", "seed", "data.repeats",
+    "data.dataset_config_path",
 ]
 # Keys the page sets another way, so they get no form field.
 NOT_ON_FORM = {"resume": "the Resume button continues a stopped job",
-               "data.subsets": "[[data.subsets]] tables are written in the TOML box",
-               "data.dataset_config_path": "kohya dataset configs are not read in the web UI (webui/security.py)"}
+               "data.subsets": "[[data.subsets]] tables are written in the TOML box"}
 # Every other key, in the config's order: the "Advanced" part of the form is built from these, so a new
 # setting appears there with its help and type without an edit here.
 ADVANCED_KEYS = [k.name for k in config_keys() if k.name not in BASIC_KEYS and k.name not in NOT_ON_FORM]
 FORM_KEYS = BASIC_KEYS + ADVANCED_KEYS  # the order of the form's components (and of form_values)
 CONFIGS = "configs"  # the workspace folder the page saves configs to and loads them from
+KOHYA_CONFIGS = "configs/kohya"  # uploaded kohya dataset configs (their folders are checked: webui/security.py)
 
 
 def default_config() -> TrainConfig:
@@ -159,7 +160,7 @@ def save_config_file(ws: Workspace, text: str, name: str) -> Path:
     stem = (name or "").strip()
     stem = stem[: -len(".toml")] if stem.lower().endswith(".toml") else stem
     dest = ws.child(ws.root / CONFIGS, f"{safe_name(stem, 'config name')}.toml", kind="config name")
-    cfg = confine_config(ws, parse_toml(text))
+    cfg = confine_config(ws, parse_toml(text), snapshot=False)
     map_config_paths(cfg, lambda path, _name: os.path.relpath(path, dest.parent))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dest, "w", encoding="utf-8") as f:
@@ -178,8 +179,30 @@ def load_config_file(ws: Workspace, user_path: str) -> TrainConfig:
     path = ws.path(user_path, must_exist=True, kind="config file")
     if path.suffix.lower() != ".toml" or not path.is_relative_to(ws.root / CONFIGS):
         raise PathError(f"config file: {user_path!r} is not a .toml file in {CONFIGS}/ of the workspace")
-    cfg = confine_config(ws, load_config(path))
+    cfg = confine_config(ws, load_config(path), snapshot=False)
     return map_config_paths(cfg, lambda p, _name: ws.relative(p))
+
+
+def list_dataset_configs(ws: Workspace) -> list[str]:
+    """kohya dataset configs to pick: the uploaded ones (configs/kohya/) and TOML files in datasets/."""
+    found = []
+    for base, patterns in ((ws.root / KOHYA_CONFIGS, ("*.toml", "*.json")), (ws.root / "datasets", ("**/*.toml",))):
+        for pattern in patterns:
+            found += [p for p in base.glob(pattern) if p.is_file() and not any(x.startswith(".") for x in p.relative_to(ws.root).parts)]
+    return sorted(ws.relative(p) for p in found)
+
+
+def save_dataset_config(ws: Workspace, upload: str) -> str:
+    """An uploaded kohya dataset config copied to configs/kohya/ (its name made plain); its workspace path.
+    Its folders are checked when the config is validated or started (confine_dataset_config)."""
+    src = Path(upload)
+    if src.suffix.lower() not in (".toml", ".json"):
+        raise PathError(f"kohya dataset config: {src.name!r} is not a .toml or .json file")
+    dest = ws.child(ws.root / KOHYA_CONFIGS, safe_name(src.name, "uploaded file name"), kind="uploaded file name")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dest) as f:
+        f.write(src.read_bytes()[: MAX_DATASET_CONFIG_BYTES + 1])
+    return ws.relative(dest)
 
 
 # ---- what the page shows -------------------------------------------------------------------------------
@@ -374,7 +397,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     def workspace_lists():
         """Every list of workspace files in the tab, read now (a dataset uploaded a minute ago is in it)."""
         return [gr.update(choices=list_models(ws)), gr.update(choices=list_dirs(ws, "datasets")),
-                gr.update(choices=list_configs(ws))]
+                gr.update(choices=list_configs(ws)), gr.update(choices=list_dataset_configs(ws))]
 
     # ---- form <-> TOML ----------------------------------------------------------------------------
     @shown
@@ -430,6 +453,20 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         cfg = load_config_file(ws, name)
         return [dump_config(cfg), *form_values(cfg), message_html(f"Loaded <code>{html.escape(name)}</code>.")]
 
+    @shown
+    def upload_dataset_config(text: str, upload):
+        """An uploaded kohya dataset config saved to configs/kohya/ and set as data.dataset_config_path."""
+        if not upload:
+            raise PathError("kohya dataset config: choose a .toml file to upload")
+        rel = save_dataset_config(ws, upload if isinstance(upload, str) else upload.name)
+        try:
+            cfg = parse_toml(text)
+        except ConfigError:
+            cfg = default_config()
+        cfg.data.dataset_config_path = rel
+        return (gr.update(choices=list_dataset_configs(ws), value=rel), dump_config(cfg),
+                message_html(f"Uploaded <code>{html.escape(rel)}</code>; its folders are checked when you validate or start."))
+
     # ---- validate / start / stop / resume ---------------------------------------------------------
     def checked_config(text: str) -> tuple[TrainConfig | None, list[str]]:
         try:
@@ -437,7 +474,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         except ConfigError as e:
             return None, e.errors
         except PathError as e:
-            return None, [str(e)]
+            return None, str(e).splitlines()  # a kohya dataset config: one line per folder refused
         return cfg, cfg.validate()
 
     @shown
@@ -569,6 +606,15 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                 with gr.Row():
                     f_save = field("save_every", "save + checkpoint every N steps (0: end only)")
                     f_sample_every = field("sample_every", "sample every N steps (0: never)")
+                with gr.Row():
+                    # a kohya sd-scripts dataset config instead of the dataset folder: every folder it names must
+                    # be an absolute path inside the workspace (checked on validate / start, webui/security.py)
+                    f_kohya = gr.Dropdown([], label="kohya dataset config (instead of the dataset folder)",
+                                          info=config_key("data.dataset_config_path").help, allow_custom_value=True,
+                                          value=start_values["data.dataset_config_path"], scale=3,
+                                          elem_id="train-dataset-config")
+                    kohya_upload = gr.UploadButton("Upload kohya config", file_types=[".toml", ".json"], scale=1,
+                                                   elem_id="upload-dataset-config")
                 f_prompts = gr.Textbox(start_values["sample_prompts"], label="sample prompts (one a line; --n --w --h --s --d --l options)", lines=2)
             with gr.Column(scale=2):
                 toml_box = gr.Code(dump_config(cfg0), language=None, label="config (TOML): edit here or in the form",
@@ -582,7 +628,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                                            allow_custom_value=True, elem_id="config-file")
                     load_btn = gr.Button("Load config", scale=1, elem_id="load-config")
         basic = [f_model, f_data, f_output, f_steps, f_batch, f_lr, f_method, f_preset, f_rank, f_alpha, f_res, f_opt, f_mp,
-                 f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed, f_repeats]
+                 f_gc, f_te, f_save, f_sample_every, f_prompts, f_seed, f_repeats, f_kohya]
         assert len(basic) == len(BASIC_KEYS)
         advanced = []
         with gr.Accordion(f"Advanced: every other setting ({len(ADVANCED_KEYS)})", open=False, elem_id="train-advanced"):
@@ -618,6 +664,8 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     failing(preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset"))
     failing(save_btn.click(save_config, [toml_box, cfg_name], [cfg_file, message], api_name="save_config"))
     failing(load_btn.click(load_saved, cfg_file, [toml_box, *form, message], api_name="load_config"))
+    failing(kohya_upload.upload(upload_dataset_config, [toml_box, kohya_upload], [f_kohya, toml_box, message],
+                                api_name="upload_dataset_config"))
     failing(validate_btn.click(validate, toml_box, message, api_name="validate_config"))
     failing(start_btn.click(start, toml_box, [job, message], api_name="start_job"))
     failing(stop_btn.click(stop, job, [job, message], api_name="stop_job"))
@@ -632,10 +680,10 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     # back this browser's form; opening the tab reads the lists again too (like Generate and Library)
     demo = gr.context.Context.root_block
     demo.load(lambda: gr.update(choices=job_choices(), value=default_job()), None, job, api_name=False)
-    demo.load(workspace_lists, None, [f_model, f_data, cfg_file], api_name=False)
+    demo.load(workspace_lists, None, [f_model, f_data, cfg_file, f_kohya], api_name=False)
     demo.load(restore, saved, [toml_box, *form], api_name=False)
     if tab is not None:
-        tab.select(workspace_lists, None, [f_model, f_data, cfg_file], api_name=False)
+        tab.select(workspace_lists, None, [f_model, f_data, cfg_file, f_kohya], api_name=False)
         # the stored form is readable once the tab is shown (see restore); it equals the form after that
         tab.select(restore, saved, [toml_box, *form], api_name=False)
 
