@@ -32,6 +32,8 @@ from .fields import Key, describe, keys_of, problems, setting, settings_metadata
 from .generation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .network.config import NetworkConfig
 from .sample_prompts import load_prompts
+from .samplers import check_sampler, sampler_names
+from .samplers import resolve as resolve_sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Choices of the fields below (the fields are where the UI, the CLI and the docs read them)
@@ -147,6 +149,17 @@ class DataConfig:
     prior_generation_precision: str | None = setting(
         None, "dtype the class images are rendered in (diffusers' --prior_generation_precision)", choices=("fp32", "fp16", "bf16"),
         default_text="fp16 on CUDA, else fp32", ss=False)
+    # validation loss (#18): held-out images (data/dataset.py holds them out, training/validation.py scores them);
+    # kohya sd-scripts' names (train_network.py / library/config_util.py, kohya-ss/sd-scripts 48d368fa)
+    validation_split: float = setting(
+        0.0, "fraction of each subset's images held out for the validation loss: chosen by validation_seed, never "
+        "trained on, not counted in the steps (regularization images are never held out)", minimum=0, zero="none",
+        ss="ss_validation_split")
+    validation_seed: int | None = setting(None, "seed that chooses the validation_split images (the same ones every run "
+                                          "and on resume)", default_text="seed", ss="ss_validation_seed")
+    validation_path: str | None = setting(
+        None, "folder of validation images (never trained on; captions as for data.path, `N_name` folders give their "
+        "prompt), used with or instead of validation_split", path="dir", flag="--validation-data")
 
     def __post_init__(self):
         # Python callers may pass the tables as dicts, as TOML gives them
@@ -200,6 +213,9 @@ class SubsetConfig:
     caption_tag_dropout: float | None = _per_subset("caption_tag_dropout")
     caption_separator: str | None = _per_subset("caption_separator")
     wildcards: bool | None = _per_subset("wildcards")
+    # validation loss (#18): kohya's dataset-config keys; 1.0 holds out the whole subset (kohya's validation folder)
+    validation_split: float | None = _per_subset("validation_split", kohya=("validation_split",))
+    validation_seed: int | None = _per_subset("validation_seed", kohya=("validation_seed",))
 
 
 
@@ -318,7 +334,7 @@ class TrainConfig:
     sample_every: int | None = setting(None, "render sample images every N steps", minimum=0, zero="never", default_text="never",
                                        kohya=("sample_every_n_steps",))
     sample_prompts: list[str] | str | None = setting(
-        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l", path="file", lines=True,
+        None, "prompt lines, or a file of them; kohya options --n --w --h --s --d --l --ss", path="file", lines=True,
         metavar="PROMPT_OR_FILE")
     sample_steps: int = setting(20, "default sampler steps for sample prompts", minimum=1)
     sample_guidance_rescale: float | None = setting(
@@ -333,6 +349,23 @@ class TrainConfig:
     ema_warmup: bool = setting(False, "with ema_decay: warm the decay up as diffusers' EMAModel does "
                                "(min(ema_decay, 1 - k^-2/3) at the k-th update), so early weights fade faster")
     ema_samples: bool = setting(False, "with ema_decay: render the sample images with the EMA weights")
+
+    # samples (#21): the sampler of the sample images (kohya's --sample_sampler; a prompt line's --ss wins)
+    sample_sampler: str | None = setting(
+        None, "sampler of the sample images: an A1111 name (Euler a, DPM++ 2M Karras, ...) or kohya's (euler_a, "
+        "dpmsolver++, k_dpm_2, ...); a prompt line's --ss wins", choices=sampler_names, kohya=("sample_sampler",), metavar="NAME",
+        default_text="the model's own scheduler")
+
+    # validation loss (#18): training/validation.py; kohya sd-scripts' names (train_network.py, 48d368fa)
+    validate_every_n_steps: int | None = setting(
+        None, "compute the validation loss (data.validation_split / data.validation_path) every N steps", minimum=1,
+        default_text="never (per epoch instead)", ss="ss_validate_every_n_steps")
+    validate_every_n_epochs: int | None = setting(
+        None, "compute the validation loss at the end of every N-th epoch (and always at the last step)", minimum=1,
+        default_text="every epoch when validate_every_n_steps is unset", ss="ss_validate_every_n_epochs")
+    max_validation_steps: int | None = setting(
+        None, "score at most this many validation images each time (the first ones; each image is one batch)", minimum=1,
+        default_text="all", ss="ss_max_validation_steps")
 
     cpu_threads: int | None = setting(None, "torch CPU threads for this run (tiny models on a busy machine are much faster on 1)",
                                       minimum=1, default_text="1 for a UNet under 100M parameters on the CPU, else torch's",
@@ -503,9 +536,13 @@ class TrainConfig:
             e.append(f"sample_prompts: file {self.sample_prompts} not found; set a list of prompts or an existing file")
         elif self.sample_prompts:
             try:
-                load_prompts(self.sample_prompts)
+                line_samplers = {sp.sampler for sp in load_prompts(self.sample_prompts)} - {None}
             except (ValueError, OSError) as err:
                 e.append(f"sample_prompts: {err}")
+            else:  # a sampler whose package is missing is found now, not at the first sample
+                e += [f"sample_prompts: --ss {p}" for name in sorted(line_samplers) for p in check_sampler(name)]
+        if self.sample_sampler in sampler_names():
+            e += [f"sample_sampler: {p}" for p in check_sampler(resolve_sampler(self.sample_sampler))]
 
         # data
         if d.resolution < 64 or d.resolution % 64:
@@ -517,6 +554,7 @@ class TrainConfig:
         if not d.caption_extension.startswith("."):
             e.append(f"data.caption_extension: must start with a dot, e.g. \".txt\" (got {d.caption_extension!r})")
         e += _subset_rules(self, check_paths)
+        e += _validation_rules(self, check_paths)
         if d.num_class_images:
             from .data.class_images import class_image_problems  # torch-free; the rules of the folder it fills
 
@@ -682,6 +720,27 @@ def _augment_rules(cfg: TrainConfig, tables: list[tuple[str, SubsetConfig]]) -> 
                      f"{default}) holds one crop of each image in its own colours, but {', '.join(per_step)} "
                      f"{'changes' if len(per_step) == 1 else 'change'} them every step; set data.cache_latents = \"none\" (each step then encodes its images with the VAE: slower), or "
                      "turn random_crop / color_aug off to keep the cache (kohya refuses the two together too)")
+    return e
+
+
+def _validation_rules(cfg: TrainConfig, check_paths: bool) -> list[str]:
+    """The validation-loss settings (#18): a split that leaves images to train on, and validation data for the intervals."""
+    d, e = cfg.data, []
+    if not 0 <= d.validation_split < 1:
+        e.append(f"data.validation_split: must be in [0, 1) (got {d.validation_split!r}); 0.1 holds out 10 % of each "
+                 "subset (to hold out a whole folder, set data.validation_path to it)")
+    for i, t in enumerate(d.subsets):
+        if t.validation_split is not None and not 0 <= t.validation_split <= 1:
+            e.append(f"data.subsets[{i + 1}].validation_split: must be between 0 and 1 (got {t.validation_split!r}); "
+                     "1.0 holds out the whole subset")
+    if d.validation_path and check_paths:
+        e += _check_image_folder("data.validation_path", d.validation_path)
+    # listed subsets (or a kohya dataset config) may hold out images of their own: then the intervals apply
+    held = d.validation_split or d.validation_path or d.dataset_config_path or any(t.validation_split for t in d.subsets)
+    if not held:
+        used = [k for k in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps") if getattr(cfg, k)]
+        e += [f"{k}: has no validation images to score; set data.validation_split (e.g. 0.1) or data.validation_path, "
+              f"or leave {k} unset" for k in used]
     return e
 
 

@@ -163,6 +163,7 @@ def parameters_text(settings: dict[str, Any]) -> str:
         "Guidance rescale": _exact(settings["guidance_rescale"]) if settings["guidance_rescale"] else None,
         "Zero terminal SNR": "True" if settings["zero_terminal_snr"] else None,
         "Grid": " | ".join(settings["grid"]) if settings.get("grid") else None,
+        "LoRA in training": settings.get("training"),  # a training sample's run and step (training/sampling.py)
         "Version": f"sd-lora {__version__}",
     }
     return format_infotext(settings["prompt"], settings["negative_prompt"], params)
@@ -177,7 +178,8 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
     zero_terminal_snr, clip_skip) plus what the caller must find itself: "loras" [(name, unet_w, te_w)] from
     our LoRAs field with "lora_block_weights" beside it (each one's block weights text, or None),
     "lora_hashes" {name: hash}, "model", "model_hash", "vae" (names, not paths), "grid" (a sweep's
-    or comparison's labels: the text of a whole grid, not of one image).
+    or comparison's labels: the text of a whole grid, not of one image), "training" (a training
+    sample's "<output name> step N": its LoRA was the adapters in memory, not a file).
 
     Reads A1111's and Forge's infotexts too (sd_lora.infotext.parse_infotext follows A1111's parser):
     their LoRAs are the prompt's <lora:...> tags, which generate() resolves itself."""
@@ -201,6 +203,7 @@ def settings_from_infotext(text: str) -> dict[str, Any]:
         "clip_skip": int(res["Clip skip"]) if res.get("Clip skip", "").isdigit() else None,
         "loras": loras, "lora_block_weights": [m[4] for m in items], "lora_hashes": hashes,
         "model": res.get("Model"), "model_hash": res.get("Model hash"), "vae": res.get("VAE"), "grid": res.get("Grid"),
+        "training": res.get("LoRA in training"),
     }
 
 
@@ -415,7 +418,7 @@ def generate(
         "prompt": written, "encoded_prompt": encoded, "negative_prompt": negative_prompt or "",
         "seed": int(seed), "steps": int(steps), "guidance": float(guidance), "guidance_rescale": rescale,
         "zero_terminal_snr": bool(zero_terminal_snr), "width": int(width or 0) or None, "height": int(height or 0) or None,
-        "model": _model_name(base, pipe), "model_hash": _model_hash(base, pipe), "vae": Path(vae).name if vae else None,
+        **model_settings(base, pipe), "vae": Path(vae).name if vae else None,
         "loras": _loras(specs), "sampler": sampler, "scheduler": type(pipe.scheduler).__name__,
         "clip_skip": int(clip_skip) if clip_skip else None,
     }
@@ -643,7 +646,13 @@ def _parts(spec: LoraSpec) -> list[str]:
             if any(name.startswith(prefixes) for name in lora.modules)]
 
 
-def _model_name(base, pipe) -> str:
+def model_settings(base, pipe) -> dict[str, str | None]:
+    """The "model" and "model_hash" settings (the infotext's Model and Model hash) of a base given as a
+    path, or of a pipeline that says where it came from (base None or a pipeline)."""
+    return {"model": model_name(base, pipe), "model_hash": _model_hash(base, pipe)}
+
+
+def model_name(base, pipe=None) -> str:
     """A1111's "Model": the checkpoint's file name without its extension (a folder: its name)."""
     source = base if isinstance(base, (str, os.PathLike)) else pipe.name_or_path
     if not source:

@@ -216,7 +216,13 @@ def apply_emphasis(hidden, weights):
     z = hidden.float()
     before = z.mean()
     scaled = z * w.unsqueeze(-1)
-    return (scaled * (before / scaled.mean())).to(hidden.dtype)
+    ratio = before / scaled.mean()
+    if not bool(torch.isfinite(ratio)):
+        # A mean of exactly zero: an untrained final layer norm (weight 1, bias 0, as in tiny test models)
+        # centres every token, and A1111's formula would make the whole prompt NaN/inf. Trained CLIP states
+        # have means far from zero (SD1.5: about -0.1), where this never applies. Keep the weighted states.
+        return scaled.to(hidden.dtype)
+    return (scaled * ratio).to(hidden.dtype)
 
 
 def encode_chunks(encoder, ids, hidden_index: int, layer_norm: bool, weights=None):

@@ -1,9 +1,11 @@
 """Sample-prompt lines in kohya's syntax, parsed without torch (the config checks them up front).
 
-    a photo of sks dog on a beach --n blurry, low quality --w 512 --h 768 --s 28 --d 1234 --l 7
+    a photo of sks dog on a beach --n blurry, low quality --w 512 --h 768 --s 28 --d 1234 --l 7 --ss euler_a
 
---n negative prompt, --w/--h width/height, --s sampler steps, --d seed, --l guidance (CFG) scale.
-Lines starting with # and empty lines are ignored. sd_lora.training.sampling renders them.
+--n negative prompt, --w/--h width/height, --s sampler steps, --d seed, --l guidance (CFG) scale,
+--ss sampler: kohya's name (euler_a, dpmsolver++, k_dpm_2, ...) or A1111's ("Euler a", "DPM++ 2M Karras"),
+sd_lora.samplers.resolve; the line's sampler wins over the run's `sample_sampler`. Lines starting with
+# and empty lines are ignored. sd_lora.training.sampling renders them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_OPTION = re.compile(r"\s--(n|w|h|s|d|l)\s+")
+from .samplers import resolve
+
+_OPTION = re.compile(r"\s--(ss|n|w|h|s|d|l)\s+")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class SamplePrompt:
     steps: int | None = None
     seed: int | None = None
     guidance: float = 7.0
+    sampler: str | None = None  # our name (sd_lora.samplers), resolved from --ss
 
 
 def parse_prompt_line(line: str) -> SamplePrompt:
@@ -45,7 +50,11 @@ def parse_prompt_line(line: str) -> SamplePrompt:
                 sp.seed = int(value)
             elif opt == "l":
                 sp.guidance = float(value)
+            elif opt == "ss":
+                sp.sampler = resolve(value)
         except ValueError as e:
+            if opt == "ss":
+                raise ValueError(f"sample prompt {line!r}: --ss {e}") from e
             raise ValueError(f"sample prompt {line!r}: --{opt} needs a number, got {value!r}") from e
     return sp
 

@@ -10,6 +10,16 @@ Reading an A1111 infotext: its "Automatic" schedule is the sampler's own default
 and DPM++ SDE is Karras in v1.10 (modules/sd_samplers_kdiffusion.py: `('DPM++ 2M', 'sample_dpmpp_2m',
 ['k_dpmpp_2m'], {'scheduler': 'karras'})`); infotexts from before v1.9 name the sampler alone
 ("DPM++ 2M Karras"). Torch-free at import (the CLI's --help lists the names).
+
+kohya's names (KOHYA: its `--sample_sampler` choices and the `--ss` option of sample-prompt lines)
+are spellings of entries of the same table, for training samples (`resolve`). The classes are the
+ones kohya-ss/sd-scripts library/train_util.py `get_my_scheduler` builds (read at commit 48d368fa,
+lines 6199-6245; the choices at lines 4196-4218). Its "k_" prefix means k-diffusion, not Karras
+(A1111's aliases agree: 'k_lms' is LMS, 'k_dpm_2_a' is DPM2 a, its Karras variants' aliases end in
+"_ka"; modules/sd_samplers_kdiffusion.py samplers_k_diffusion), so no kohya name sets Karras sigmas.
+Two things kohya does that we do not: it builds each scheduler with SD1's betas instead of the
+model's scheduler config (we keep the model's, as `generate` does, so v-prediction and zero-SNR
+settings carry over), and it turns on DDIM's clip_sample (A1111's DDIM does not clip).
 """
 
 from __future__ import annotations
@@ -40,7 +50,45 @@ SAMPLERS: dict[str, Sampler] = {
     "DDIM": Sampler("DDIMScheduler", {}, "DDIM", "Automatic"),
     "UniPC": Sampler("UniPCMultistepScheduler", {}, "UniPC", "Automatic"),
     "LCM": Sampler("LCMScheduler", {}, "LCM", "Automatic"),
+    # k-diffusion samplers that A1111 lists without a schedule of their own ("Automatic": the model's sigmas)
+    "Heun": Sampler("HeunDiscreteScheduler", {}, "Heun", "Automatic"),
+    "LMS": Sampler("LMSDiscreteScheduler", {}, "LMS", "Automatic", needs="scipy"),  # integrates its coefficients with scipy
+    "DPM2": Sampler("KDPM2DiscreteScheduler", {}, "DPM2", "Automatic"),
+    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a", "Automatic"),
+    # A1111's PLMS is PNDM without its Runge-Kutta warm-up steps
+    "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}, "PLMS", "Automatic"),
+    # kohya's dpmsolver and dpmsingle have no A1111 name (A1111's "DPM++ 2S a" is ancestral): these are ours
+    # (diffusers refuses its default final_sigmas_type "zero" for algorithm_type "dpmsolver" and names "sigma_min")
+    "DPM-Solver 2M": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 2,
+                                                             "use_karras_sigmas": False, "final_sigmas_type": "sigma_min"},
+                             "DPM-Solver 2M", "Automatic"),
+    "DPM++ 2S": Sampler("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                         "use_karras_sigmas": False}, "DPM++ 2S", "Automatic"),
 }
+
+# kohya sd-scripts' sampler names -> ours, by the class and options get_my_scheduler gives each
+KOHYA: dict[str, str] = {
+    "ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
+    "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a", "dpmsolver": "DPM-Solver 2M", "dpmsolver++": "DPM++ 2M",
+    "dpmsingle": "DPM++ 2S",
+}
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Every name `resolve` takes: ours (A1111's), then kohya's."""
+    return tuple(SAMPLERS) + tuple(KOHYA)
+
+
+def resolve(name: str) -> str:
+    """Our name for an A1111 or kohya sampler name (training samples take both); a ValueError naming
+    the choices for any other."""
+    if name in SAMPLERS:
+        return name
+    if name in KOHYA:
+        return KOHYA[name]
+    raise ValueError(f"sampler {name!r}: use one of {', '.join(repr(n) for n in SAMPLERS)}, or kohya's "
+                     f"{', '.join(KOHYA)}")
 
 
 def check_sampler(name) -> list[str]:

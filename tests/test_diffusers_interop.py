@@ -13,11 +13,11 @@ from sd_lora.testing import tiny_pipeline
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def _trained_file(tmp_path, arch, preset, method="lora"):
+def _trained_file(tmp_path, arch, preset, method="lora", **network):
     torch.manual_seed(3)
     pipe = tiny_pipeline(arch)
     net = inject_network(pipe, NetworkConfig(method=method, preset=preset, rank=4, alpha=2, conv_rank=3, conv_alpha=1.5,
-                                             block_ranks={"up": 6}))
+                                             block_ranks={"up": 6}, **network))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -127,7 +127,12 @@ def test_converted_diffusers_and_peft_files_load_in_diffusers_and_peft(tmp_path)
 
     from sd_lora.formats.convert import convert_lora
 
-    path, _ = _trained_file(tmp_path, "sd1", "full", method="dora")
+    # DoRA's default (input-axis) magnitudes have no PEFT form; network.dora_axis = "output" trains PEFT's
+    default, _ = _trained_file(tmp_path, "sd1", "full", method="dora")
+    with pytest.raises(ValueError, match="per input column.*Keep this file in kohya format"):
+        convert_lora(default, tmp_path / "d.safetensors", to="diffusers", dtype="fp32")
+    (tmp_path / "out").mkdir()
+    path, _ = _trained_file(tmp_path / "out", "sd1", "full", method="dora", dora_axis="output")
     ours = _apply_ours(tiny_pipeline("sd1"), load_lora(path))
     out = convert_lora(path, tmp_path / "d.safetensors", to="diffusers", dtype="fp32")
     ref = tiny_pipeline("sd1")

@@ -141,10 +141,18 @@ def test_kohya_state_dict_reproduces_peft_delta_and_reloads(method):
         base = layer.get_base_layer().weight.detach()
         tensors = {k[len(t.kohya_name) + 1:]: v for k, v in sd.items() if k.startswith(t.kohya_name + ".")}
         ours = LoraModule(t.kohya_name, for_keys(tensors).name, tensors).delta(base.shape, base_weight=base)
-        if method == "dora":  # PEFT's merged DoRA weight minus the base weight
-            layer.merge(adapter_names=["sd_lora"])
-            peft = layer.get_base_layer().weight.detach() - base
-            layer.unmerge()
+        if method == "dora":  # the trained layer's output equals the base layer's with base + our delta
+            # (DoRA is PEFT's LoRA layer plus our input-axis magnitude, which PEFT's merge() does not know)
+            bl = layer.get_base_layer()
+            x = torch.randn(2, base.shape[1], 6, 6) if base.dim() == 4 else torch.randn(2, 3, base.shape[1])
+            with torch.no_grad():
+                want = layer(x)
+                saved = bl.weight.data.clone()
+                bl.weight.data += ours
+                got = layer.get_base_layer()(x)
+                bl.weight.data = saved
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            continue
         else:
             peft = layer.get_delta_weight("sd_lora").detach()
         torch.testing.assert_close(ours, peft, atol=1e-5, rtol=1e-4)

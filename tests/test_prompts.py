@@ -325,3 +325,18 @@ def test_cli_clip_skip_is_written_and_from_png_remakes_the_image(tmp_path):
     assert main(common + ["--from-png", str(first), "--out", str(again)]) == 0
     assert "Clip skip: 2" in read_png_infotext(again)
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_emphasis_on_zero_mean_states_keeps_the_weights_instead_of_dividing_by_zero():
+    from sd_lora.prompts import apply_emphasis
+
+    # an untrained final layer norm (weight 1, bias 0) centres every token: the mean A1111 restores is 0
+    # (exactly, with the tiny models' penultimate layer at clip skip 2; here: +x and -x in every token)
+    half = torch.randn(1, 77, 4, generator=torch.Generator().manual_seed(0))
+    hidden = torch.cat([half, -half], dim=-1)
+    assert hidden.mean() == 0
+    weights = torch.ones(77)
+    weights[2] = 1.5
+    got = apply_emphasis(hidden, weights.tolist())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, hidden * weights[:, None])

@@ -68,6 +68,7 @@ class Progress:
     eta_s: float | None = None
     stage: str = ""  # "caching latents 3/10", "training", ...
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # "val" events: (step, validation loss)
     samples: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -130,6 +131,8 @@ def fold_event(p: Progress, e: dict) -> None:
         if p.loss is not None:
             p.losses.append((p.step, float(p.loss)))
         p.stage = "training"
+    elif kind == "val":
+        p.val_losses.append((int(e.get("step") or 0), float(e.get("loss"))))
     elif kind == "sample":
         p.samples += [str(x) for x in e.get("paths", [])]
     elif kind == "checkpoint":
@@ -153,6 +156,8 @@ def _fold_resumed(p: Progress, e: dict) -> None:
     """A resumed run carries the loss history of the run it continues: the curve starts at step 1."""
     before = [(int(s), float(v)) for s, v in e.get("losses") or [] if int(s) <= int(e.get("step") or 0)]
     p.losses = before + [x for x in p.losses if x[0] > (before[-1][0] if before else 0)]
+    val = [(int(s), float(v)) for s, v in e.get("val_losses") or [] if int(s) <= int(e.get("step") or 0)]
+    p.val_losses = val + [x for x in p.val_losses if x[0] > int(e.get("step") or 0)]
     p.step = int(e.get("step") or p.step)
     p.stage = f"resumed at step {p.step}"
 

@@ -150,6 +150,9 @@ def _from_png(args, log) -> tuple[dict, list]:
         raise ValueError(f"--from-png: {args.from_png} is a grid ({png['grid']}); remake it with its own flags "
                          "(--grid W1,W2,...), or pass one of its images' PNGs")
     chosen = {k: getattr(args, k) if getattr(args, k) != args.parser.get_default(k) else png[k] for k in FROM_PNG_SETTINGS}
+    if png["training"]:
+        log.warning("Note: %s is a training sample (%s): its LoRA was the adapters in memory at that step; "
+                    "add --lora with the file saved at that step to come close", args.from_png, png["training"])
     if png["vae"] and not args.vae:
         raise ValueError(f"--from-png: the image was made with the VAE {png['vae']!r}; pass it with --vae PATH")
     if png["model_hash"] and model_hash(args.model) != png["model_hash"]:

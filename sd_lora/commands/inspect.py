@@ -22,11 +22,15 @@ def inspect_lora(path, strict: bool = True) -> dict:
     from ..infotext import file_hashes
     from ..formats.lora_file import is_finite
     from ..formats.read import load_lora
+    from ..formats.kohya import lora_file_state_dict
+    from ..methods import dora
 
     lora = load_lora(path, strict=strict)
     ranks = Counter(m.rank for m in lora.modules.values() if m.rank is not None)
     alphas = Counter(m.alpha for m in lora.modules.values() if m.alpha is not None)
     kinds = Counter(m.kind + ("+dora" if m.has_dora else "") for m in lora.modules.values())
+    output_axis = len(dora.output_axis_modules(lora_file_state_dict(lora)))
+    dora_modules = sum(m.has_dora for m in lora.modules.values())
     targets = Counter()
     for name in lora.modules:
         for prefix, label in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder")):
@@ -48,6 +52,9 @@ def inspect_lora(path, strict: bool = True) -> dict:
         "file_bytes": size,
         "tensor_bytes": lora.num_bytes(),
         "trigger_words": lora.trigger_words,
+        # DoRA modules by the axis of their magnitude: A1111 and ComfyUI apply only "input" as written
+        "dora_axes": {"input": dora_modules - output_axis, "output": output_axis} if dora_modules else {},
+        "dora_note": dora.OUTPUT_AXIS_NOTE if output_axis else None,
         "nan_or_inf_modules": non_finite,
         "hashes": file_hashes(p) if p.is_file() else {},  # what Civitai and A1111 look the file up by
         "settings": recorded_settings(lora.metadata),  # what sd-lora trained it with ({} for other tools' files)
@@ -83,6 +90,10 @@ def run(args) -> int:
     if info["hashes"]:
         h = info["hashes"]
         print(f"hashes: AutoV2 {h['autov2']} (A1111 model hash), AutoV3 {h['autov3']} (A1111 \"Lora hashes\"), sha256 {h['sha256']}")
+    if info["dora_axes"]:
+        axes = info["dora_axes"]
+        print(f"DoRA magnitudes: {axes['input']} modules per input column, {axes['output']} per output row"
+              + (f" (note: {info['dora_note']})" if info["dora_note"] else ""))
     bad = info["nan_or_inf_modules"]
     print(f"NaN/inf check: {'FAILED in ' + str(len(bad)) + ' modules (first: ' + bad[0] + ')' if bad else 'ok'}")
     settings = info["settings"]

@@ -218,7 +218,7 @@ def run(args) -> int:
                 scanned = dataclasses.replace(cfg.data, reg_path=None)
             elif images.missing:
                 print(f"(the scan and steps below count the {images.existing} regularization image(s) there now)")
-        dataset = scan_dataset(scanned)
+        dataset = scan_dataset(scanned, seed=cfg.seed)  # the seed chooses the validation_split images
         print("\n".join(dataset.report.lines()))
         dataset.check()  # a refused layout fails the dry run as it would fail the run
         print("steps: " + make_plan(cfg, dataset, 1).describe(cfg, 1))

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from .buckets import Placement, make_buckets, place
 from .captions import caption_extensions, fixed_caption, read_caption
 from .images import ImageProblem, open_image
 from .masks import Mask, has_alpha, mask_for
-from .subsets import REPEATS_FOLDER, Subset, dataset_subsets
+from .subsets import REPEATS_FOLDER, Subset, dataset_subsets, validation_subsets
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +92,18 @@ class DatasetReport:
         ]
         total = sum(s["samples"] for s in self.subsets) or 1
         for s in self.subsets:  # the step arithmetic of each subset: its share of an epoch
+            if s.get("validation") and not s["images"]:  # a validation folder (or a subset held out whole)
+                out.append(f"  {s['name']}: {s['validation']} validation image(s), {s['resolution']} px, never trained on")
+                continue
             out.append(f"  {s['name']}: {s['images']} image(s) x {s['repeats']} repeats = {s['samples']} samples per epoch "
                        f"({100 * s['samples'] / total:.0f}%), {s['resolution']} px" + (", regularization" if s["is_reg"] else "")
                        + (", flipped" if s["flip"] else "") + (", shuffled captions" if s["shuffle_captions"] else "")
                        + "".join(f", {name}" for name in s.get("augment", ()))
-                       + (f", masked loss ({s['masks']})" if s.get("masks") else ""))
+                       + (f", masked loss ({s['masks']})" if s.get("masks") else "")
+                       + (f"; {s['validation']} more held out for the validation loss" if s.get("validation") else ""))
+        held = sum(s.get("validation") or 0 for s in self.subsets)
+        if held:
+            out.append(f"validation: {held} image(s) held out (never trained on, not in the steps below)")
         out.append(f"captions: {caps}; {fallback}")
         if len(self.buckets_by_resolution) > 1:
             for res, counts in sorted(self.buckets_by_resolution.items()):
@@ -126,13 +135,17 @@ class DatasetReport:
 
 @dataclass
 class Dataset:
-    items: list[Item]
+    items: list[Item]  # what is trained on
     report: DatasetReport
+    validation: list[Item] = field(default_factory=list)  # held out for the validation loss (training/validation.py)
 
     def check(self) -> None:
         """Raise ValueError naming every refused folder (and the fix), or when nothing is left to train on."""
         problems = list(self.report.problems)
-        if not problems and not [i for i in self.items if not i.is_reg]:
+        if not problems and not [i for i in self.items if not i.is_reg] and self.validation:
+            problems.append(f"no training images: all {len(self.validation)} are held out for the validation loss; lower "
+                            "validation_split, or give the validation images a folder of their own (data.validation_path)")
+        elif not problems and not [i for i in self.items if not i.is_reg]:
             problems.append("no training images: every usable image is a regularization image (reg_path / is_reg); add "
                             "training images" if self.report.reg_images else
                             "data.path: no usable training images (see the skipped list above)")
@@ -263,21 +276,34 @@ def _empty_caption_fix(sub: Subset) -> str:
     return f"set class_tokens = \"...\" in {sub.source.split(': ', 1)[-1]} of the kohya dataset config"
 
 
-def scan_dataset(cfg: DataConfig) -> Dataset:
-    """Read every subset of `cfg` (training + regularization) into a Dataset."""
+def held_out_count(images: int, split: float) -> int:
+    """How many of a subset's images validation_split holds out: as many as kohya's split_train_val leaves for
+    validation when it trains ceil(images x (1 - split)) of them (library/train_util.py, kohya-ss/sd-scripts
+    48d368fa); below 1 at least one image is left to train on."""
+    if split >= 1:
+        return images
+    return min(images - 1, math.floor(images * split + 1e-9)) if images else 0
+
+
+def scan_dataset(cfg: DataConfig, seed: int | None = None) -> Dataset:
+    """Read every subset of `cfg` (training + regularization + validation) into a Dataset.
+
+    seed: the training seed, which chooses the validation_split images when validation_seed is unset (as kohya's
+    --seed does); the choice is a function of it and the subset's name alone, so it is the same every run."""
     from .kohya_config import read_metadata
 
     report = DatasetReport()
     items: list[Item] = []
-    subsets = dataset_subsets(cfg)
+    validation: list[Item] = []
+    subsets = dataset_subsets(cfg) + validation_subsets(cfg)
     listed = bool(cfg.dataset_config_path or cfg.subsets)
     outputs_by_key: dict[str, tuple[Path, list[Path]]] = {}
     if not listed:  # a kohya-layout folder (and reg folder): what its layout leaves out or gets wrong
         roots = [(Path(cfg.path), "data.path")] + ([(Path(cfg.reg_path), "data.reg_path")] if cfg.reg_path else [])
         for root, key in roots:
             outputs_by_key[key] = (root, [])
-            _layout_findings(root, key, [s for s in subsets if s.source == key], [r for r, _ in roots if r != root], report,
-                             outputs_by_key[key][1])
+            others = [r for r, _ in roots if r != root] + ([Path(cfg.validation_path)] if cfg.validation_path else [])
+            _layout_findings(root, key, [s for s in subsets if s.source == key], others, report, outputs_by_key[key][1])
     bucket_lists: dict[tuple, list[tuple[int, int]]] = {}
     for sub in subsets:
         exts = caption_extensions(sub.caption_extension)
@@ -295,7 +321,13 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
                 report.skipped.append((name, f"listed in {sub.metadata_path} but no such image"))
         else:
             paths = _images_in(folder, outputs, recursive=sub.recursive) if folder.is_dir() else []
-        report.folders[sub.name] = sub.repeats
+        if cfg.validation_path and sub.source != "data.validation_path":  # a validation folder inside a training one
+            val_root = Path(cfg.validation_path).resolve()
+            paths = [p for p in paths if not Path(p).resolve().is_relative_to(val_root)]
+        split = 0.0 if sub.is_reg else (sub.validation_split or 0.0)  # regularization images are never held out
+        if split < 1:  # a subset held out whole is not a dataset dir of the trained file
+            report.folders[sub.name] = sub.repeats
+        found: list[Item] = []
         usable = empty = no_alpha = 0
         # masked loss (#19): kohya applies alpha masks whenever alpha_mask is set, mask images only with masked_loss
         mask_dir = Path(sub.mask_path) if sub.mask_path and cfg.masked_loss else None
@@ -331,22 +363,34 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             if mask is not None and mask.alpha and not has_alpha(path):
                 no_alpha += 1
             p = place(img.size, sub.resolution, sub.bucket_step, buckets, upscale=sub.upscale, square=not sub.buckets)
-            items.append(Item(path, caption, sub.repeats, sub.is_reg, sub.name, p, hashlib.sha256(data).hexdigest(), sub, mask))
+            found.append(Item(path, caption, sub.repeats, sub.is_reg, sub.name, p, hashlib.sha256(data).hexdigest(), sub, mask))
             usable += 1
-            report.buckets[p.bucket] += 1
-            report.buckets_by_resolution.setdefault(sub.resolution, Counter())[p.bucket] += 1
+        # validation loss (#18): the held-out images, chosen by (validation seed, subset name) among the usable ones
+        held = held_out_count(len(found), split)
+        if split and not held:
+            report.warnings.append(f"{sub.source}: validation_split {split:g} of {len(found)} image(s) holds out none; "
+                                   "raise it, or set data.validation_path to a folder of validation images")
+        chooser = sub.validation_seed if sub.validation_seed is not None else seed if seed is not None else 0
+        picked = set(random.Random(f"validation:{chooser}:{sub.name}").sample(range(len(found)), held))
+        validation += [it for i, it in enumerate(found) if i in picked]
+        for it in (it for i, it in enumerate(found) if i not in picked):
+            items.append(it)
+            report.buckets[it.bucket] += 1
+            report.buckets_by_resolution.setdefault(sub.resolution, Counter())[it.bucket] += 1
             if sub.is_reg:
                 report.reg_images += 1
             else:
                 report.images += 1
+        trained = len(found) - held
         report.empty_captions += empty
-        report.subsets.append({"name": sub.name, "path": sub.path, "images": usable, "repeats": sub.repeats,
-                               "samples": usable * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
+        report.subsets.append({"name": sub.name, "path": sub.path, "images": trained, "repeats": sub.repeats,
+                               "samples": trained * sub.repeats, "is_reg": sub.is_reg, "resolution": sub.resolution,
                                "flip": bool(sub.flip), "shuffle_captions": bool(sub.shuffle_captions), "source": sub.source,
                                "masks": "mask images" if mask_dir is not None else "alpha" if sub.alpha_mask else None,
                                "augment": [name for name, on in (("random crop", sub.random_crop), ("colour aug", sub.color_aug),
                                            (f"tag dropout {sub.caption_tag_dropout:g}", sub.caption_tag_dropout),
-                                           ("wildcards", sub.wildcards)) if on]})
+                                           ("wildcards", sub.wildcards)) if on],
+                               "validation": held})
         if mask_problems:
             report.problems.append(f"{sub.source}: {len(mask_problems)} image(s) without a usable mask: "
                                    + "; ".join(mask_problems[:3]) + (f"; and {len(mask_problems) - 3} more" if len(mask_problems) > 3 else ""))
@@ -373,4 +417,4 @@ def scan_dataset(cfg: DataConfig) -> Dataset:
             report.warnings.append(
                 f"{key}: {root} holds {len(outputs)} image(s) that a training run wrote ({_shown(outputs, root)}); they are "
                 "NOT trained. Keep outputs out of the dataset folder: write output = somewhere else")
-    return Dataset(items, report)
+    return Dataset(items, report, validation)

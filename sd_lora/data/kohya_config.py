@@ -37,10 +37,9 @@ SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "alpha_mask", "condi
 # kohya options sd-lora does not have, with the value that means "off" (BaseSubsetParams' defaults): accepted
 # at that value, refused at any other. cache_info only speeds up kohya's own scan: any value is fine.
 NOT_SUPPORTED = {"face_crop_aug_range": None, "token_warmup_min": 1, "token_warmup_step": 0,
-                 "custom_attributes": None, "network_multiplier": 1.0, "validation_split": 0.0,
-                 "resize_interpolation": None}
-# accepted at any value: they change nothing that is trained here
-IGNORED = {"cache_info": "kohya's scan cache; not needed here", "validation_seed": "used only with validation_split"}
+                 "custom_attributes": None, "network_multiplier": 1.0, "resize_interpolation": None}
+# accepted at any value: they change nothing that is trained here (validation_split / validation_seed are read: #18)
+IGNORED = {"cache_info": "kohya's scan cache; not needed here"}
 
 
 class KohyaConfigError(ValueError):

@@ -83,6 +83,18 @@ def dataset_subsets(data: DataConfig) -> list[Subset]:
     return out
 
 
+def validation_subsets(data: DataConfig) -> list[Subset]:
+    """The subsets of data.validation_path (validation loss, #18): read as a kohya-layout folder, every image held
+    out (validation_split 1.0, as kohya marks a validation folder in its dataset config)."""
+    if not data.validation_path:
+        return []
+    out = []
+    for s in folder_subsets(Path(data.validation_path), data, False):
+        out.append(replace(s, name="val:" + s.name, source="data.validation_path", key="data.validation_path",
+                           validation_split=1.0))
+    return out
+
+
 def _named(subsets: list[Subset]) -> list[Subset]:
     """Names for listed subsets: the folder's name (`reg:` for regularization), made unique (the same folder may
     be listed twice, e.g. at two resolutions)."""

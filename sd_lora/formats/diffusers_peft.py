@@ -28,7 +28,9 @@ import torch
 
 from ..io import atomic_write, save_safetensors_atomic
 from ..methods import dora
+from ..methods.dora import warn_output_axis
 from ..methods.lora import DOWN, UP, METHOD as LORA
+from .kohya import lora_file_state_dict
 from .lora_file import LoraFile, LoraModule
 
 # Multi-word identifiers in module paths (kohya names join every path part with "_").
@@ -208,6 +210,7 @@ def save_diffusers(path: str | os.PathLike, lora: LoraFile, dtype: torch.dtype |
     """Write `lora` as a diffusers-format .safetensors file (for `pipe.load_lora_weights`)."""
     sd, metadata = to_diffusers(lora, dtype)
     save_safetensors_atomic(sd, path, metadata)
+    warn_output_axis(path, lora_file_state_dict(lora))  # (every DoRA module here is per output row)
     return Path(path)
 
 
@@ -235,4 +238,5 @@ def save_peft(folder: str | os.PathLike, lora: LoraFile, dtype: torch.dtype | No
         config.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
         with atomic_write(folder / component / "adapter_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+    warn_output_axis(folder, lora_file_state_dict(lora))
     return folder

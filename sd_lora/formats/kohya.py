@@ -21,6 +21,7 @@ import torch
 
 from .. import methods
 from ..io import atomic_path
+from ..methods import dora
 from .lora_file import LoraFile, is_finite
 from .metadata import compute_sshs_hashes
 
@@ -112,6 +113,7 @@ def save_lora(
             "sd_lora.formats.metadata.build_training_metadata or convert with str()."
         )
     _check_finite(sd, dtype)
+    dora.warn_output_axis(path, sd)
     tensors = {
         k: (v.detach().to("cpu") if dtype is None or not v.is_floating_point() else v.detach().to("cpu", dtype)).contiguous()
         for k, v in sd.items()

@@ -341,9 +341,10 @@ def _check_module(root: Path, module: LoraModule) -> None:
     if "alpha" in t and t["alpha"].numel() != 1:
         raise LoraFormatError(f"{what}: alpha must be a single number, found shape {tuple(t['alpha'].shape)}.")
     try:
-        delta_shape = module.method.check(t)
-        if "dora_scale" in t and not dora.fits(t["dora_scale"], delta_shape):
-            raise ValueError(f"dora_scale has {t['dora_scale'].numel()} values for a {delta_shape} delta")
+        module.method.check(t)
+        # (a conv's input-axis dora_scale has one value per input channel, not per kernel entry)
+        if "dora_scale" in t and not dora.fits(t["dora_scale"], module.method.shape(t)):
+            raise ValueError(f"dora_scale has {t['dora_scale'].numel()} values for a {module.method.shape(t)} weight")
     except (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:
         raise LoraFormatError(f"{what}: its tensor shapes do not fit together ({e}). The file is damaged.") from e
 

@@ -149,7 +149,8 @@ class Method:
         raise ValueError(f"{self.name} files can be read and applied but not trained.")
 
     def hooks(self, layer, adapter: str, config) -> list:
-        """Forward hooks this method adds to one PEFT layer (kohya's rank / module dropout)."""
+        """Forward hooks this method adds to one PEFT layer (kohya's rank / module dropout; DoRA's
+        input-axis scale, with the magnitude parameter it puts on the layer)."""
         return []
 
     def export(self, layer, adapter: str) -> dict:
@@ -160,8 +161,9 @@ class Method:
         """Copy file tensors into one PEFT layer's adapter (the inverse of export)."""
         raise ValueError(f"loading saved weights into a {self.name!r} network is not supported; use method 'lora'.")
 
-    def file_params(self, target, rank: int) -> int | None:
-        """Numbers this method stores for one target at `rank` (None: not known in advance)."""
+    def file_params(self, target, rank: int, config=None) -> int | None:
+        """Numbers this method stores for one target at `rank` under NetworkConfig `config` (None: not
+        known in advance)."""
         return None
 
     def update(self, tuners: dict, step: int) -> None:
@@ -169,6 +171,10 @@ class Method:
 
     def regularization_loss(self, named_params):
         return 0.0
+
+    def config_network_args(self, config) -> dict[str, str]:
+        """ss_network_args entries a run's NetworkConfig gives this method beyond network_args (DoRA's axis)."""
+        return {}
 
     def network_args(self, alpha, conv_rank, conv_alpha) -> tuple[str, dict[str, str]]:
         """(ss_network_module, ss_network_args) of a file trained with this method."""

@@ -81,7 +81,7 @@ class LohaMethod(Method):
             if adapter in getattr(layer, k):
                 copy_into(getattr(layer, k)[adapter], t[k])
 
-    def file_params(self, target, rank):
+    def file_params(self, target, rank, config=None):
         return 2 * rank * (target.in_features * target.kernel_numel + target.out_features) + 1
 
 

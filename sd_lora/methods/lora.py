@@ -28,7 +28,7 @@ class LoraMethod(Method):
     )
     network_module = KOHYA_NETWORK
     algo = "lora"
-    use_dora = False
+    use_dora = False  # its modules carry a dora_scale (DoRA's layer is its own: methods/dora.py)
 
     # ---- files ------------------------------------------------------------------------------
     def is_complete(self, t):
@@ -119,7 +119,7 @@ class LoraMethod(Method):
     def peft_config(self, config, common, total_steps):
         from peft import LoraConfig
 
-        return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=self.use_dora,
+        return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           init_lora_weights=True, **common)
 
     def hooks(self, layer, adapter, config):
@@ -141,7 +141,7 @@ class LoraMethod(Method):
         copy_into(layer.lora_A[adapter].weight, t[DOWN])
         copy_into(layer.lora_B[adapter].weight, t[UP])
 
-    def file_params(self, target, rank):
+    def file_params(self, target, rank, config=None):
         # down: rank x in x k x k, up: out x rank, alpha: one value.
         return rank * (target.in_features * target.kernel_numel + target.out_features) + 1
 

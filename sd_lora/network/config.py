@@ -10,6 +10,7 @@ from .blocks import block_problems, family_alphas
 
 PRESETS = ("attention", "kohya", "full")  # what each selects: sd_lora/network/presets.py
 BLOCKS = ("down", "mid", "up")
+DORA_AXES = ("input", "output")
 
 
 def _trainable_methods() -> tuple[str, ...]:
@@ -85,6 +86,10 @@ class NetworkConfig:
     adalora_total_steps: int | None = setting(None, "adalora: steps its rank schedule is planned over", unit="steps",
                                               default_text="the run's steps")
     adalora_target_rank: int | None = setting(None, "adalora: average rank to end with (PEFT's target_r)")
+    # DoRA only: the axis of its magnitude (sd_lora/methods/dora.py). Ignored by the other methods.
+    dora_axis: str = setting("input", "dora: magnitude per input column (A1111, Forge and ComfyUI apply it as trained) "
+                             "or per output row (PEFT/diffusers' form: only diffusers, PEFT and sd-lora apply it as trained)",
+                             choices=DORA_AXES)
 
     def validate(self) -> list[str]:
         """Every problem with these values, as 'key: what is wrong; what to do' (empty list if fine)."""

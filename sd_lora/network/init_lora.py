@@ -132,8 +132,9 @@ def load_init_lora(network, path) -> int:
                 continue
             if suffix not in file_t or file_t[suffix].numel() != tensor.numel():
                 got = tuple(file_t[suffix].shape) if suffix in file_t else "nothing"
+                axis = " (DoRA magnitudes: network.dora_axis \"input\" is (1, in), \"output\" (out, 1))" if suffix == "dora_scale" else ""
                 raise InitLoraError(f"{what}: {target.kohya_name}.{suffix} is {got} in the file and {tuple(tensor.shape)} "
-                                    "in this network; use the method, rank and factor settings of the run that wrote it")
+                                    f"in this network; use the method, rank and factor settings of the run that wrote it{axis}")
         # no alpha in a file means alpha = rank (scale 1), as kohya and A1111 read it
         file_alpha = module.alpha if module.alpha is not None else float(file_rank or 1)
         own_alpha = float(own["alpha"])
@@ -141,6 +142,9 @@ def load_init_lora(network, path) -> int:
             raise InitLoraError(f"{what}: {target.kohya_name} has alpha {file_alpha:g} in the file and {own_alpha:g} in "
                                 f"this network; set {_what_sets_alpha(target, network)} to {file_alpha:g}")
     for target in network.targets:
-        method.load(network._layer(target), ADAPTER_NAME, matched[target.kohya_name].tensors)
+        try:
+            method.load(network._layer(target), ADAPTER_NAME, matched[target.kohya_name].tensors)
+        except ValueError as e:  # (a method's own misfit, e.g. a DoRA magnitude on the other axis)
+            raise InitLoraError(f"{what}: {target.kohya_name}: {e}") from None
     logger.info("init_lora: %d modules loaded from %s", len(network.targets), path)
     return len(network.targets)

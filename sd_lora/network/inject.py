@@ -1,6 +1,7 @@
 """Inject trainable adapters into a diffusers pipeline through PEFT, and read them out in kohya form.
 
-PEFT does the layer work (LoRA / DoRA / LoHa / LoKr / AdaLoRA layers, merging, dtype handling);
+PEFT does the layer work (LoRA / LoHa / LoKr / AdaLoRA layers, dtype handling; DoRA is PEFT's LoRA
+layer plus the input-axis magnitude of sd_lora.methods.dora);
 this module decides *which* layers (presets.py) and gives PEFT exact module paths plus rank/alpha
 patterns. Everything particular to one method (its PEFT config, extra hooks such as kohya's rank /
 module dropout, how its PEFT parameters become file keys and back) is that method's, in
@@ -155,7 +156,7 @@ class LoraNetwork:
                     conv_rank=cfg.effective_conv_rank if convs else None,
                     conv_alpha=cfg.effective_conv_alpha if convs else None,
                     # kohya writes its block settings inside ss_network_args (train_network.py: json.dumps(net_kwargs))
-                    network_args=block_network_args(cfg, self.plan, convs) or None)
+                    network_args={**block_network_args(cfg, self.plan, convs), **self.method.config_network_args(cfg)} or None)
 
     def kohya_shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> shape of the kohya state dict (works on meta-device pipelines: no data needed)."""

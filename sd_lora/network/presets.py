@@ -146,7 +146,7 @@ def estimate_file_bytes(targets: list[Target], config, bytes_per_param: int = 2)
     for t in targets:
         if t.rank is None:
             raise ValueError(f"{t.kohya_name}: no rank resolved; pass a network's targets (LoraNetwork.targets)")
-        n = method.file_params(t, t.rank)
+        n = method.file_params(t, t.rank, config)
         if n is None:
             return None
         total += n * bytes_per_param

@@ -30,12 +30,15 @@ EVENTS: dict[str, tuple[str, ...]] = {
               "arithmetic", "batch_size", "gradient_accumulation", "processes"),
     # a resumed run: the checkpoint it continues and the loss per step before it ([[step, loss], ...]),
     # so a reader of this run's events alone (a resumed web UI job) has the whole curve
-    "resumed": ("step", "checkpoint", "losses"),
+    # (and the validation loss per validated step before it, [[step, loss], ...])
+    "resumed": ("step", "checkpoint", "losses", "val_losses"),
     "cache": ("stage", "done", "total"),  # stage: "class_images" (data/class_images.py), "latents" or "text"
     # every log_every steps and the last. lr: the run's rate as applied (x Prodigy's d); lrs: each parameter
     # group's ({"unet": .., "text_encoder": .., "unet_plus": ..}); grad_norm: the adapters' gradient norm
     # before clipping (null for a skipped NaN step)
     "step": ("step", "total_steps", "epoch", "loss", "lr", "lrs", "grad_norm", "it_per_s", "eta_s"),
+    # the validation loss (training/validation.py) after `step`: the mean over `images` held-out images x 4 timesteps
+    "val": ("step", "loss", "images"),
     # sample images being rendered (after each sampler step, at most about once a second):
     # prompt i of prompts (1-based), sampler step of sampler_steps, the time left for the whole set
     "sampling": ("step", "prompt", "prompts", "sampler_step", "sampler_steps", "eta_s"),

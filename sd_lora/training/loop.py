@@ -6,7 +6,7 @@
     load_base + inject        base model frozen, LoRA adapters trainable (fp32)
     caches                    latents (VAE once per image) and text-encoder outputs (if frozen)
     loop                      noise -> UNet -> loss -> backward -> clip -> step, with events,
-                              samples, saves and checkpoints every N steps
+                              samples, saves, checkpoints and the validation loss every N steps
     finish                    the LoRA file and a last checkpoint (so a finished run can be
                               extended), then the final samples, a loss-curve PNG and a sample grid
 
@@ -17,7 +17,7 @@ kinds and fields from events.EVENTS.
 Exact resume: the batches of an epoch are a function of (seed, epoch), and each step reseeds its
 random draws (noise, timesteps, flips, random crops, colours, caption wildcards and dropouts, adapter
 dropout) from (seed, step, micro batch, process). A checkpoint therefore needs only the step, the
-weights and the optimizer state (and the EMA weights, training/ema.py, when ema_decay is set), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
+weights and the optimizer state (and the EMA weights, training/ema.py, when ema_decay is set; the loss and validation-loss history), and a resumed run repeats the uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,6 +112,7 @@ class Caches:
 
     latents: LatentCache
     text: TextCache | None  # None when the text encoders run each step (trained, or shuffled captions)
+    validation: object = None  # validation.ValidationSet of the held-out images, else None
 
 
 @dataclass
@@ -135,6 +136,7 @@ class History:
 
     losses: list[tuple[int, float]]
     sample_paths: list[Path]
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # per validated step (validation.py)
 
 
 def _seed_for(*parts) -> int:
@@ -230,7 +232,7 @@ class _Trainer:
         # 1. data (before the model: a bad dataset fails in seconds), after rendering the class images it lacks
         if cfg.data.num_class_images:
             self._class_images()
-        self.dataset = scan_dataset(cfg.data)
+        self.dataset = scan_dataset(cfg.data, seed=cfg.seed)
         for line in self.dataset.report.lines():
             self.log(line)
         self.events.emit("dataset", **self.dataset.report.to_dict())
@@ -380,13 +382,20 @@ class _Trainer:
             if d.cache_text_to_disk:
                 self.log(f"text: {counts['encoded']} encoded, {counts['reused']} reused from {cache_dir}")
             self.events.emit("cache", stage="text", done=len(text.hidden), total=len(text.hidden))
+        validation = None
+        if self.dataset.validation:  # encoded now: the VAE encoder is freed below
+            from .validation import ValidationSet
+
+            seed = cfg.seed if d.validation_seed is None else d.validation_seed
+            validation = ValidationSet.build(self.dataset.validation, model.pipe.vae, d, cache_dir, text, model.conditioner,
+                                             self.acc.device, seed, show_progress=self.bars)
         if d.cache_latents != "none":
             # Every latent is cached: the VAE encoder is never needed again, and the decoder only
             # for sample images. Freeing them lowers the peak memory of the training steps.
             model.pipe.vae.encoder = None
             if not cfg.sample_prompts:
                 model.pipe.vae.decoder = None
-        return Caches(latents, text)
+        return Caches(latents, text, validation)
 
     def _prepare_optimization(self, model: Model) -> Optimization:
         cfg, acc, pipe = self.cfg, self.acc, model.pipe
@@ -445,9 +454,11 @@ class _Trainer:
         follow_schedule(opt.scheduler)
         step = int(state["step"])
         history = History(losses=[(int(s), float(v)) for s, v in state.get("losses", [])],
-                          sample_paths=[Path(p) for p in state.get("samples", []) if Path(p).is_file()])
+                          sample_paths=[Path(p) for p in state.get("samples", []) if Path(p).is_file()],
+                          val_losses=[(int(s), float(v)) for s, v in state.get("val_losses", [])])
         self.log(f"resumed from {folder} at step {step} of {self.plan.total_steps}")
-        self.events.emit("resumed", step=step, checkpoint=str(folder), losses=[list(x) for x in history.losses])
+        self.events.emit("resumed", step=step, checkpoint=str(folder), losses=[list(x) for x in history.losses],
+                         val_losses=[list(x) for x in history.val_losses])
         return step, history
 
     # ------------------------------------------------------------------------------------------
@@ -608,6 +619,8 @@ class _Trainer:
                 if not self.bars:
                     self.log(f"step {step}/{plan.total_steps}: loss {mean_loss:.4f}, {rate_text(it_s)}"
                              + (f", ETA {eta:.0f} s" if eta is not None else ""))
+            if self.caches.validation is not None and self._validation_due(step):
+                self._validate(step)
             end_of_epoch = step % plan.steps_per_epoch == 0
             if step < plan.total_steps and (
                 (cfg.save_every and step % cfg.save_every == 0)
@@ -619,11 +632,37 @@ class _Trainer:
                 self._samples(step)  # a stop while sampling ends it; the check above then saves the checkpoint
         bar.close()
 
+    def _validation_due(self, step: int) -> bool:
+        from .validation import validation_due
+
+        return validation_due(step, self.plan.total_steps, self.plan.steps_per_epoch, self.cfg.validate_every_n_steps,
+                              self.cfg.validate_every_n_epochs)
+
+    def _validate(self, step: int) -> None:
+        """The validation loss of the weights after `step` (training/validation.py), as a "val" event. Every process
+        scores its share of the images; the modules go back to training mode after."""
+        from .validation import evaluating
+
+        v = self.caches.validation
+        modules = [self.model.pipe.unet, *self.model.conditioner.encoders]
+        with self._eval_weights(), evaluating(modules):
+            total, count = v.loss_sum(self.cfg, self.model, self.acc.device, self.acc.autocast, self.rank, self.world)
+        if self.world > 1:
+            both = self.acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=self.acc.device), reduction="sum")
+            total, count = float(both[0]), int(both[1])
+        loss = total / max(count, 1)
+        self.history.val_losses.append((step, loss))
+        images = min(len(v.items), self.cfg.max_validation_steps or len(v.items))
+        self.events.emit("val", step=step, loss=loss, images=images)
+        if not self.bars:
+            self.log(f"step {step}/{self.plan.total_steps}: validation loss {loss:.4f} ({images} image(s))")
+
     # ------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         return {
             "losses": self.history.losses,
             "samples": [str(p) for p in self.history.sample_paths],
+            "val_losses": self.history.val_losses,
             "processes": self.world,
             "config": dump_config(self.cfg),
         }
@@ -733,7 +772,8 @@ class _Trainer:
                                            self.cfg.sample_steps, self.cfg.seed, autocast=self.acc.autocast,
                                            guidance_rescale=self.cfg.guidance_rescale,
                                            zero_terminal_snr=self.cfg.zero_terminal_snr,
-                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip)
+                                           on_progress=progress, should_stop=self._stop_requested, clip_skip=self.cfg.clip_skip,
+                                           sampler=self.cfg.sample_sampler, model=self.cfg.model, vae=self.cfg.vae)
             except (SamplingInterrupted, KeyboardInterrupt) as e:
                 paths, complete = getattr(e, "paths", []), False
                 self.log(f"samples for step {step} interrupted after {len(paths)} of {len(prompts)} image(s)")
@@ -760,7 +800,8 @@ class _Trainer:
                 self.warn(f"final samples interrupted; {path} and the checkpoint of step {step} are saved")
         if self.main:
             out = cfg.output_path
-            curve = draw_loss_curve([s for s, _ in losses], [v for _, v in losses], artifacts.loss_curve(out)) if losses else None
+            curve = draw_loss_curve([s for s, _ in losses], [v for _, v in losses], artifacts.loss_curve(out),
+                                    validation=self.history.val_losses) if losses else None
             grid = draw_sample_grid(self.history.sample_paths, artifacts.sample_grid(out))
             self.events.emit("done", step=step, path=str(path), loss_curve=str(curve) if curve else None,
                              sample_grid=str(grid) if grid else None)

@@ -20,15 +20,21 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def draw_loss_curve(steps: list[int], losses: list[float], path: Path, size=(800, 400)) -> Path:
-    """Raw loss (light) and a moving average (dark) against the step, with axis labels."""
+VALIDATION_COLOUR = (230, 110, 20)
+
+
+def draw_loss_curve(steps: list[int], losses: list[float], path: Path, size=(800, 400),
+                    validation: list[tuple[int, float]] | None = None) -> Path:
+    """Raw loss (light) and a moving average (dark) against the step, with axis labels; `validation`
+    ((step, loss) pairs: training/validation.py) as a second line with a dot at each value."""
     W, H = size
     left, right, top, bottom = 70, 20, 20, 40
+    validation = list(validation or [])
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
     if steps:
-        lo, hi = min(losses), max(losses)
+        lo, hi = min(losses + [v for _, v in validation]), max(losses + [v for _, v in validation])
         if hi - lo < 1e-12:
             lo, hi = lo - 0.5, hi + 0.5
         s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
@@ -42,6 +48,11 @@ def draw_loss_curve(steps: list[int], losses: list[float], path: Path, size=(800
                 d.line(pts, fill=colour, width=2)
             else:
                 d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+        val_pts = [xy(s, v) for s, v in validation]
+        if len(val_pts) > 1:
+            d.line(val_pts, fill=VALIDATION_COLOUR, width=2)
+        for x, y in val_pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=VALIDATION_COLOUR)
         for frac in (0.0, 0.5, 1.0):
             v = lo + frac * (hi - lo)
             y = xy(s0, v)[1]
@@ -49,6 +60,8 @@ def draw_loss_curve(steps: list[int], losses: list[float], path: Path, size=(800
         d.text((left, H - bottom + 8), f"step {s0}", fill=(0, 0, 0))
         d.text((W - right - 80, H - bottom + 8), f"step {steps[-1]}", fill=(0, 0, 0))
     d.text((left + 8, top + 4), "training loss (light: raw, dark: moving average)", fill=(0, 0, 0))
+    if validation:
+        d.text((left + 8, top + 18), f"validation loss (last {validation[-1][1]:.4g})", fill=VALIDATION_COLOUR)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path

@@ -334,11 +334,14 @@ def progress_html(state: dict, p) -> str:
     )
 
 
-def loss_svg(losses: list[tuple[int, float]], smoothing: float, width: int = 560, height: int = 240) -> str:
+def loss_svg(losses: list[tuple[int, float]], smoothing: float, width: int = 560, height: int = 240,
+             validation: list[tuple[int, float]] | None = None) -> str:
     """The loss curve (raw and exponentially smoothed) as inline SVG: no chart library, nothing to load,
-    cheap to redraw every second. The smoothing sees every step; each line gets <= ~600 points."""
+    cheap to redraw every second. The smoothing sees every step; each line gets <= ~600 points.
+    `validation` ("val" events: (step, loss)) is a second line, with a dot per value, in the legend too."""
     if not losses:
         return '<div class="sd-loss"><small>loss: no steps yet</small></div>'
+    validation = list(validation or [])
     smooth, ema = [], None
     for _, loss in losses:
         ema = loss if ema is None else smoothing * ema + (1 - smoothing) * loss
@@ -348,27 +351,39 @@ def loss_svg(losses: list[tuple[int, float]], smoothing: float, width: int = 560
     steps = [losses[i][0] for i in idx]
     raw = [losses[i][1] for i in idx]
     sm = [smooth[i] for i in idx]
-    lo, hi = min(raw + sm), max(raw + sm)
+    val = validation[:: max(1, len(validation) // 600)]
+    if validation and val[-1] != validation[-1]:
+        val.append(validation[-1])
+    lo, hi = min(raw + sm + [v for _, v in val]), max(raw + sm + [v for _, v in val])
     hi = hi if hi > lo else lo + 1e-6
-    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    all_steps = steps + [st for st, _ in val]
+    x0, x1 = min(all_steps), max(all_steps) if max(all_steps) > min(all_steps) else min(all_steps) + 1
     left, right, top, bottom = 52, 10, 10, 26
 
-    def pts(values):
-        return " ".join(
-            f"{left + (st - x0) / (x1 - x0) * (width - left - right):.1f},"
-            f"{top + (hi - v) / (hi - lo) * (height - top - bottom):.1f}" for st, v in zip(steps, values))
+    def xy(st, v):
+        return (f"{left + (st - x0) / (x1 - x0) * (width - left - right):.1f}",
+                f"{top + (hi - v) / (hi - lo) * (height - top - bottom):.1f}")
+
+    def pts(st_values, values):
+        return " ".join(",".join(xy(st, v)) for st, v in zip(st_values, values))
 
     ticks = "".join(
         f'<text x="{left - 4}" y="{top + f * (height - top - bottom) + 4:.1f}" text-anchor="end">{hi - f * (hi - lo):.4g}</text>'
         for f in (0, 0.5, 1))
+    val_svg = val_legend = ""
+    if val:
+        val_svg = (f'<polyline class="sd-val" points="{pts([st for st, _ in val], [v for _, v in val])}" fill="none" '
+                   f'stroke="#2563eb" stroke-width="2"/>'
+                   + "".join(f'<circle cx="{x}" cy="{y}" r="2.5" fill="#2563eb"/>' for x, y in (xy(st, v) for st, v in val)))
+        val_legend = f' &nbsp; <span style="color:#2563eb">&#9644; validation</span> {validation[-1][1]:.4f}'
     return (
         f'<div class="sd-loss"><svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="loss curve"'
         f' font-size="11" fill="currentColor">{ticks}'
         f'<text x="{left}" y="{height - 6}">step {x0}</text><text x="{width - right}" y="{height - 6}" text-anchor="end">step {x1}</text>'
-        f'<polyline points="{pts(raw)}" fill="none" stroke="#9ca3af" stroke-width="1"/>'
-        f'<polyline points="{pts(sm)}" fill="none" stroke="#ea580c" stroke-width="2"/></svg>'
+        f'<polyline points="{pts(steps, raw)}" fill="none" stroke="#9ca3af" stroke-width="1"/>'
+        f'<polyline points="{pts(steps, sm)}" fill="none" stroke="#ea580c" stroke-width="2"/>{val_svg}</svg>'
         f'<small><span style="color:#9ca3af">&#9644; loss</span> &nbsp; <span style="color:#ea580c">&#9644; smoothed</span>'
-        f' &nbsp; last {losses[-1][1]:.4f}, smoothed {smooth[-1]:.4f}</small></div>'
+        f' &nbsp; last {losses[-1][1]:.4f}, smoothed {smooth[-1]:.4f}{val_legend}</small></div>'
     )
 
 
@@ -540,7 +555,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         p = queue.progress(job_id)
         samples = [(s, Path(s).stem) for s in p.samples if Path(s).is_file()][-24:]
         return (gr.update(choices=job_choices(), value=job_id), progress_html(st, p),
-                loss_svg(p.losses, float(smoothing or 0)), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-12:]),
+                loss_svg(p.losses, float(smoothing or 0), validation=p.val_losses), samples, "\n".join(queue.log_tail(job_id, 8000).splitlines()[-12:]),
                 _jobs_table(), *buttons(st, p))
 
     def _jobs_table():
