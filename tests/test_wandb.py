@@ -1,5 +1,6 @@
 """Weights & Biases and TensorBoard logging (#18 item 7): one mapping of event fields to scalars for
-both trackers, a real 2-step run read back from its offline W&B run file and its TensorBoard log,
+both trackers, a real 2-step run (loss, validation loss, per-group rates, gradient norm, a sample
+image) read back from its offline W&B run file and its TensorBoard log,
 the offline choice, and a clear error when wandb is asked for but missing. No network: WANDB_MODE is
 offline and the netrc / API key the login check reads are the test's own."""
 
@@ -24,7 +25,7 @@ def test_scalars_name_what_each_event_gives_the_trackers():
     assert scalars(step) == {"loss": 0.25, "lr": 2e-4, "lr/unet": 2e-4, "lr/unet_plus": 3.2e-3, "grad_norm": 0.5}
     skipped = {**step, "grad_norm": None}  # a NaN step: no norm to log
     assert "grad_norm" not in scalars(skipped)
-    # the validation loss (the valloss branch's "val" event: step, loss, images) under its own name
+    # the validation loss (the "val" event: step, loss, images) under its own name
     assert scalars({"event": "val", "step": 4, "loss": 0.125, "images": 2}) == {"loss/validation": 0.125}
     assert scalars(make_event("saved", step=3, path="x")) == {}
 
@@ -96,7 +97,7 @@ def _wandb_history(run_file: Path) -> dict[int, dict]:
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("tensorboard") is None,
                     reason="needs the wandb and tensorboard extras")
-def test_a_run_logs_loss_rates_grad_norm_and_samples_to_wandb_and_tensorboard(tiny_training_root, tmp_path, monkeypatch):
+def test_a_run_logs_losses_rates_grad_norm_and_samples_to_wandb_and_tensorboard(tiny_training_root, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sd_lora import artifacts
@@ -106,14 +107,16 @@ def test_a_run_logs_loss_rates_grad_norm_and_samples_to_wandb_and_tensorboard(ti
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "o.safetensors"
+    # one of the two images held out for a validation loss after each step
     cfg = TrainConfig(model=str(tiny_training_root / "model"), output=str(out), data=DataConfig(path=str(tiny_training_root / "data"),
-                      resolution=64), steps=2, seed=3, network={"rank": 2, "alpha": 1, "preset": "attention"},
+                      resolution=64, validation_split=0.5), steps=2, seed=3, network={"rank": 2, "alpha": 1, "preset": "attention"},
                       text_encoder_lr=1e-5, loraplus_lr_ratio=4, lr=1e-3, log_with="all", wandb_run_name="tiny",
-                      sample_every=2, sample_prompts=["red circle"], sample_steps=2)
+                      sample_every=2, sample_prompts=["red circle"], sample_steps=2, validate_every_n_steps=1)
     train(cfg)
 
     steps = {e["step"]: e for e in read_events(cfg.events_path) if e["event"] == "step"}
-    assert sorted(steps) == [1, 2]
+    val = {e["step"]: e["loss"] for e in read_events(cfg.events_path) if e["event"] == "val"}
+    assert sorted(steps) == sorted(val) == [1, 2]
     for e in steps.values():
         # each parameter group's rate: the UNet's and text encoder's, and LoRA+'s up matrices at 4x each
         assert e["lrs"] == pytest.approx({"unet": 1e-3, "unet_plus": 4e-3, "text_encoder": 1e-5, "text_encoder_plus": 4e-5})
@@ -127,6 +130,7 @@ def test_a_run_logs_loss_rates_grad_norm_and_samples_to_wandb_and_tensorboard(ti
         assert row["loss"] == pytest.approx(e["loss"], rel=1e-6) and row["lr"] == pytest.approx(e["lr"])
         assert {k: row[f"lr/{k}"] for k in e["lrs"]} == pytest.approx(e["lrs"])
         assert row["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-6)
+        assert row["loss/validation"] == pytest.approx(val[step], rel=1e-6)
     # the one sample image at step 2 (an image list's fields as nested keys), its PNG among the run's files
     assert "samples/count" not in history[1] and history[2]["samples/count"] == 1
     assert history[2]["samples/captions"] == ["step-000002-0"]
@@ -135,5 +139,6 @@ def test_a_run_logs_loss_rates_grad_norm_and_samples_to_wandb_and_tensorboard(ti
     logs = list(artifacts.tensorboard_dir(out).glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(logs[0]))
     acc.Reload()
-    assert {"loss", "lr", "lr/unet", "lr/text_encoder_plus", "grad_norm"} <= set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "lr/unet", "lr/text_encoder_plus", "grad_norm", "loss/validation"} <= set(acc.Tags()["scalars"])
+    assert {s.step: s.value for s in acc.Scalars("loss/validation")} == pytest.approx(val)
     assert {s.step: s.value for s in acc.Scalars("grad_norm")} == pytest.approx({s: e["grad_norm"] for s, e in steps.items()})
