@@ -1,8 +1,8 @@
 """Weights & Biases and TensorBoard logging (#18 item 7): one mapping of event fields to scalars for
 both trackers, a real 2-step run (loss, validation loss, per-group rates, gradient norm, a sample
-image) read back from its offline W&B run file and its TensorBoard log,
-the offline choice, and a clear error when wandb is asked for but missing. No network: WANDB_MODE is
-offline and the netrc / API key the login check reads are the test's own."""
+image) read back from its offline W&B run file and its TensorBoard log, the offline choice, and a
+clear error when wandb is asked for but missing. No network: WANDB_MODE is offline and the netrc /
+API key the login check reads are the test's own."""
 
 from __future__ import annotations
 
