@@ -104,3 +104,17 @@ def test_load_from_png_reads_a1111s_clip_skip_and_says_what_it_cannot_match(app,
     Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
     with pytest.raises(gr.Error, match="has no `parameters` text"):
         load(str(tmp_path / "bare.png"))
+
+
+def test_two_images_made_in_the_same_second_are_both_kept(app, monkeypatch):
+    import time
+
+    ws, ui, _ = app
+    empty = {"lora": "", "weight": 1.0, "te_weight": None, "block_weights": ""}
+    fields = {"model": "models/tiny", "prompt": "a red circle", "negative": "", "seed": 1, "steps": 1, "width": 64,
+              "height": 64, "guidance": 5.0, "sampler": "", "rescale": None, "zero_snr": False, "clip_skip": 1,
+              "compare": False, "num_images": 1, "add_triggers": False, **{f"{k}_{i}": v for i in range(1, 5) for k, v in empty.items()}}
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261201-120000")  # both clicks in one second
+    first = _ui_call(ui, fields)[0][0][0]
+    second = _ui_call(ui, {**fields, "prompt": "a blue square"})[0][0][0]
+    assert first != second and "a red circle" in _png(first)[1] and "a blue square" in _png(second)[1]

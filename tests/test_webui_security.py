@@ -247,3 +247,16 @@ def test_auth_protects_pages_files_and_api(ws):
             assert h.get(f"gradio_api/file={inside}").status_code == 200
     finally:
         stop(demo)
+
+
+def test_launch_waits_for_a_slow_first_answer_instead_of_refusing_to_serve(monkeypatch):
+    """Gradio's own check gives up after one 3 s timeout, which a loaded CI machine can exceed."""
+    from gradio import networking
+
+    from webui.app import _patient_start_check
+
+    answers = iter([False, False, True])  # the first two checks time out, the third gets its 200
+    monkeypatch.setattr(networking, "url_ok", lambda url: next(answers))
+    with _patient_start_check():
+        assert networking.url_ok("http://127.0.0.1:1/") is True
+    assert networking.url_ok.__name__ == "<lambda>"  # put back after launch

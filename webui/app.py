@@ -8,7 +8,9 @@ in a real browser that every request the page makes goes to the app itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 # Gradio reads these at import time (analytics, version check, telemetry of huggingface_hub).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -24,6 +26,7 @@ from .jobs import JobQueue  # noqa: E402
 from .security import Workspace, exposure_warning  # noqa: E402
 
 MAX_UPLOAD = "50mb"  # per file; a training image is rarely over 20 MB
+START_CHECK_S = 60  # how long launch() waits for its own server to answer (_patient_start_check)
 CSS = """
 .sd-progress {width: 100%; height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden}
 .sd-progress > div {height: 100%; background: var(--color-accent); transition: width 0.5s}
@@ -92,26 +95,27 @@ def launch(
     demo = build_app(workspace)
     ws: Workspace = demo.sd_lora_context.workspace
     demo.queue(default_concurrency_limit=4)
-    demo.launch(
-        server_name=host,
-        server_port=port,
-        auth=auth,
-        share=share,
-        max_file_size=max_file_size,
-        # Gradio may serve files only from the workspace (gallery images, samples, downloads);
-        # everything else outside its own upload cache is refused.
-        allowed_paths=[str(ws.root)],
-        run_history=False,
-        footer_links=["api"],
-        theme=offline_theme(),
-        css=CSS,
-        prevent_thread_lock=True,  # blocked below, after our own start-up lines
-        quiet=True,  # Gradio's start-up lines name its launch(share=True); ours below name the --share flag
-        show_error=True,
-        ssr_mode=False,
-        mcp_server=False,
-        pwa=False,
-    )
+    with _patient_start_check():
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            auth=auth,
+            share=share,
+            max_file_size=max_file_size,
+            # Gradio may serve files only from the workspace (gallery images, samples, downloads);
+            # everything else outside its own upload cache is refused.
+            allowed_paths=[str(ws.root)],
+            run_history=False,
+            footer_links=["api"],
+            theme=offline_theme(),
+            css=CSS,
+            prevent_thread_lock=True,  # blocked below, after our own start-up lines
+            quiet=True,  # Gradio's start-up lines name its launch(share=True); ours below name the --share flag
+            show_error=True,
+            ssr_mode=False,
+            mcp_server=False,
+            pwa=False,
+        )
     if not quiet:
         print(f"* Running on local URL:  {demo.local_url}", flush=True)
         if not share:
@@ -119,6 +123,31 @@ def launch(
     if block:
         demo.block_thread()
     return demo
+
+
+@contextlib.contextmanager
+def _patient_start_check():
+    """Gradio 6's launch() checks that its own server answers, with one HEAD request under a 3 s timeout
+    (gradio/networking.py `url_ok`: a timeout ends the check at once), and refuses to serve when it does
+    not ("When localhost is not accessible, a shareable link must be created"). On a busy machine the
+    first answer can take longer than that. Retry it for up to START_CHECK_S seconds instead."""
+    from gradio import networking
+
+    original = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        end = time.monotonic() + START_CHECK_S
+        while not original(url):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.5)
+        return True
+
+    networking.url_ok = url_ok
+    try:
+        yield
+    finally:
+        networking.url_ok = original
 
 
 def stop(demo: gr.Blocks) -> None:

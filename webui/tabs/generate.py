@@ -29,6 +29,17 @@ from .common import guard, list_loras, list_models
 LORA_ROWS = 4  # the generate handler names its four rows' parameters
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or NAME-2.png, NAME-3.png ... when it is taken: two clicks in the same second (same
+    seed) must not overwrite the first image. Called under the generation lock, so no race here."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def error_html(message: str) -> str:
     """An error as the box under the Generate button shows it: plain text (a `<lora:...>` in the
     message must show, not be read as a tag), red, on its own line."""
@@ -92,13 +103,13 @@ def build(ctx, tab=None) -> None:
                 add_trigger_words=bool(add_trigger_words), num_images=1 if num_images in (None, "") else num_images,
                 compare=bool(compare), keep_loras=True,  # the next click rewrites only what differs
             )
-        out = []
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for i, im in enumerate(result.images):
-            label = im.label or "stack"
-            path = ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png"
-            im.save(path)  # with the same `parameters` text as the CLI's PNGs
-            out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
+            out = []
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for i, im in enumerate(result.images):
+                label = im.label or "stack"
+                path = _unused(ws.root / "outputs" / f"{stamp}-{im.settings['seed']}-{i}-{label.replace('/', '_')}.png")
+                im.save(path)  # with the same `parameters` text as the CLI's PNGs
+                out.append((str(path), label if len(result.images) == len(result.labels) else f"{label}, seed {im.settings['seed']}"))
         info_md = f"LoRAs: {stack_line(result.settings['loras'])}"
         for note in result.notes:  # escaped: a <lora:...> tag in a note must show, not vanish as HTML
             info_md += f"\n\nNote: {html.escape(note)}"
