@@ -37,11 +37,12 @@ class Workspace:
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
 
-    def path(self, user_path: str | os.PathLike, must_exist: bool = False, kind: str = "path") -> Path:
+    def path(self, user_path: str | os.PathLike, must_exist: bool = False, kind: str = "path", relative_ok: bool = True) -> Path:
         """Resolve a browser-given path (relative to the workspace, or absolute inside it).
 
         Raises PathError for anything that resolves outside the workspace, including through
-        symlinks, and for NUL bytes. `kind` names the field in the message ("dataset folder").
+        symlinks, and for NUL bytes. `kind` names the field in the message ("dataset folder");
+        `relative_ok=False` for paths whose reader does not take them from the workspace (kohya configs).
         """
         text = os.fspath(user_path).strip()
         if "\x00" in text:
@@ -62,8 +63,8 @@ class Workspace:
                     "that holds them"
                 )
             raise PathError(
-                f"{kind}: {text!r} is outside the workspace {self.root}; use a path inside it "
-                "(relative paths are taken from the workspace)"
+                f"{kind}: {text!r} is outside the workspace {self.root}; use a path inside it"
+                + (" (relative paths are taken from the workspace)" if relative_ok else "")
             )
         if must_exist and not resolved.exists():
             raise PathError(f"{kind}: {text!r} does not exist in the workspace {self.root}")
@@ -177,7 +178,7 @@ def confine_dataset_config(ws: Workspace, user_path: str, snapshot: bool = True)
                             f"folder inside the workspace (e.g. {ws.root / 'datasets' / Path(value).name})")
             continue
         try:
-            ws.path(value, kind=f"{shown}: {where}")
+            ws.path(value, kind=f"{shown}: {where}", relative_ok=False)
         except PathError as e:
             problems.append(str(e))
     if not problems:  # the metadata files' image entries (fine-tuning subsets), once their folders are known good
