@@ -152,7 +152,7 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         assert "repeats = 3" in toml and 'path = "datasets/fresh"' in toml
         assert page.js("document.querySelector('#train-data input').value") == "datasets/fresh"
         assert page.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim().startsWith('steps'))"
-                       ".querySelector('input').value") == "77"
+                       ".querySelector('input, textarea').value") == "77"  # a text box: steps is optional (epochs)
         page.screenshot(shots / "train-form-reload.png")
 
         # an error stays in the box after its toast is gone
@@ -191,6 +191,9 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         page.wait("(() => { const t = TOML_JS.split('\\n');"
                   " return t.includes('noise_offset = 0.05') && t.includes('epochs = 2') && !t.some(l => l.startsWith('steps =')); })()",
                   20, what="the advanced fields in the TOML (epochs replacing steps)")
+        # untouched optional numbers stay unset (Gradio's Number box would send 0 for them: lr = 0.0 ...)
+        assert not [line for line in page.toml().splitlines()
+                    if line in ("lr = 0.0", "cpu_threads = 0", "max_timestep = 0", "ema_decay = 0.0", "clip_skip = 0")]
         page.js("document.querySelector('#adv-noise_offset').scrollIntoView({block: 'center'})")
         page.screenshot(shots / "train-advanced.png")
     finally:

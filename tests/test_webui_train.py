@@ -91,7 +91,7 @@ def test_an_empty_learning_rate_box_is_the_optimizers_default():
     from webui.tabs.train import FORM_KEYS, apply_form, form_values
 
     values = dict(zip(FORM_KEYS, form_values(TrainConfig(optimizer="prodigy"))))
-    assert values["lr"] is None  # lr unset: the box starts empty
+    assert values["lr"] == ""  # lr unset: the box (a text box: optional numbers) starts empty
     for empty in (None, ""):  # what an emptied number box sends
         cfg = apply_form(TrainConfig(optimizer="prodigy"), [empty if k == "lr" else values[k] for k in FORM_KEYS])
         assert cfg.lr is None and cfg.unet_lr == 1.0
@@ -266,7 +266,7 @@ def test_advanced_fields_round_trip_their_keys_types():
     assert cfg.steps is None  # the edited epochs wins over the form's steps, as a flag would
     # the form shows what it wrote, and writing it again changes nothing
     again = dict(zip(FORM_KEYS, form_values(cfg)))
-    assert again["network.block_ranks"] == '{"down": 4, "up": 8}' and again["epochs"] == 3
+    assert again["network.block_ranks"] == '{"down": 4, "up": 8}' and again["epochs"] == "3"
     assert apply_form(cfg, [again[k] for k in FORM_KEYS]).to_dict() == cfg.to_dict()
     # the "default" entry of an optional dropdown, an emptied JSON box and an emptied text box
     again.update({"base_precision": "", "network.block_ranks": "", "data.caption_extension": ""})
@@ -292,8 +292,33 @@ def test_advanced_section_is_built_from_the_keys(tmp_path):
         for name in ADVANCED_KEYS:
             comp, key = by_id["adv-" + name.replace(".", "-")], config_key(name)
             assert comp.info.startswith(key.help), name
-            kind = gr.Dropdown if key.choices else gr.Checkbox if key.kind == "bool" else gr.Number if key.kind in ("int", "float") else gr.Textbox
+            kind = (gr.Dropdown if key.choices else gr.Checkbox if key.kind == "bool"
+                    else gr.Number if key.kind in ("int", "float") and not key.optional else gr.Textbox)
             assert isinstance(comp, kind), name
         assert [c[1] for c in by_id["adv-base_precision"].choices][0] == ""  # optional: "default" first
     finally:
         demo.close()
+
+
+def test_optional_numbers_are_text_boxes_that_stay_unset():
+    """Gradio's Number box shows None as 0 and sends 0 with the next edit of any field: a form that
+    used one set lr = 0, max_timestep = 0, cpu_threads = 0 ... as soon as anything was typed."""
+    import gradio as gr
+
+    from sd_lora.config import TrainConfig, config_key
+    from webui.tabs.train import FORM_KEYS, _field, apply_form, form_values
+
+    optional = [k for k in FORM_KEYS if config_key(k).kind in ("int", "float") and config_key(k).optional
+                and config_key(k).choices is None]
+    assert {"lr", "cpu_threads", "max_timestep", "steps", "epochs"} <= set(optional)
+    with gr.Blocks():
+        assert all(isinstance(_field(k, k), gr.Textbox) for k in optional)
+        assert isinstance(_field("batch_size", "batch size"), gr.Number)  # a number that always has a value stays one
+    values = form_values(TrainConfig())
+    assert all(values[FORM_KEYS.index(k)] == "" for k in optional)
+    cfg = apply_form(TrainConfig(), values)
+    assert all(config_key(k).get(cfg) is None for k in optional)
+    edited = [("3e-4" if k == "lr" else "2" if k == "cpu_threads" else v) for k, v in zip(FORM_KEYS, values)]
+    cfg = apply_form(TrainConfig(), edited)
+    assert cfg.lr == 3e-4 and cfg.cpu_threads == 2
+    assert form_values(cfg)[FORM_KEYS.index("lr")] == "0.0003"

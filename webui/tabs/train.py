@@ -102,6 +102,8 @@ def form_values(cfg: TrainConfig) -> list:
             v = json.dumps(v) if v is not None else ""  # a JSON box (block ranks ...)
         elif key.kind == "str":
             v = v if v is not None else ""  # "" is an optional dropdown's "default" entry too
+        elif key.kind in ("int", "float") and key.optional and key.choices is None:
+            v = "" if v is None else str(v)  # a text box (_field): empty is unset
         out.append(v)
     return out
 
@@ -292,6 +294,10 @@ def _field(name: str, label: str, **kw):
     if key.kind == "bool":
         return gr.Checkbox(label=label, info=key.help, **kw)
     if key.kind in ("int", "float"):
+        if key.optional:
+            # Gradio's Number shows None as 0 and sends 0 on the next edit of any field, which would set
+            # the key (lr = 0, max_timestep = 0 ...): a text box stays empty, and empty is unset.
+            return gr.Textbox(label=label, info=key.help, placeholder=f"default: {key.default_words() or 'unset'}", **kw)
         return gr.Number(label=label, info=key.help, precision=0 if key.kind == "int" else None, **kw)
     if key.kind in ("dict", "list"):
         return gr.Textbox(label=label, info=f"{key.help} (JSON)", **kw)
