@@ -404,7 +404,7 @@ def test_decompression_bomb_is_refused_before_decoding(work):
 
     path = work / "bomb.png"
     path.write_bytes(SEEDS["bomb"])
-    before, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    before, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.process_time()  # CPU time, not the wall clock
     with pytest.raises(ImageProblem, match="too large"):
         open_image(path)
-    assert time.time() - t < 1 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+    assert time.process_time() - t < 1 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB

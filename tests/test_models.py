@@ -282,10 +282,10 @@ def test_truncated_safetensors_error_names_the_file(saved, tmp_path, capsys):
 def test_header_length_bomb_is_refused_before_allocating(tmp_path):
     path = tmp_path / "bomb.safetensors"
     path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: a loaded machine does not stretch it
     with pytest.raises(CheckpointError, match="damaged or truncated") as err:
         read_safetensors_header(path)
-    assert time.perf_counter() - t < 1
+    assert time.process_time() - t < 1
     assert str(path) in str(err.value)
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"\x01\x02")
@@ -358,9 +358,11 @@ def test_help_lists_subcommands(capsys):
 def test_tiny_pipelines_build_fast():
     tiny_pipeline("sdxl")  # first call pays one-off import and tokenizer set-up costs
     for arch in ("sd1", "sd2", "sd2-v", "sdxl"):
-        t = time.perf_counter()
+        # this process's CPU time, not the wall clock: other processes on a loaded CI box (two pytest
+        # workers, a browser) stretched the wall time of a 0.3 s build past the bound
+        t = time.process_time()
         pipe = tiny_pipeline(arch)
-        assert time.perf_counter() - t < 1.0, arch
+        assert time.process_time() - t < 1.0, arch
         assert architecture_of(pipe).arch == arch
 
 
