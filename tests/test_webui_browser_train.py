@@ -152,7 +152,7 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         assert "repeats = 3" in toml and 'path = "datasets/fresh"' in toml
         assert page.js("document.querySelector('#train-data input').value") == "datasets/fresh"
         assert page.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim().startsWith('steps'))"
-                       ".querySelector('input, textarea').value") == "77"  # a text box: steps is optional (epochs)
+                       ".querySelector('input, textarea').value") == "77"
         page.screenshot(shots / "train-form-reload.png")
 
         # an error stays in the box after its toast is gone

@@ -102,7 +102,7 @@ def form_values(cfg: TrainConfig) -> list:
             v = json.dumps(v) if v is not None else ""  # a JSON box (block ranks ...)
         elif key.kind == "str":
             v = v if v is not None else ""  # "" is an optional dropdown's "default" entry too
-        elif key.kind in ("int", "float") and key.optional and key.choices is None:
+        elif _text_number(key):
             v = "" if v is None else str(v)  # a text box (_field): empty is unset
         out.append(v)
     return out
@@ -282,6 +282,12 @@ class Problems:
         return message_html(problems=lines, title="Not done:")
 
 
+def _text_number(key) -> bool:
+    """An optional number gets a text box (_field). `steps` stays a Number: it has a value on every form
+    the page builds, and as a text box the browser test's edits of it raced (CI, 2026-12-01)."""
+    return key.kind in ("int", "float") and key.optional and key.choices is None and key.name != "steps"
+
+
 def _field(name: str, label: str, **kw):
     """The form component for a config key: a dropdown of its choices, a checkbox, or a number box,
     with the key's help as the hint under it."""
@@ -294,7 +300,7 @@ def _field(name: str, label: str, **kw):
     if key.kind == "bool":
         return gr.Checkbox(label=label, info=key.help, **kw)
     if key.kind in ("int", "float"):
-        if key.optional:
+        if _text_number(key):
             # Gradio's Number shows None as 0 and sends 0 on the next edit of any field, which would set
             # the key (lr = 0, max_timestep = 0 ...): a text box stays empty, and empty is unset.
             return gr.Textbox(label=label, info=key.help, placeholder=f"default: {key.default_words() or 'unset'}", **kw)
