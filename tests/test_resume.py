@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from sd_lora.io import load_safetensors
 from sd_lora.training import TrainingStopped, train
 from sd_lora.training.checkpoint import list_checkpoints
 from sd_lora.training.events import read_events
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,6 +34,20 @@ def stop_at_step(cfg: TrainConfig, step: int) -> TrainingStopped:
     with pytest.raises(TrainingStopped) as err:
         train(cfg, on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == step else None, stop_event=stop)
     return err.value
+
+
+def assert_same_tensors(expected: Path, got: Path) -> None:
+    """Two LoRA files hold the same tensors, bit for bit."""
+    a, _ = load_safetensors(expected)
+    b, _ = load_safetensors(got)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def step_losses(events: Path) -> dict:
+    """{step: loss} of a run's step events."""
+    return {e["step"]: e["loss"] for e in read_events(events) if e["event"] == "step"}
 
 
 def _config(root, out, **kw):
@@ -71,16 +85,9 @@ def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path):
     # last stretch: resumed from an explicit checkpoint folder ("--resume PATH")
     train(_config(setup, out, resume=str(cfg.checkpoint_root / "step-00000006")))
 
-    a, _ = load_safetensors(full)
-    b, _ = load_safetensors(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_tensors(full, out)
     # the same per-step losses as well, and a loss history that spans all three stretches
-    def losses(path):
-        return {e["step"]: e["loss"] for e in read_events(path) if e["event"] == "step"}
-
-    assert losses(full.parent / "lora.events.jsonl") == losses(out.parent / "lora.events.jsonl")
+    assert step_losses(full.parent / "lora.events.jsonl") == step_losses(out.parent / "lora.events.jsonl")
     assert [e["event"] for e in read_events(out.parent / "lora.events.jsonl")].count("stopped") == 2
 
 
@@ -112,11 +119,7 @@ def test_a_finished_run_extends_from_its_last_step(setup, tmp_path):
     events = read_events(out.parent / "lora.events.jsonl")
     resumed = next(e for e in events if e["event"] == "resumed")
     assert resumed["step"] == 6 and [s for s, _ in resumed["losses"]] == [1, 2, 3, 4, 5, 6]
-    a, _ = load_safetensors(full)
-    b, _ = load_safetensors(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_tensors(full, out)
     second = events[events.index(resumed):]
     assert [e["step"] for e in second if e["event"] == "step"] == [7, 8]
 
@@ -269,17 +272,9 @@ def test_resume_is_exact_with_every_augmentation_on(setup, tmp_path, monkeypatch
     out = tmp_path / "parts" / "lora.safetensors"
     stop_at_step(config(out), 2)
     train(config(out, resume="latest"))
-    a, _ = load_safetensors(full)
-    b, _ = load_safetensors(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-    def losses(path):
-        return {e["step"]: e["loss"] for e in read_events(path) if e["event"] == "step"}
-
-    assert losses(full.parent / "lora.events.jsonl") == losses(out.parent / "lora.events.jsonl")
-    assert len(losses(full.parent / "lora.events.jsonl")) == 4
+    assert_same_tensors(full, out)
+    assert step_losses(full.parent / "lora.events.jsonl") == step_losses(out.parent / "lora.events.jsonl")
+    assert len(step_losses(full.parent / "lora.events.jsonl")) == 4
     assert len(seen["crops"]) > 2 and seen["colours"] > 0  # not only the centre crop (0, 16), and its mirror
     # one line of the two per use, its {a|b} chosen (seed 4 draws both lines; a line's tags may be dropped)
     assert not any("{" in c or "\n" in c for c in seen["captions"])
