@@ -1,11 +1,11 @@
 """How well each optimizer learns the demo's stripe style on the shipped tiny base, in the same steps.
 
-    .venv/bin/python bench/compare_optimizers_style.py [--steps 300] [--optimizers adamw prodigy] [--out out/compare]
+    .venv/bin/python bench/compare_optimizers_style.py [--steps 300] [--optimizers adamw prodigy] [--seed 0] [--out out/compare]
         [--variant "prodigy use_bias_correction=True safeguard_warmup=True"]   (an optimizer with optimizer_args)
         [--variant "prodigy d0=1e-5 lr_scheduler=cosine"]   (words naming a TrainConfig key set that key instead)
 
 Every run is the demo's stripe training (sd_lora/demo.py train_style_loras: tiny base, 64 px, batch
-4, rank 8 on the kohya preset, seed 0, UNet only) with only the optimizer and its rate changed:
+4, rank 8 on the kohya preset, seed 0 unless --seed, UNet only) with only the optimizer and its rate changed:
 AdamW at the demo's tuned lr 1e-3; the adaptive ones (Prodigy, D-Adaptation) with lr unset, i.e.
 their default 1.0 (sd_lora/optimizers.py); the others at the rate given in RATES below. Each LoRA
 then renders the demo's six prompts with the trigger word at weight 1 (12 steps, guidance 7.5, seed
@@ -57,16 +57,16 @@ def split_words(words: list[str]) -> tuple[list[str], dict]:
 
 
 def train_stripes(out: Path, data: Path, optimizer: str, lr: float | None, steps: int, args: list[str] | None = None,
-                  tag: str = "", overrides: dict | None = None) -> Path:
+                  tag: str = "", overrides: dict | None = None, seed: int = 0) -> Path:
     from sd_lora.config import DataConfig, TrainConfig
     from sd_lora.demo import DEFAULT_BASE
     from sd_lora.training.loop import train
 
     # the demo's stripe config (sd_lora/demo.py train_style_loras), optimizer and lr aside
     return train(TrainConfig(
-        model=str(DEFAULT_BASE), output=str(out / f"stripes-{optimizer}{tag}.safetensors"), optimizer_args=args or None,
+        model=str(DEFAULT_BASE), output=str(out / f"stripes-{optimizer}{tag}-seed{seed}.safetensors"), optimizer_args=args or None,
         data=DataConfig(path=str(data), resolution=64, cache_latents="ram"), steps=steps, batch_size=4, lr=lr,
-        optimizer=optimizer, seed=0, cpu_threads=1, log_every=50,
+        optimizer=optimizer, seed=seed, cpu_threads=1, log_every=50,
         network={"preset": "kohya", "rank": 8, "alpha": 8, "train_text_encoder": False}, **(overrides or {}),
     ))
 
@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="'NAME KEY=VALUE ...'",
                     help="also train optimizer NAME with these optimizer_args (repeatable)")
     ap.add_argument("--baseline", type=float, help="AdamW's stripe energy from an earlier run (skips training adamw again)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (data order, noise, timesteps, LoRA init); the dataset and the scoring stay fixed")
     ap.add_argument("--out", default="out/compare_optimizers")
     args = ap.parse_args()
 
@@ -118,12 +120,13 @@ def main() -> int:
         t0 = time.perf_counter()
         label = name + (f" ({' '.join(words)})" if words else "")
         opt_args, overrides = split_words(words)
-        lora = train_stripes(out, data, name, rate(name), args.steps, opt_args, f"-{i}" if words else "", overrides)
+        lora = train_stripes(out, data, name, rate(name), args.steps, opt_args, f"-{i}" if words else "", overrides,
+                             seed=args.seed)
         seconds = time.perf_counter() - t0
         with single_thread():
             score = stripe_score(pipe, lora)
         results[label] = score
-        print(json.dumps({"optimizer": label, "lr": rate(name) or default_lr(name), "steps": args.steps, "stripe_energy": round(score, 4),
+        print(json.dumps({"optimizer": label, "lr": rate(name) or default_lr(name), "steps": args.steps, "seed": args.seed, "stripe_energy": round(score, 4),
                           "train_s": round(seconds, 1)}), flush=True)
     if "adamw" in results:
         gain = results["adamw"] - base

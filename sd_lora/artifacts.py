@@ -16,6 +16,7 @@ For `--output out/style.safetensors`:
     out/style.events.jsonl                 the run's events (JSON lines)
     out/style-tensorboard/                 TensorBoard logs
     out/style-wandb/                       Weights & Biases run files (offline runs: upload with wandb sync)
+    out/style-wandb/run-id                 the W&B run's id, so a resumed run logs to the same run
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ def tensorboard_dir(output: str | Path) -> Path:
 def wandb_dir(output: str | Path) -> Path:
     """Where a run's Weights & Biases files go (wandb writes its own wandb/ folder inside)."""
     return _beside(output, _WANDB)
+
+
+def wandb_run_id_file(output: str | Path) -> Path:
+    """The W&B run id of the output's run (written when the run starts, read back on resume)."""
+    return wandb_dir(output) / "run-id"
 
 
 def is_run_output(path: str | Path) -> bool:

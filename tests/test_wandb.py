@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,10 @@ def _wandb_records(path: Path):
             piece = b""
 
 
+def _run_record(run_file: Path):
+    return next(r.run for r in _wandb_records(run_file) if r.WhichOneof("record_type") == "run")
+
+
 def _wandb_history(run_file: Path) -> dict[int, dict]:
     """step -> {key: value} of the run's logged history rows."""
     rows = {}
@@ -142,3 +147,15 @@ def test_a_run_logs_losses_rates_grad_norm_and_samples_to_wandb_and_tensorboard(
     assert {"loss", "lr", "lr/unet", "lr/text_encoder_plus", "grad_norm", "loss/validation"} <= set(acc.Tags()["scalars"])
     assert {s.step: s.value for s in acc.Scalars("loss/validation")} == pytest.approx(val)
     assert {s.step: s.value for s in acc.Scalars("grad_norm")} == pytest.approx({s: e["grad_norm"] for s, e in steps.items()})
+
+    # resumed to 4 steps, the same W&B run goes on (offline: a second run folder with the same id and resume
+    # set, which `wandb sync` uploads into the one run); the resumed part logs steps 3 and 4
+    run_id = artifacts.wandb_run_id_file(out).read_text().strip()
+    assert run_id and _run_record(runs[0]).run_id == run_id
+    train(replace(cfg, steps=4, resume="latest"))
+    runs = sorted((artifacts.wandb_dir(out) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2
+    resumed = _run_record(runs[1])
+    assert resumed.run_id == run_id and resumed.resume
+    assert sorted(_wandb_history(runs[1])) == [3, 4]
+    assert artifacts.wandb_run_id_file(out).read_text().strip() == run_id

@@ -191,6 +191,13 @@ def test_browser_train_tab_lists_form_errors_buttons(tmp_path):
         page.wait("(() => { const t = TOML_JS.split('\\n');"
                   " return t.includes('noise_offset = 0.05') && t.includes('epochs = 2') && !t.some(l => l.startsWith('steps =')); })()",
                   20, what="the advanced fields in the TOML (epochs replacing steps)")
+        # a later edit keeps epochs: the steps box has no stale number to send back
+        page.type_into("noise_offset", "0.1")
+        page.wait("(() => { const t = TOML_JS.split('\\n');"
+                  " return t.includes('noise_offset = 0.1') && t.includes('epochs = 2') && !t.some(l => l.startsWith('steps =')); })()",
+                  20, what="epochs kept after another edit")
+        assert page.js("[...document.querySelectorAll('label')].find(l => l.innerText.trim().startsWith('steps'))"
+                       ".querySelector('input, textarea').value") in ("", None)
         # untouched optional numbers stay unset (Gradio's Number box would send 0 for them: lr = 0.0 ...)
         assert not [line for line in page.toml().splitlines()
                     if line in ("lr = 0.0", "cpu_threads = 0", "max_timestep = 0", "ema_decay = 0.0", "clip_skip = 0")]

@@ -126,15 +126,23 @@ class WandbSink:
     go through, and it would hide the offline choice.
     """
 
-    def __init__(self, folder: Path, project: str, name: str, config: dict | None = None):
+    def __init__(self, folder: Path, project: str, name: str, config: dict | None = None, run_id: str | None = None):
+        """run_id: continue that run (a resumed training run), else a new one; self.run_id is the run's id.
+
+        Online, wandb resumes the run in place. Offline, the resumed part is a second run folder with the
+        same id and resume set, and `wandb sync` (0.31: "files that are part of the same run are synced
+        sequentially in order of start time ... for resumed runs", wandb/cli/cli.py) uploads both into one run.
+        """
         import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         self._wandb = wandb
         self._run = wandb.init(project=project, name=name, dir=os.environ.get("WANDB_DIR") or str(folder), mode=mode,
-                               config=config, settings=wandb.Settings(silent=True, console="off"))
+                               config=config, id=run_id, resume="allow" if run_id else None,
+                               settings=wandb.Settings(silent=True, console="off"))
         self.mode = mode
+        self.run_id = self._run.id
 
     def log(self, record: dict) -> None:
         values: dict = dict(scalars(record))

@@ -43,6 +43,7 @@ from ..data.augment import draw_view
 from ..data.cache import LatentCache, TextCache, cache_folder
 from ..data.captions import step_caption, tag_frequency
 from ..data.dataset import Dataset, scan_dataset
+from ..io import atomic_write
 from ..models import ArchInfo
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from .conditioning import TextConditioner, sdxl_time_ids
@@ -199,8 +200,16 @@ def _trackers(config: TrainConfig) -> list:
     if "tensorboard" in config.trackers:
         sinks.append(TensorBoardSink(artifacts.tensorboard_dir(config.output_path)))
     if "wandb" in config.trackers:
-        sinks.append(WandbSink(artifacts.wandb_dir(config.output_path), config.log_tracker_name or "sd-lora",
-                               config.wandb_run_name or config.output_path.stem, config=config.to_dict()))
+        # a resumed run continues the W&B run it started; a new run (no resume) starts a new one
+        id_file = artifacts.wandb_run_id_file(config.output_path)
+        run_id = None
+        if config.resume and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip() or None
+        sink = WandbSink(artifacts.wandb_dir(config.output_path), config.log_tracker_name or "sd-lora",
+                         config.wandb_run_name or config.output_path.stem, config=config.to_dict(), run_id=run_id)
+        with atomic_write(id_file, "w", encoding="utf-8") as f:
+            f.write(sink.run_id + "\n")
+        sinks.append(sink)
     return sinks
 
 

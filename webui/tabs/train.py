@@ -427,13 +427,28 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                 gr.update(choices=list_configs(ws)), gr.update(choices=list_dataset_configs(ws))]
 
     # ---- form <-> TOML ----------------------------------------------------------------------------
-    @shown
-    def form_to_toml(text: str, *values):
+    def edited_config(text: str, values) -> TrainConfig:
         try:
             cfg = parse_toml(text)
         except ConfigError:
             cfg = default_config()
-        return dump_config(apply_form(cfg, list(values)))
+        return apply_form(cfg, list(values))
+
+    @shown
+    def form_to_toml(text: str, *values):
+        return dump_config(edited_config(text, values))
+
+    def form_to_toml_and_partner(partner: str):
+        """form_to_toml for a field that replaces another (steps <-> epochs): the other field's box is
+        updated too (emptied when the edit cleared it), so it does not send its old number with the next
+        edit and take its key back. Only the partner is written: the field being typed in is left alone."""
+        index = FORM_KEYS.index(partner)
+
+        @shown
+        def handler(text: str, *values):
+            cfg = edited_config(text, values)
+            return dump_config(cfg), form_values(cfg)[index]
+        return handler
 
     @shown
     def toml_to_form(text: str):
@@ -680,14 +695,19 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         """After an event: its error (if any) stays in the message box."""
         event.failure(problems.show, None, message, api_name=False, show_progress="hidden", queue=False)
 
-    for comp in form:
+    for name, comp in zip(FORM_KEYS, form):
         # always_last: keys typed while the previous edit is on its way are not dropped (Gradio's default);
         # one queue for all fields: edits are applied in the order they were made
-        failing(comp.input(form_to_toml, [toml_box, *form], toml_box, api_name=False, show_progress="hidden",
+        key = config_key(name)
+        partner = key.excludes and (f"{key.section}.{key.excludes}" if key.section else key.excludes)
+        fn, outputs = ((form_to_toml_and_partner(partner), [toml_box, form[FORM_KEYS.index(partner)]]) if partner in FORM_KEYS
+                       else (form_to_toml, toml_box))
+        failing(comp.input(fn, [toml_box, *form], outputs, api_name=False, show_progress="hidden",
                            trigger_mode="always_last", concurrency_limit=1, concurrency_id="train-form"))
     failing(toml_box.blur(toml_to_form, toml_box, [*form, toml_note], api_name=False, show_progress="hidden"))
-    # every change of the TOML (typed, from the form, a preset, a load) is kept in the browser, in the browser
-    toml_box.change(lambda text: text, toml_box, saved, api_name=False, queue=False, show_progress="hidden")
+    # every change of the TOML (typed, from the form, a preset, a load) is kept in the browser, by the browser
+    # alone (no round trip to the server that a reload right after an edit would cut off)
+    toml_box.change(None, toml_box, saved, js="(text) => text", api_name=False, queue=False, show_progress="hidden")
     failing(preset_btn.click(apply_preset, [toml_box, gpu, size], [toml_box, *form], api_name="apply_preset"))
     failing(save_btn.click(save_config, [toml_box, cfg_name], [cfg_file, message], api_name="save_config"))
     failing(load_btn.click(load_saved, cfg_file, [toml_box, *form, message], api_name="load_config"))
