@@ -329,3 +329,16 @@ def write_noise_images(folder: str | os.PathLike, n: int, captions: list[str] | 
         if captions is not None:
             (folder / f"{i}.txt").write_text(captions if isinstance(captions, str) else captions[i])
     return folder
+
+
+def assert_same_tensors(expected, got, what: str = "") -> None:
+    """Two state dicts, or two .safetensors files (paths), hold the same tensors bit for bit: the same
+    names and each tensor equal (the check of every "interrupted + resumed == uninterrupted" test)."""
+    from .io import load_safetensors
+
+    a = load_safetensors(expected)[0] if isinstance(expected, (str, os.PathLike)) else expected
+    b = load_safetensors(got)[0] if isinstance(got, (str, os.PathLike)) else got
+    label = f"{what}: " if what else ""
+    assert a.keys() == b.keys(), f"{label}names differ: {sorted(a.keys() ^ b.keys())[:5]}"
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{label}{len(unequal)} of {len(a)} tensors differ, e.g. {unequal[:3]}"

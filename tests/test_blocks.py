@@ -15,7 +15,7 @@ from sd_lora.network import NetworkConfig, inject_network
 from sd_lora.network.blocks import block_index, block_label, block_plan, lr_curve, num_blocks
 from sd_lora.network.blocks import network_args as block_network_args
 from sd_lora.network.presets import select_targets
-from sd_lora.testing import full_size_unet, tiny_pipeline
+from sd_lora.testing import assert_same_tensors, full_size_unet, tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,8 +220,7 @@ def test_continuing_from_a_file_saves_the_same_tensors(tmp_path, method):
     path = _random_file(tmp_path, **settings)
     net = inject_network(tiny_pipeline("sd1"), NetworkConfig(**settings, init_lora=str(path)))
     again = save_lora(tmp_path / "again.safetensors", net, metadata={})
-    a, b = load_safetensors(path)[0], load_safetensors(again)[0]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(path, again)
 
 
 def test_training_with_init_lora_starts_from_the_file(tmp_path, tiny_models):

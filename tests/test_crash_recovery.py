@@ -35,6 +35,7 @@ import torch
 from sd_lora.io import load_safetensors
 from sd_lora.training.checkpoint import list_checkpoints
 from sd_lora.training.events import read_events
+from sd_lora.testing import assert_same_tensors
 
 STEPS = 4
 # What a training run imports (diffusers and transformers import most of it lazily, on first use).
@@ -192,11 +193,7 @@ def _phase(out: Path) -> str:
 
 def _assert_same_run(out: Path, ref: Path) -> None:
     assert not list((out / "lora-checkpoints").glob(".step-*")), "temporary checkpoint folders of killed runs are left"
-    a, _ = load_safetensors(ref / "lora.safetensors")
-    b, _ = load_safetensors(out / "lora.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_tensors(ref / "lora.safetensors", out / "lora.safetensors")
     ref_loss = {e["step"]: e["loss"] for e in read_events(ref / "lora.events.jsonl") if e["event"] == "step"}
     steps = [e for e in read_events(out / "lora.events.jsonl") if e["event"] == "step"]
     assert steps and all(e["loss"] == ref_loss[e["step"]] for e in steps)  # steps repeated after a kill agree too

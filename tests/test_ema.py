@@ -13,6 +13,7 @@ from sd_lora.config import DataConfig, TrainConfig
 from sd_lora.io import load_safetensors
 from sd_lora.training import train
 from sd_lora.training.ema import EMA_METADATA_KEY, AdapterEMA
+from sd_lora.testing import assert_same_tensors
 
 from test_resume import stop_at_step
 
@@ -145,10 +146,7 @@ def test_resume_is_exact(full_run, tiny_training_root, tmp_path):
     stop_at_step(_config(tiny_training_root, out, ema_decay=0.5), 2)
     train(_config(tiny_training_root, out, ema_decay=0.5, resume="latest"))
     for a_path, b_path in ((ref, out), (artifacts.ema_lora(ref), artifacts.ema_lora(out))):
-        a, b = _tensors(a_path), _tensors(b_path)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (b_path.name, k)
+        assert_same_tensors(a_path, b_path, b_path.name)
 
 
 def test_off_by_default_then_on_at_resume(tiny_training_root, tmp_path):

@@ -31,7 +31,7 @@ from sd_lora.models import (
     shipped_config_dir,
     shipped_tokenizer,
 )
-from sd_lora.testing import full_size_text_encoders, full_size_unet, tiny_pipeline
+from sd_lora.testing import assert_same_tensors, full_size_text_encoders, full_size_unet, tiny_pipeline
 
 REFUSED = (CheckpointError, ModelLoadError)
 
@@ -76,9 +76,7 @@ def test_folder_and_single_file_give_the_same_image(saved, arch):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is None:
             continue
-        a, b = getattr(pipe, name).state_dict(), getattr(from_file, name).state_dict()
-        assert a.keys() == b.keys(), name
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert_same_tensors(getattr(pipe, name).state_dict(), getattr(from_file, name).state_dict(), name)
 
 
 def test_random_weights_from_a_folder_keep_its_tokenizers(saved):

@@ -13,6 +13,7 @@ from sd_lora.io import load_safetensors
 from sd_lora.training import TrainingStopped, train
 from sd_lora.training.checkpoint import list_checkpoints
 from sd_lora.training.events import read_events
+from sd_lora.testing import assert_same_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,15 +35,6 @@ def stop_at_step(cfg: TrainConfig, step: int) -> TrainingStopped:
     with pytest.raises(TrainingStopped) as err:
         train(cfg, on_event=lambda e: stop.set() if e["event"] == "step" and e["step"] == step else None, stop_event=stop)
     return err.value
-
-
-def assert_same_tensors(expected: Path, got: Path) -> None:
-    """Two LoRA files hold the same tensors, bit for bit."""
-    a, _ = load_safetensors(expected)
-    b, _ = load_safetensors(got)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def step_losses(events: Path) -> dict:
@@ -211,8 +203,7 @@ def test_schedule_free_saves_the_averaged_weights_and_resumes_exactly(setup, tmp
     train(config(out, resume="latest"))
     a, meta = load_safetensors(full)
     b, _ = load_safetensors(out)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_tensors(a, b)
     assert meta["ss_optimizer"].startswith("schedulefree.adamw_schedulefree.AdamWScheduleFree(weight_decay=0.01,warmup_steps=2")
     # the file is not the training point y that the checkpoint keeps
     trained, _ = load_safetensors(latest_checkpoint(config(full).checkpoint_root) / "trainable.safetensors")
