@@ -138,7 +138,8 @@ class WandbSink:
         folder.mkdir(parents=True, exist_ok=True)
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         self._wandb = wandb
-        self._run = wandb.init(project=project, name=name, dir=os.environ.get("WANDB_DIR") or str(folder), mode=mode,
+        self.dir = Path(os.environ.get("WANDB_DIR") or folder)
+        self._run = wandb.init(project=project, name=name, dir=str(self.dir), mode=mode,
                                config=config, id=run_id, resume="allow" if run_id else None,
                                settings=wandb.Settings(silent=True, console="off"))
         self.mode = mode

@@ -198,7 +198,9 @@ def _trackers(config: TrainConfig) -> list:
 
     sinks = []
     if "tensorboard" in config.trackers:
-        sinks.append(TensorBoardSink(artifacts.tensorboard_dir(config.output_path)))
+        folder = artifacts.tensorboard_dir(config.output_path)
+        sinks.append(TensorBoardSink(folder))
+        logger.info(f"TensorBoard: logging to {folder} (view it with: tensorboard --logdir {folder})")
     if "wandb" in config.trackers:
         # a resumed run continues the W&B run it started; a new run (no resume) starts a new one
         id_file = artifacts.wandb_run_id_file(config.output_path)
@@ -210,6 +212,9 @@ def _trackers(config: TrainConfig) -> list:
         with atomic_write(id_file, "w", encoding="utf-8") as f:
             f.write(sink.run_id + "\n")
         sinks.append(sink)
+        what = f"W&B: {'continuing' if run_id else 'new'} {sink.mode} run {sink.run_id}"
+        logger.info(what + (f" in {sink.dir}; upload it with: wandb sync {sink.dir / 'wandb'}/offline-run-*"
+                            if sink.mode == "offline" else ""))
     return sinks
 
 
