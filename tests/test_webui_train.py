@@ -113,6 +113,15 @@ def test_speed_is_shown_as_the_trainer_prints_it():
     assert "1.99 step/s" in page and "it/s" not in page
 
 
+def test_status_line_shows_the_latest_validation_loss():
+    from webui.jobs import Progress
+    from webui.tabs.train import progress_html
+
+    p = Progress(step=40, total_steps=100, loss=0.2, val_losses=[(20, 0.31), (40, 0.2875)])
+    assert "validation loss 0.2875 (step 40)" in progress_html({"status": "running", "name": "x"}, p)
+    assert "validation" not in progress_html({"status": "running", "name": "x"}, Progress(step=40, total_steps=100, loss=0.2))
+
+
 def test_trainer_bar_and_events_report_the_same_speed(tiny_training_root, tmp_path, capsys, caplog):
     """The log (the trainer's tqdm bar on a terminal, its step lines elsewhere) and the step events
     (what the page shows) give one number."""

@@ -336,6 +336,9 @@ def progress_html(state: dict, p) -> str:
         bits.append(f"epoch {p.epoch}")
     if p.loss is not None:
         bits.append(f"loss {p.loss:.4f}")
+    if p.val_losses:
+        step, loss = p.val_losses[-1]
+        bits.append(f"validation loss {loss:.4f} (step {step})")
     if p.stage and state["status"] in ACTIVE:
         bits.append(html.escape(p.stage))
     msg = html.escape(state.get("message") or "")
