@@ -110,6 +110,12 @@ class Key:
         return self.meta.get("excludes")
 
     @property
+    def partner(self) -> str | None:
+        """The full name of the key this one replaces (`excludes`, in the same section), else None."""
+        other = self.excludes
+        return (f"{self.section}.{other}" if self.section else other) if other else None
+
+    @property
     def items(self) -> type | None:
         """The dataclass of one table, for a list-of-tables key (see setting's `items`); else None."""
         c = self.meta.get("items")
@@ -327,10 +333,8 @@ def assign(cfg, keys: tuple[Key, ...], values: dict[str, Any]) -> None:
         by_name[name].set(cfg, value)
     for name, value in values.items():
         key = by_name[name]
-        if value is not None and key.excludes:
-            partner = f"{key.section}.{key.excludes}" if key.section else key.excludes
-            if partner not in values:
-                by_name[partner].set(cfg, None)
+        if value is not None and key.partner and key.partner not in values:
+            by_name[key.partner].set(cfg, None)
 
 
 # ---- the settings in a trained file's metadata ---------------------------------------------------------

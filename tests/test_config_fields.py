@@ -140,6 +140,13 @@ def test_unknown_flags_get_an_answer(flag, answer, capsys):
     assert f"unrecognized argument {flag}" in err and answer in err, err
 
 
+def test_steps_and_epochs_name_each_other_as_partners():
+    from sd_lora.config import config_key, config_keys
+
+    assert (config_key("steps").partner, config_key("epochs").partner) == ("epochs", "steps")
+    assert {k.name for k in config_keys() if k.partner} == {"steps", "epochs"}
+
+
 def test_a_length_flag_replaces_the_files_length(tmp_path):
     (tmp_path / "run.toml").write_text('epochs = 3\n')
     cfg = config_from_args(_parse([str(tmp_path / "run.toml"), "--steps", "40"]))

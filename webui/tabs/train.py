@@ -701,8 +701,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
     for name, comp in zip(FORM_KEYS, form):
         # always_last: keys typed while the previous edit is on its way are not dropped (Gradio's default);
         # one queue for all fields: edits are applied in the order they were made
-        key = config_key(name)
-        partner = key.excludes and (f"{key.section}.{key.excludes}" if key.section else key.excludes)
+        partner = config_key(name).partner
         fn, outputs = ((form_to_toml_and_partner(partner), [toml_box, form[FORM_KEYS.index(partner)]]) if partner in FORM_KEYS
                        else (form_to_toml, toml_box))
         failing(comp.input(fn, [toml_box, *form], outputs, api_name=False, show_progress="hidden",
