@@ -89,23 +89,34 @@ def parse_toml(text: str) -> TrainConfig:
     return config_from_dict(values)
 
 
+def toml_or_default(text: str) -> TrainConfig:
+    """The TOML box's config, or the page's default config when the box does not parse (an edit of
+    the form, a preset or an upload still applies; the TOML's problems show when it is used)."""
+    try:
+        return parse_toml(text)
+    except ConfigError:
+        return default_config()
+
+
+def form_value(cfg: TrainConfig, name: str):
+    """What the form field of key `name` shows for `cfg`."""
+    key = config_key(name)
+    v = key.get(cfg)
+    if name == "output":
+        return Path(v).stem if v else ""
+    if name == "sample_prompts":
+        return "\n".join(v) if isinstance(v, list) else (v or "")
+    if key.kind in ("dict", "list"):
+        return json.dumps(v) if v is not None else ""  # a JSON box (block ranks ...)
+    if key.kind == "str":
+        return v if v is not None else ""  # "" is an optional dropdown's "default" entry too
+    if _text_number(key):
+        return "" if v is None else str(v)  # a text box (_field): empty is unset
+    return v
+
+
 def form_values(cfg: TrainConfig) -> list:
-    out = []
-    for name in FORM_KEYS:
-        key = config_key(name)
-        v = key.get(cfg)
-        if name == "output":
-            v = Path(v).stem if v else ""
-        elif name == "sample_prompts":
-            v = "\n".join(v) if isinstance(v, list) else (v or "")
-        elif key.kind in ("dict", "list"):
-            v = json.dumps(v) if v is not None else ""  # a JSON box (block ranks ...)
-        elif key.kind == "str":
-            v = v if v is not None else ""  # "" is an optional dropdown's "default" entry too
-        elif _text_number(key):
-            v = "" if v is None else str(v)  # a text box (_field): empty is unset
-        out.append(v)
-    return out
+    return [form_value(cfg, name) for name in FORM_KEYS]
 
 
 def apply_form(cfg: TrainConfig, values: list) -> TrainConfig:
@@ -283,8 +294,9 @@ class Problems:
 
 
 def _text_number(key) -> bool:
-    """An optional number gets a text box (_field). `steps` stays a Number: it has a value on every form
-    the page builds, and as a text box the browser test's edits of it raced (CI, 2026-12-01)."""
+    """An optional number gets a text box (_field). `steps` stays a Number box: as a text box the browser
+    test's edits of it raced (CI, 2026-12-01). It is empty (None) only when epochs is set, and then the
+    epochs field's edits write it (form_to_toml_and_partner), so its None is never a stale 0."""
     return key.kind in ("int", "float") and key.optional and key.choices is None and key.name != "steps"
 
 
@@ -430,27 +442,18 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
                 gr.update(choices=list_configs(ws)), gr.update(choices=list_dataset_configs(ws))]
 
     # ---- form <-> TOML ----------------------------------------------------------------------------
-    def edited_config(text: str, values) -> TrainConfig:
-        try:
-            cfg = parse_toml(text)
-        except ConfigError:
-            cfg = default_config()
-        return apply_form(cfg, list(values))
-
     @shown
     def form_to_toml(text: str, *values):
-        return dump_config(edited_config(text, values))
+        return dump_config(apply_form(toml_or_default(text), list(values)))
 
     def form_to_toml_and_partner(partner: str):
         """form_to_toml for a field that replaces another (steps <-> epochs): the other field's box is
         updated too (emptied when the edit cleared it), so it does not send its old number with the next
         edit and take its key back. Only the partner is written: the field being typed in is left alone."""
-        index = FORM_KEYS.index(partner)
-
         @shown
         def handler(text: str, *values):
-            cfg = edited_config(text, values)
-            return dump_config(cfg), form_values(cfg)[index]
+            cfg = apply_form(toml_or_default(text), list(values))
+            return dump_config(cfg), form_value(cfg, partner)
         return handler
 
     @shown
@@ -463,10 +466,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
 
     @shown
     def apply_preset(text: str, gpu: str, size: str):
-        try:
-            cfg = parse_toml(text)
-        except ConfigError:
-            cfg = default_config()
+        cfg = toml_or_default(text)
         apply_presets(cfg, GPU_PRESETS.get(gpu, {}), SIZE_PRESETS.get(size, {}))
         return [dump_config(cfg)] + form_values(cfg)
 
@@ -504,10 +504,7 @@ def build(ctx, tab=None, timer_s: float = 1.0) -> None:
         if not upload:
             raise PathError("kohya dataset config: choose a .toml file to upload")
         rel = save_dataset_config(ws, upload if isinstance(upload, str) else upload.name)
-        try:
-            cfg = parse_toml(text)
-        except ConfigError:
-            cfg = default_config()
+        cfg = toml_or_default(text)
         cfg.data.dataset_config_path = rel
         return (gr.update(choices=list_dataset_configs(ws), value=rel), dump_config(cfg),
                 message_html(f"Uploaded <code>{html.escape(rel)}</code>; its folders are checked when you validate or start."))
